@@ -1,0 +1,1 @@
+"""Generated from proto/lmforge/v1. Do not edit."""

@@ -1,0 +1,295 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ArtifactRef(_message.Message):
+    __slots__ = ("digest", "size_bytes")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    size_bytes: int
+    def __init__(self, digest: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class DatasetReady(_message.Message):
+    __slots__ = ("run_id", "dataset_uri", "format", "text_field", "model_name", "schema_version", "time_budget_s")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_URI_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    dataset_uri: str
+    format: str
+    text_field: str
+    model_name: str
+    schema_version: int
+    time_budget_s: float
+    def __init__(self, run_id: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., format: _Optional[str] = ..., text_field: _Optional[str] = ..., model_name: _Optional[str] = ..., schema_version: _Optional[int] = ..., time_budget_s: _Optional[float] = ...) -> None: ...
+
+class DatasetStats(_message.Message):
+    __slots__ = ("records_read", "records_kept", "empty_dropped", "duplicates_dropped", "invalid_utf8_skipped", "oversized_skipped", "malformed_skipped", "train_tokens", "heldout_tokens", "train_documents", "heldout_documents")
+    RECORDS_READ_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_KEPT_FIELD_NUMBER: _ClassVar[int]
+    EMPTY_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    INVALID_UTF8_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    OVERSIZED_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    MALFORMED_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    records_read: int
+    records_kept: int
+    empty_dropped: int
+    duplicates_dropped: int
+    invalid_utf8_skipped: int
+    oversized_skipped: int
+    malformed_skipped: int
+    train_tokens: int
+    heldout_tokens: int
+    train_documents: int
+    heldout_documents: int
+    def __init__(self, records_read: _Optional[int] = ..., records_kept: _Optional[int] = ..., empty_dropped: _Optional[int] = ..., duplicates_dropped: _Optional[int] = ..., invalid_utf8_skipped: _Optional[int] = ..., oversized_skipped: _Optional[int] = ..., malformed_skipped: _Optional[int] = ..., train_tokens: _Optional[int] = ..., heldout_tokens: _Optional[int] = ..., train_documents: _Optional[int] = ..., heldout_documents: _Optional[int] = ...) -> None: ...
+
+class DatasetPrepared(_message.Message):
+    __slots__ = ("run_id", "model_name", "dataset", "vocab_size", "seq_len", "stats")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model_name: str
+    dataset: ArtifactRef
+    vocab_size: int
+    seq_len: int
+    stats: DatasetStats
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., stats: _Optional[_Union[DatasetStats, _Mapping]] = ...) -> None: ...
+
+class ResourcePlan(_message.Message):
+    __slots__ = ("preset", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len", "micro_batch", "grad_accum", "max_steps", "learning_rate", "warmup_steps", "checkpoint_interval", "precision", "device", "pool", "parameters", "estimated_seconds", "seed", "vocab_size")
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HEADS_FIELD_NUMBER: _ClassVar[int]
+    INTERMEDIATE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    preset: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    max_steps: int
+    learning_rate: float
+    warmup_steps: int
+    checkpoint_interval: int
+    precision: str
+    device: str
+    pool: str
+    parameters: int
+    estimated_seconds: float
+    seed: int
+    vocab_size: int
+    def __init__(self, preset: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., pool: _Optional[str] = ..., parameters: _Optional[int] = ..., estimated_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class TrainingScheduled(_message.Message):
+    __slots__ = ("run_id", "model_name", "dataset", "plan", "attempt")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model_name: str
+    dataset: ArtifactRef
+    plan: ResourcePlan
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., plan: _Optional[_Union[ResourcePlan, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class TrainingProgress(_message.Message):
+    __slots__ = ("run_id", "step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step: int
+    total_steps: int
+    loss: float
+    learning_rate: float
+    tokens_per_second: float
+    eta_seconds: float
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
+
+class TrainingCheckpointed(_message.Message):
+    __slots__ = ("run_id", "step", "checkpoint")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step: int
+    checkpoint: ArtifactRef
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[_Union[ArtifactRef, _Mapping]] = ...) -> None: ...
+
+class TrainingPreempted(_message.Message):
+    __slots__ = ("run_id", "step", "checkpoint", "reason", "scheduled")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step: int
+    checkpoint: ArtifactRef
+    reason: str
+    scheduled: TrainingScheduled
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[_Union[ArtifactRef, _Mapping]] = ..., reason: _Optional[str] = ..., scheduled: _Optional[_Union[TrainingScheduled, _Mapping]] = ...) -> None: ...
+
+class ModelTrained(_message.Message):
+    __slots__ = ("run_id", "model_name", "model", "dataset", "heldout_perplexity", "train_tokens", "steps", "wall_seconds", "parameters", "final_loss", "resumed_from_step")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model_name: str
+    model: ArtifactRef
+    dataset: ArtifactRef
+    heldout_perplexity: float
+    train_tokens: int
+    steps: int
+    wall_seconds: float
+    parameters: int
+    final_loss: float
+    resumed_from_step: int
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., heldout_perplexity: _Optional[float] = ..., train_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., parameters: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ...) -> None: ...
+
+class ModelQuantized(_message.Message):
+    __slots__ = ("run_id", "model_name", "model", "quantized", "dataset", "method", "bits", "group_size", "perplexity_before", "perplexity_after", "passed_quality_gate")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZED_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PASSED_QUALITY_GATE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model_name: str
+    model: ArtifactRef
+    quantized: ArtifactRef
+    dataset: ArtifactRef
+    method: str
+    bits: int
+    group_size: int
+    perplexity_before: float
+    perplexity_after: float
+    passed_quality_gate: bool
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., quantized: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., method: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., passed_quality_gate: _Optional[bool] = ...) -> None: ...
+
+class ModelExported(_message.Message):
+    __slots__ = ("run_id", "model_name", "export", "onnx_max_abs_diff", "onnx_opset", "version")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
+    ONNX_MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    ONNX_OPSET_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model_name: str
+    export: ArtifactRef
+    onnx_max_abs_diff: float
+    onnx_opset: int
+    version: str
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., export: _Optional[_Union[ArtifactRef, _Mapping]] = ..., onnx_max_abs_diff: _Optional[float] = ..., onnx_opset: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ModelDeployed(_message.Message):
+    __slots__ = ("run_id", "model_name", "version", "endpoint", "backend")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model_name: str
+    version: str
+    endpoint: str
+    backend: str
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class StageFailed(_message.Message):
+    __slots__ = ("run_id", "stage", "subject", "reason", "deliveries", "dead_lettered")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    stage: str
+    subject: str
+    reason: str
+    deliveries: int
+    dead_lettered: bool
+    def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[str] = ..., subject: _Optional[str] = ..., reason: _Optional[str] = ..., deliveries: _Optional[int] = ..., dead_lettered: _Optional[bool] = ...) -> None: ...
+
+class ServiceScale(_message.Message):
+    __slots__ = ("service", "replicas", "reason", "pinned", "load")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    replicas: int
+    reason: str
+    pinned: bool
+    load: float
+    def __init__(self, service: _Optional[str] = ..., replicas: _Optional[int] = ..., reason: _Optional[str] = ..., pinned: _Optional[bool] = ..., load: _Optional[float] = ...) -> None: ...
+
+class ScalingDecided(_message.Message):
+    __slots__ = ("run_id", "services", "decided_at_unix_ms")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    services: _containers.RepeatedCompositeFieldContainer[ServiceScale]
+    decided_at_unix_ms: int
+    def __init__(self, run_id: _Optional[str] = ..., services: _Optional[_Iterable[_Union[ServiceScale, _Mapping]]] = ..., decided_at_unix_ms: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,105 @@
+"""Typed settings from the environment, validated once at start-up.
+
+Every service has a `Settings` subclass of `ServiceSettings` with its own
+prefix (`LMFORGE_TRAINER_…`); the shared fields use `LMFORGE_…`. A bad value
+stops the process with one clear line (see `load_settings`), never a traceback
+ten minutes later.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+DEFAULT_HOME = Path(".lmforge")
+
+
+class PlatformSettings(BaseSettings):
+    """Settings every lmforge process shares (env prefix `LMFORGE_`)."""
+
+    model_config = SettingsConfigDict(env_prefix="LMFORGE_", extra="ignore", frozen=True)
+
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222", description="NATS server URL(s), comma separated."
+    )
+    home: Path = Field(
+        DEFAULT_HOME,
+        description="State directory: artifacts, checkpoints, logs, the embedded NATS store.",
+    )
+    data_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path.cwd()],
+        description="Dataset paths must lie under one of these (os.pathsep or comma separated).",
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p for chunk in value.split(os.pathsep) for p in chunk.split(",")]
+            return [Path(p.strip()) for p in parts if p.strip()]
+        return value
+
+    @field_validator("data_roots")
+    @classmethod
+    def _resolve_roots(cls, roots: list[Path]) -> list[Path]:
+        if not roots:
+            raise ValueError("at least one data root is required")
+        return [r.expanduser().resolve() for r in roots]
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, level: str) -> str:
+        level = level.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home.resolve() / "artifacts"
+
+
+class ServiceSettings(PlatformSettings):
+    """What a bus-connected service needs on top of the platform settings."""
+
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one."
+    )
+    ack_wait_s: float = Field(
+        30.0, gt=0, description="Seconds before an unacknowledged event is redelivered."
+    )
+    max_deliver: int = Field(
+        5, ge=1, description="Deliveries of one event before it is dead-lettered."
+    )
+    replica: int = Field(0, ge=0, description="Replica index given by the supervisor.")
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def describe_errors(error: ValidationError, settings_type: type[BaseSettings]) -> str:
+    """One line per bad field, naming the environment variable and the value."""
+    prefix = settings_type.model_config.get("env_prefix", "")
+    lines = []
+    for err in error.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        var = f"{prefix}{field}".upper()
+        got = os.environ.get(var, err.get("input"))
+        lines.append(f"{var}={got!r}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(settings_type: type[S]) -> S:
+    """Build settings from the environment or exit(2) with one clear line."""
+    try:
+        return settings_type()
+    except ValidationError as error:
+        print(f"invalid settings: {describe_errors(error, settings_type)}", file=sys.stderr)
+        raise SystemExit(2) from None
