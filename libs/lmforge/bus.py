@@ -171,7 +171,9 @@ class EventBus:
                 await task
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await self.nc.flush(timeout=2)  # acks are fire-and-forget: send them first
+            with contextlib.suppress(Exception):
+                await self.nc.close()
 
     # -- publishing -----------------------------------------------------------------
 

@@ -59,20 +59,22 @@ class DatasetStats(_message.Message):
     def __init__(self, records_read: _Optional[int] = ..., records_kept: _Optional[int] = ..., empty_dropped: _Optional[int] = ..., duplicates_dropped: _Optional[int] = ..., invalid_utf8_skipped: _Optional[int] = ..., oversized_skipped: _Optional[int] = ..., malformed_skipped: _Optional[int] = ..., train_tokens: _Optional[int] = ..., heldout_tokens: _Optional[int] = ..., train_documents: _Optional[int] = ..., heldout_documents: _Optional[int] = ...) -> None: ...
 
 class DatasetPrepared(_message.Message):
-    __slots__ = ("run_id", "model_name", "dataset", "vocab_size", "seq_len", "stats")
+    __slots__ = ("run_id", "model_name", "dataset", "vocab_size", "seq_len", "stats", "time_budget_s")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     dataset: ArtifactRef
     vocab_size: int
     seq_len: int
     stats: DatasetStats
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., stats: _Optional[_Union[DatasetStats, _Mapping]] = ...) -> None: ...
+    time_budget_s: float
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., stats: _Optional[_Union[DatasetStats, _Mapping]] = ..., time_budget_s: _Optional[float] = ...) -> None: ...
 
 class ResourcePlan(_message.Message):
     __slots__ = ("preset", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len", "micro_batch", "grad_accum", "max_steps", "learning_rate", "warmup_steps", "checkpoint_interval", "precision", "device", "pool", "parameters", "estimated_seconds", "seed", "vocab_size")

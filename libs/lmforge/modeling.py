@@ -1,0 +1,106 @@
+"""Model code several services share: build a Llama from a plan, load models,
+tokenizers and token shards, measure perplexity.
+
+torch and transformers are imported inside the functions, so `import lmforge`
+stays light for the services that never touch a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+
+def llama_config(*, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                 intermediate_size: int, seq_len: int, eos_token_id: int,
+                 pad_token_id: int) -> LlamaConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=seq_len,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
+
+
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(directory))
+
+
+def load_causal_lm(directory: Path, *, dtype: Any = None) -> PreTrainedModel:
+    """Load a Hugging Face model directory; only safetensors weights are accepted."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not any(Path(directory).glob("*.safetensors")):
+        raise FileNotFoundError(f"{directory} holds no .safetensors weights")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), dtype=dtype or torch.float32, use_safetensors=True
+    )
+    model.eval()
+    return model
+
+
+def load_token_stream(dataset_dir: Path, part: str) -> np.ndarray:
+    """All tokens of `part` ("train" or "heldout") as one int64 array."""
+    from safetensors.numpy import load_file
+
+    meta = json.loads((dataset_dir / "dataset.json").read_text())
+    arrays = [load_file(str(dataset_dir / part / name))["tokens"]
+              for name in meta[part]["shards"]]
+    if not arrays:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(arrays).astype(np.int64)
+
+
+def evaluation_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> np.ndarray:
+    """Non-overlapping windows of seq_len tokens (the last partial one dropped)."""
+    count = min(len(tokens) // seq_len, max_windows)
+    if count == 0:
+        # A held-out part shorter than one window: evaluate what there is.
+        return tokens[None, :]
+    return tokens[: count * seq_len].reshape(count, seq_len)
+
+
+def perplexity(model: torch.nn.Module, tokens: np.ndarray, *, seq_len: int,
+               batch_size: int = 16, max_windows: int = 256) -> float:
+    """exp(mean next-token cross-entropy) over held-out windows."""
+    import torch
+
+    windows = torch.from_numpy(evaluation_windows(tokens, seq_len, max_windows))
+    if windows.shape[1] < 2:
+        raise ValueError("held-out data needs at least two tokens for perplexity")
+    total_loss, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            logits = model(input_ids=batch).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                reduction="sum",
+            )
+            total_loss += loss.item()
+            total_tokens += batch[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total_loss / total_tokens)

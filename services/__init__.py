@@ -1,0 +1,1 @@
+"""The seven lmforge services, one package each; they never import each other."""

@@ -1,0 +1,1 @@
+"""data-prep: raw text -> cleaned, deduplicated, tokenized, packed shards."""

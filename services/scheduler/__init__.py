@@ -1,0 +1,1 @@
+"""scheduler: turns a prepared dataset into a resource plan and a scheduled training job."""

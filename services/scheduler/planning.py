@@ -1,0 +1,129 @@
+"""Resource plans: how big a model, how many steps, on what, checkpointed how often.
+
+The plan is arithmetic over the data and the budget, kept free of NATS and of
+torch so it can be unit-tested and reasoned about. Throughput is estimated
+from the training FLOPs per token (6·N for the weights plus 12·L·H·T for
+attention) and the pool's sustained FLOP/s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPreset:
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    learning_rate: float
+
+    def parameters(self, vocab_size: int) -> int:
+        """Llama parameter count with untied embeddings."""
+        h, i, layer_count = self.hidden_size, self.intermediate_size, self.num_layers
+        per_layer = 4 * h * h + 3 * h * i + 2 * h
+        return 2 * vocab_size * h + layer_count * per_layer + h
+
+    def flops_per_token(self, vocab_size: int, seq_len: int) -> float:
+        return 6 * self.parameters(vocab_size) + 12 * self.num_layers * self.hidden_size * seq_len
+
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        ModelPreset("tiny", 128, 4, 4, 352, 3e-3),
+        ModelPreset("small", 256, 6, 8, 704, 1.5e-3),
+        ModelPreset("base", 512, 8, 8, 1408, 8e-4),
+        ModelPreset("124m", 768, 12, 12, 2048, 6e-4),
+        ModelPreset("350m", 1024, 24, 16, 2816, 3e-4),
+        ModelPreset("1b", 2048, 16, 32, 5632, 3e-4),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolSpec:
+    """What the worker pool offers."""
+
+    name: str = "local"
+    device: str = "cpu"
+    sustained_gflops: float = 30.0
+    """Training throughput of one worker, in GFLOP/s (2 AVX2 cores in fp32: ~40 measured)."""
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanRequest:
+    train_tokens: int
+    vocab_size: int
+    seq_len: int
+    time_budget_s: float
+    preset: str = "tiny"
+    micro_batch: int = 16
+    max_epochs: float = 4.0
+    seed: int = 1234
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    preset: ModelPreset
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    max_steps: int
+    learning_rate: float
+    warmup_steps: int
+    checkpoint_interval: int
+    precision: str
+    device: str
+    pool: str
+    parameters: int
+    estimated_seconds: float
+    seed: int
+    vocab_size: int
+
+
+class PlanError(ValueError):
+    """The request cannot be planned; the message gives the numbers."""
+
+
+def plan_training(request: PlanRequest, pool: PoolSpec) -> Plan:
+    if request.preset not in PRESETS:
+        raise PlanError(f"unknown model preset {request.preset!r}; known: {sorted(PRESETS)}")
+    if request.train_tokens <= request.seq_len:
+        raise PlanError(
+            f"the dataset has {request.train_tokens} training tokens, fewer than one "
+            f"sequence of {request.seq_len}; add data or lower LMFORGE_DATAPREP_SEQ_LEN"
+        )
+    if request.time_budget_s <= 0:
+        raise PlanError(f"time budget {request.time_budget_s}s must be positive")
+    preset = PRESETS[request.preset]
+    flops_per_token = preset.flops_per_token(request.vocab_size, request.seq_len)
+    tokens_per_s = pool.sustained_gflops * 1e9 / flops_per_token
+    tokens_per_step = request.micro_batch * request.seq_len
+    steps_in_budget = int(request.time_budget_s * tokens_per_s / tokens_per_step)
+    steps_in_data = int(request.max_epochs * request.train_tokens / tokens_per_step)
+    max_steps = max(1, min(steps_in_budget, steps_in_data))
+    # Checkpoint about every tenth of the run, and at least once a minute's work.
+    steps_per_minute = max(1, int(60 * tokens_per_s / tokens_per_step))
+    checkpoint_interval = max(1, min(math.ceil(max_steps / 10), steps_per_minute))
+    return Plan(
+        preset=preset,
+        seq_len=request.seq_len,
+        micro_batch=request.micro_batch,
+        grad_accum=1,
+        max_steps=max_steps,
+        learning_rate=preset.learning_rate,
+        warmup_steps=min(100, max(1, max_steps // 10)),
+        checkpoint_interval=checkpoint_interval,
+        precision=pool.precision,
+        device=pool.device,
+        pool=pool.name,
+        parameters=preset.parameters(request.vocab_size),
+        estimated_seconds=max_steps * tokens_per_step / tokens_per_s,
+        seed=request.seed,
+        vocab_size=request.vocab_size,
+    )

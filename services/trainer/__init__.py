@@ -1,0 +1,1 @@
+"""trainer: trains the planned model, checkpoints, resumes, measures held-out perplexity."""
