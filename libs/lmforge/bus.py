@@ -209,16 +209,20 @@ class EventBus:
 
     def subscriber(
         self, subject: Subject, *, ack_wait_s: float | None = None,
-        max_deliver: int | None = None, idempotent: bool = True,
+        max_deliver: int | None = None, idempotent: bool = True, durable: str | None = None,
     ) -> Callable[[Handler], Handler]:
-        """Register the decorated handler for `subject` (a durable, shared consumer)."""
+        """Register the decorated handler for `subject`.
+
+        Replicas share one durable consumer (a work queue) unless `durable` gives
+        each its own, for work every replica must do (a gateway loading a model).
+        """
 
         def register(handler: Handler) -> Handler:
             self._subscriptions.append(
                 Subscription(
                     subject=subject,
                     handler=handler,
-                    durable=_durable_name(self.service, subject),
+                    durable=durable or _durable_name(self.service, subject),
                     ack_wait_s=ack_wait_s or self.ack_wait_s,
                     max_deliver=max_deliver or self.max_deliver,
                     idempotent=idempotent,

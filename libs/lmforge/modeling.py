@@ -14,6 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+QUANTIZED_WEIGHTS = "quantized.safetensors"
+QUANTIZATION_CONFIG = "quantization.json"
+"""The quantizer's output format: `<name>.qcodes` (int8 codes) and `<name>.qscales`
+(fp32, one per output channel and input group) for each quantized weight, every
+other tensor as is."""
+
 if TYPE_CHECKING:
     import torch
     from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -104,3 +110,33 @@ def perplexity(model: torch.nn.Module, tokens: np.ndarray, *, seq_len: int,
             total_tokens += batch[:, 1:].numel()
     model.train(was_training)
     return math.exp(total_loss / total_tokens)
+
+
+def dequantize_tensor(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    out_features, in_features = codes.shape
+    groups = scales.shape[1]
+    grouped = codes.float().reshape(out_features, groups, in_features // groups)
+    return (grouped * scales[..., None]).reshape(out_features, in_features)
+
+
+def dequantize_state_dict(quantized: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in quantized.items():
+        if name.endswith(".qcodes"):
+            base = name.removesuffix(".qcodes")
+            state[base] = dequantize_tensor(tensor, quantized[f"{base}.qscales"])
+        elif not name.endswith(".qscales"):
+            state[name] = tensor
+    return state
+
+
+def load_dequantized_model(quantized_dir: Path) -> PreTrainedModel:
+    """A transformers model carrying the quantized weights, dequantized to fp32."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(quantized_dir))
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(dequantize_state_dict(load_file(str(quantized_dir / QUANTIZED_WEIGHTS))))
+    model.eval()
+    return model

@@ -1,4 +1,5 @@
 from lmforge.service import run
+
 from services.scheduler.handlers import SchedulerService
 
 run(SchedulerService)

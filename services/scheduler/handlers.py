@@ -8,15 +8,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from lmforge.bus import Delivery, StageError
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
-from services.scheduler.planning import PRESETS, Plan, PlanError, PlanRequest, PoolSpec, plan_training
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.scheduler.planning import (
+    PRESETS,
+    Plan,
+    PlanError,
+    PlanRequest,
+    PoolSpec,
+    plan_training,
+)
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

@@ -10,6 +10,7 @@ whose digests verify is used; a corrupt one is skipped with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,10 +53,8 @@ class CheckpointIndex:
             os.fsync(f.fileno())
         tmp.replace(self.path)
         for old in dropped:
-            try:
+            with contextlib.suppress(ArtifactError):
                 shutil.rmtree(self.store.get_dir(old.digest, verify=False), ignore_errors=True)
-            except ArtifactError:
-                pass
 
     def latest_good(self) -> tuple[CheckpointRef, Path] | None:
         """The newest checkpoint that verifies; corrupt ones are reported and skipped."""

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-
 from lmforge.artifacts import ArtifactStore
 from lmforge.modeling import llama_config, load_token_stream, perplexity
+from safetensors.torch import load_file, save_file
+
 from services.trainer.checkpoints import CheckpointIndex, CheckpointRef
 
 
@@ -90,7 +90,8 @@ def lr_at(step: int, config: TrainConfig) -> float:
         return (step + 1) / config.warmup_steps
     span = max(1, config.max_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
 def batch_for_step(tokens: np.ndarray, step: int, config: TrainConfig) -> torch.Tensor:
@@ -163,7 +164,7 @@ class Trainer:
         found = self.index.latest_good()
         if found is None:
             return 0
-        ref, path = found
+        _ref, path = found
         self.model.load_state_dict(load_file(str(path / "model.safetensors")))
         state = torch.load(path / "state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])

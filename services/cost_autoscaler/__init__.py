@@ -1,0 +1,1 @@
+"""cost-autoscaler: replicas per service from load, SRE pins, and a cost ledger per run."""

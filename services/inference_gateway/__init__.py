@@ -1,0 +1,1 @@
+"""inference-gateway: serves the exported models over gRPC (streaming Generate)."""

@@ -1,0 +1,108 @@
+"""Text generation on a local PyTorch model: KV cache, real sampling, streamed text.
+
+One `GenerationEngine` per loaded model version. `stream()` is a synchronous
+generator (the gRPC layer steps it in a worker thread) that yields text
+pieces as soon as they decode to whole characters: byte-level BPE can split a
+CJK character or an emoji across tokens, so an incomplete tail is held back
+rather than sent as U+FFFD.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lmforge.modeling import load_causal_lm, load_tokenizer
+
+
+class RequestError(ValueError):
+    """The request cannot be served as asked (maps to INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    finish_reason: str = ""
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+                ) -> int:
+    """Greedy at temperature 0; else temperature, then nucleus (top-p) sampling."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if 0 < params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always the first token).
+        keep = cumulative - sorted_probs < params.top_p
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class GenerationEngine:
+    def __init__(self, model_dir: Path, *, version: str) -> None:
+        self.version = version
+        self.model = load_causal_lm(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.eos_token_id = self.model.config.eos_token_id
+        self.context_length = self.model.config.max_position_embeddings
+        self._lock = threading.Lock()
+
+    def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        if not ids:
+            raise RequestError("prompt encodes to no tokens")
+        if len(ids) + max_new_tokens > self.context_length:
+            raise RequestError(
+                f"prompt of {len(ids)} tokens plus max_new_tokens {max_new_tokens} exceeds "
+                f"the model's context of {self.context_length} tokens"
+            )
+        return ids
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams,
+               cancelled: threading.Event | None = None) -> Iterator[Piece]:
+        generator = torch.Generator().manual_seed(
+            params.seed or int(torch.randint(1, 2**62, (1,)).item())
+        )
+        generated: list[int] = []
+        sent = ""
+        past = None
+        inputs = torch.tensor([prompt_ids])
+        finish = "length"
+        with torch.inference_mode():
+            for _ in range(params.max_new_tokens):
+                if cancelled is not None and cancelled.is_set():
+                    finish = "cancelled"
+                    break
+                out = self.model(input_ids=inputs, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = sample_next(out.logits[0, -1], params, generator)
+                if token == self.eos_token_id:
+                    finish = "eos"
+                    break
+                generated.append(token)
+                inputs = torch.tensor([[token]])
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # half a character: wait for the rest of its bytes
+                if len(text) > len(sent):
+                    yield Piece(text[len(sent):], len(generated), len(prompt_ids))
+                    sent = text
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        yield Piece(text[len(sent):], len(generated), len(prompt_ids), finish)

@@ -1,0 +1,107 @@
+"""inference-gateway's bus wiring and serving loop.
+
+model.exported -> load the exported hf/ directory -> swap it in -> model.deployed.
+What is deployed is also written to the `lmforge_deployments` key-value bucket,
+so a restarted gateway (or a new replica) serves the same models at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats.js.errors
+from lmforge.artifacts import ArtifactError
+from lmforge.bus import Delivery, StageError, ensure_kv
+from lmforge.contracts import subjects
+from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.service import Service
+from lmforge.settings import ServiceSettings
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.inference_gateway.engine import GenerationEngine
+from services.inference_gateway.registry import ModelRegistry
+from services.inference_gateway.server import GatewayServer, GeneratorServicer
+
+log = logging.getLogger("lmforge.gateway")
+DEPLOYMENTS_BUCKET = "lmforge_deployments"
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LMFORGE_", extra="ignore", frozen=True)
+
+    gateway_host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    gateway_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any).")
+    gateway_advertise: str = Field("", description="host:port put in model.deployed.")
+    gateway_max_new_tokens: int = Field(512, ge=1, description="Cap on max_new_tokens.")
+    gateway_max_concurrency: int = Field(4, ge=1, description="Requests generating at once.")
+    gateway_max_queue: int = Field(64, ge=0, description="Requests allowed to wait.")
+    gateway_max_prompt_chars: int = Field(100_000, ge=1, description="Longest prompt.")
+    gateway_max_message_bytes: int = Field(4 << 20, ge=1024, description="Largest request.")
+
+
+class GatewayService(Service):
+    name = "inference-gateway"
+    Settings = GatewaySettings
+
+    def __init__(self, settings, bus) -> None:
+        super().__init__(settings, bus)
+        s: GatewaySettings = settings
+        self.registry = ModelRegistry()
+        self.server = GatewayServer(
+            GeneratorServicer(self.registry, max_new_tokens=s.gateway_max_new_tokens,
+                              max_concurrency=s.gateway_max_concurrency,
+                              max_queue=s.gateway_max_queue,
+                              max_prompt_chars=s.gateway_max_prompt_chars),
+            host=s.gateway_host, port=s.gateway_port,
+            max_message_bytes=s.gateway_max_message_bytes,
+        )
+        self.endpoint = s.gateway_advertise or f"{s.gateway_host}:{self.server.port}"
+
+    async def _load(self, event: ev.ModelExported) -> None:
+        export_dir = self.store.get_dir(event.export.digest)
+        engine = await asyncio.to_thread(GenerationEngine, export_dir / "hf",
+                                         version=event.version)
+        self.registry.install(event.model_name, engine)
+        await self.server.set_serving(True)
+        log.info("serving %s version %s", event.model_name, event.version,
+                 extra={"run_id": event.run_id})
+
+    def register(self) -> None:
+        @self.bus.subscriber(subjects.MODEL_EXPORTED,
+                             durable=f"inference-gateway-{self.settings.replica}")
+        async def on_exported(event: ev.ModelExported, delivery: Delivery) -> ev.ModelDeployed:
+            try:
+                await self._load(event)
+            except ArtifactError as exc:
+                raise StageError(f"export of run {event.run_id}: {exc}") from None
+            kv = await ensure_kv(self.bus.js, DEPLOYMENTS_BUCKET)
+            await kv.put(event.model_name, event.SerializeToString())
+            return ev.ModelDeployed(run_id=event.run_id, model_name=event.model_name,
+                                    version=event.version, endpoint=self.endpoint,
+                                    backend="torch")
+
+    async def _restore_deployments(self) -> None:
+        kv = await ensure_kv(self.bus.js, DEPLOYMENTS_BUCKET)
+        try:
+            names = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return
+        for name in names:
+            entry = await kv.get(name)
+            event = ev.ModelExported()
+            event.ParseFromString(entry.value)
+            try:
+                await self._load(event)
+            except Exception as exc:  # a broken deployment must not stop the others
+                log.error("could not restore %s: %s", name, exc)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        await self.server.start()
+        log.info("gRPC gateway on %s", self.endpoint)
+        try:
+            await self._restore_deployments()
+            await stop.wait()
+        finally:
+            await self.server.stop()

@@ -1,0 +1,1 @@
+"""quantizer: weight-only quantization of the trained model, judged on held-out perplexity."""

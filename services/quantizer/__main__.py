@@ -1,0 +1,5 @@
+from lmforge.service import run
+
+from services.quantizer.handlers import QuantizerService
+
+run(QuantizerService)
