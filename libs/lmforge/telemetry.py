@@ -84,7 +84,8 @@ def setup_telemetry(service: str, *, metrics_port: int | None = None, log_level:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(log_level)
-    logging.getLogger("nats").setLevel(logging.WARNING)
+    for noisy in ("nats", "onnx_ir", "onnxscript", "torch.onnx", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service)})
     _provider = TracerProvider(resource=resource)

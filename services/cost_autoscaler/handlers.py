@@ -78,7 +78,7 @@ class AutoscalerSettings(ServiceSettings):
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalerSettings:
         if self.autoscaler_min_replicas > self.autoscaler_max_replicas:
-            raise ValueError("LMFORGE_AUTOSCALER_MIN_REPLICAS exceeds LMFORGE_AUTOSCALER_MAX_REPLICAS")
+            raise ValueError("min_replicas exceeds max_replicas")
         return self
 
 

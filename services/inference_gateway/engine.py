@@ -82,27 +82,29 @@ class GenerationEngine:
         )
         generated: list[int] = []
         sent = ""
-        past = None
+        cache = None
         inputs = torch.tensor([prompt_ids])
         finish = "length"
-        with torch.inference_mode():
-            for _ in range(params.max_new_tokens):
-                if cancelled is not None and cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                out = self.model(input_ids=inputs, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+        for _ in range(params.max_new_tokens):
+            if cancelled is not None and cancelled.is_set():
+                finish = "cancelled"
+                break
+            # inference_mode is thread-local and this generator is stepped from
+            # worker threads: enter it around each forward, never across a yield.
+            with torch.inference_mode():
+                out = self.model(input_ids=inputs, cache=cache, use_cache=True)
                 token = sample_next(out.logits[0, -1], params, generator)
-                if token == self.eos_token_id:
-                    finish = "eos"
-                    break
-                generated.append(token)
-                inputs = torch.tensor([[token]])
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                if text.endswith("\ufffd"):
-                    continue  # half a character: wait for the rest of its bytes
-                if len(text) > len(sent):
-                    yield Piece(text[len(sent):], len(generated), len(prompt_ids))
-                    sent = text
+            cache = out.cache
+            if token == self.eos_token_id:
+                finish = "eos"
+                break
+            generated.append(token)
+            inputs = torch.tensor([[token]])
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # half a character: wait for the rest of its bytes
+            if len(text) > len(sent):
+                yield Piece(text[len(sent):], len(generated), len(prompt_ids))
+                sent = text
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         yield Piece(text[len(sent):], len(generated), len(prompt_ids), finish)

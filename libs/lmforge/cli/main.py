@@ -1,0 +1,356 @@
+"""lmforge: your own language model, from your own text to your own gRPC endpoint.
+
+  lmforge up [-d]                       start NATS and the seven services
+  lmforge run DATA --model-name NAME    clean, train, quantize, export and serve DATA
+  lmforge generate --model NAME "..."   stream a completion from the gateway
+  lmforge status | runs | scale | down
+
+Exit codes: 0 ok, 1 the operation failed (a run failed, nothing running),
+2 bad usage or settings, 3 timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lmforge.settings import PlatformSettings, load_settings
+
+EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 3
+console = Console(stderr=True)
+
+
+def _settings() -> PlatformSettings:
+    return load_settings(PlatformSettings)
+
+
+def _nats_url(settings: PlatformSettings) -> str:
+    from lmforge.cli.up import read_state
+
+    state = read_state(settings.home)
+    return state["nats_url"] if state else settings.nats_url
+
+
+# -- up / down / status --------------------------------------------------------------
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from lmforge.cli.up import run_foreground, start_detached
+
+    settings = _settings()
+    if args.detach:
+        argv = ["up", "--gateway-port", str(args.gateway_port)]
+        if args.nats_url:
+            argv += ["--nats-url", args.nats_url]
+        try:
+            state = start_detached(settings.home, argv, timeout_s=args.timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            console.print(f"[red]lmforge up failed:[/] {exc}")
+            return EXIT_FAILED
+        _print_status(state)
+        return 0
+    return run_foreground(settings.home, nats_url=args.nats_url, gateway_port=args.gateway_port,
+                          env={})
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from lmforge.cli.up import stop
+
+    if stop(_settings().home):
+        console.print("lmforge stopped")
+        return 0
+    console.print("lmforge is not running")
+    return EXIT_FAILED
+
+
+def _print_status(state: dict) -> None:
+    table = Table(title=f"lmforge — NATS {state['nats_url']} — gateway {state['gateway']}")
+    for column in ("service", "state", "replicas", "desired", "pinned", "restarts"):
+        table.add_column(column)
+    for name, s in state["services"].items():
+        table.add_row(name, s["state"], str(s["replicas"]), str(s["desired"]),
+                      "yes" if s["pinned"] else "", str(s["restarts"]))
+    Console().print(table)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from lmforge.cli.up import read_state
+
+    state = read_state(_settings().home)
+    if state is None:
+        if args.json:
+            print(json.dumps({"running": False}))
+        else:
+            console.print("lmforge is not running (start it with `lmforge up -d`)")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({k: state[k] for k in ("nats_url", "gateway", "services", "home")}))
+    else:
+        _print_status(state)
+    return 0
+
+
+# -- run ------------------------------------------------------------------------------
+
+def default_run_id(path: Path, model_name: str) -> str:
+    """Same data, same name -> same run id, so re-running unchanged data is a no-op."""
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{model_name}".encode()
+    return f"{model_name[:40]}-{hashlib.sha256(key).hexdigest()[:12]}".replace(".", "-")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lmforge.bus import EventBus
+    from lmforge.contracts.v1 import events_pb2 as ev
+
+    settings = _settings()
+    path = Path(args.data).expanduser().resolve()
+    if not path.is_file():
+        console.print(f"[red]dataset {path} is not a file[/]")
+        return EXIT_USAGE
+    fmt = args.format
+    if fmt == "auto":
+        fmt = "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "text"
+    run_id = args.run_id or default_run_id(path, args.model_name)
+    event = ev.DatasetReady(run_id=run_id, dataset_uri=path.as_uri(), format=fmt,
+                            text_field=args.text_field, model_name=args.model_name,
+                            schema_version=1, time_budget_s=args.time_budget or 0.0)
+    nats_url = _nats_url(settings)
+
+    async def publish() -> None:
+        bus = EventBus("cli")
+        await bus.connect(nats_url, connect_timeout_s=10)
+        await bus.publish(event, msg_id=f"{run_id}:dataset.ready")
+        await bus.close()
+
+    try:
+        asyncio.run(publish())
+    except ConnectionError as exc:
+        console.print(f"[red]{exc}[/] (is lmforge up?)")
+        return EXIT_FAILED
+    if args.json and not args.follow:
+        print(json.dumps({"run_id": run_id}))
+    else:
+        console.print(f"run [bold]{run_id}[/]: dataset.ready published for {path}")
+    if not args.follow:
+        return 0
+    return asyncio.run(follow(nats_url, run_id, timeout_s=args.timeout, as_json=args.json))
+
+
+async def follow(nats_url: str, run_id: str, *, timeout_s: float, as_json: bool) -> int:
+    from lmforge.cli.runs import STAGES, RunView, event_json, stream_events
+
+    view = RunView(run_id)
+    started = time.monotonic()
+    with Progress(TextColumn("{task.description:<18}"), BarColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                  console=console, disable=as_json) as progress:
+        tasks = {stage: progress.add_task(stage, total=1, info="waiting", start=False)
+                 for stage in STAGES}
+        events = stream_events(nats_url, run_id=run_id, follow=True)
+        try:
+            while True:
+                remaining = timeout_s - (time.monotonic() - started)
+                if remaining <= 0:
+                    console.print(f"[yellow]run {run_id} not finished after {timeout_s:.0f}s[/]")
+                    return EXIT_TIMEOUT
+                try:
+                    subject, event, ts = await asyncio.wait_for(anext(events), remaining)
+                except TimeoutError:
+                    continue
+                if as_json:
+                    print(json.dumps(event_json(subject, event, ts)), flush=True)
+                view.fold(subject, event, ts)
+                for stage in STAGES:
+                    task = tasks[stage]
+                    if stage in view.stage_done_at:
+                        progress.start_task(task)
+                        total = progress.tasks[task].total or 1
+                        info = (f"done, perplexity {view.perplexity:.1f}"
+                                if stage == "trainer" and view.perplexity else "done")
+                        progress.update(task, completed=total, info=info)
+                    elif stage == view.stage and view.status != "failed":
+                        progress.start_task(task)
+                        if stage == "trainer" and view.total_steps:
+                            progress.update(task, total=view.total_steps, completed=view.step,
+                                            info=f"step {view.step}/{view.total_steps} "
+                                                 f"loss {view.loss:.3f}")
+                        else:
+                            progress.update(task, info="running")
+                if view.finished:
+                    break
+        finally:
+            await events.aclose()
+    if view.status == "failed":
+        console.print(f"[red]run {run_id} failed[/] — {view.failure}")
+        return EXIT_FAILED
+    console.print(f"run [bold]{run_id}[/] served as model [bold]{view.model_name}[/] "
+                  f"(held-out perplexity {view.perplexity:.1f})")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from lmforge.cli.runs import collect_runs
+
+    runs = asyncio.run(collect_runs(_nats_url(_settings())))
+    if args.json:
+        print(json.dumps([{"run_id": r.run_id, "model_name": r.model_name, "stage": r.stage,
+                           "status": r.status, "step": r.step, "total_steps": r.total_steps,
+                           "perplexity": r.perplexity, "failure": r.failure}
+                          for r in runs.values()]))
+        return 0
+    table = Table(title="runs")
+    for column in ("run", "model", "stage", "status", "steps", "perplexity", "detail"):
+        table.add_column(column)
+    for r in sorted(runs.values(), key=lambda r: r.started):
+        table.add_row(r.run_id, r.model_name, r.stage, r.status,
+                      f"{r.step}/{r.total_steps}" if r.total_steps else "",
+                      f"{r.perplexity:.1f}" if r.perplexity else "", r.failure[:80])
+    Console().print(table)
+    return 0
+
+
+# -- generate ---------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from lmforge.cli.up import read_state
+    from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
+
+    settings = _settings()
+    gateway = args.gateway
+    if not gateway:
+        state = read_state(settings.home)
+        gateway = state["gateway"] if state else "127.0.0.1:50051"
+    request = generate_pb2.GenerateRequest(
+        model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    with grpc.insecure_channel(gateway) as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+        try:
+            sys.stdout.write(args.prompt)
+            for piece in stub.Generate(request, timeout=args.timeout):
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        except grpc.RpcError as exc:
+            sys.stdout.write("\n")
+            console.print(f"[red]{exc.code().name}[/]: {exc.details()}")
+            return EXIT_FAILED
+    return 0
+
+
+# -- scale ------------------------------------------------------------------------------
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from lmforge.bus import ensure_kv
+    from lmforge.runtime.supervisor import SERVICE_MODULES
+
+    pins: dict[str, int | None] = {}
+    for item in args.assignments:
+        service, sep, value = item.partition("=")
+        if not sep or service not in SERVICE_MODULES:
+            console.print(f"[red]expected SERVICE=N or SERVICE=auto, SERVICE one of "
+                          f"{sorted(SERVICE_MODULES)}; got {item!r}[/]")
+            return EXIT_USAGE
+        if value == "auto":
+            pins[service] = None
+        elif value.isdigit() and int(value) <= 64:
+            pins[service] = int(value)
+        else:
+            console.print(f"[red]replicas {value!r} must be 0..64 or 'auto'[/]")
+            return EXIT_USAGE
+
+    async def write() -> None:
+        import nats
+
+        nc = await nats.connect(_nats_url(_settings()), connect_timeout=5)
+        kv = await ensure_kv(nc.jetstream(), "lmforge_scale_pins")
+        for service, replicas in pins.items():
+            if replicas is None:
+                await kv.delete(service)
+            else:
+                await kv.put(service, str(replicas).encode())
+        await nc.close()
+
+    asyncio.run(write())
+    for service, replicas in pins.items():
+        console.print(f"{service}: {'autoscaled' if replicas is None else f'pinned to {replicas}'}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start NATS and the services (foreground, or -d)")
+    up.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    up.add_argument("--nats-url", help="use this NATS instead of starting one")
+    up.add_argument("--gateway-port", type=int, default=int(
+        os.environ.get("LMFORGE_GATEWAY_PORT", "50051")), help="gRPC port (0 = any free)")
+    up.add_argument("--timeout", type=float, default=180, help="seconds to wait with -d")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop what `lmforge up` started")
+    down.set_defaults(func=cmd_down)
+
+    status = sub.add_parser("status", help="services, replicas and endpoints")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    run = sub.add_parser("run", help="start a pipeline run on a dataset")
+    run.add_argument("data", help="JSONL or text file (inside LMFORGE_DATA_ROOTS)")
+    run.add_argument("--model-name", required=True, help="name to serve the model under")
+    run.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto")
+    run.add_argument("--text-field", default="text", help="JSONL field with the text")
+    run.add_argument("--run-id", help="idempotency key (default: from the data and name)")
+    run.add_argument("--time-budget", type=float, help="training seconds (default: scheduler's)")
+    run.add_argument("--follow", action="store_true", help="show progress until served")
+    run.add_argument("--timeout", type=float, default=3600, help="seconds to follow")
+    run.add_argument("--json", action="store_true", help="JSON lines instead of bars")
+    run.set_defaults(func=cmd_run)
+
+    runs = sub.add_parser("runs", help="what every run is doing")
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=cmd_runs)
+
+    gen = sub.add_parser("generate", help="stream a completion")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--gateway", help="host:port (default: the running gateway)")
+    gen.add_argument("--timeout", type=float, default=60)
+    gen.set_defaults(func=cmd_generate)
+
+    scale = sub.add_parser("scale", help="pin replicas: SERVICE=N, or SERVICE=auto to unpin")
+    scale.add_argument("assignments", nargs="+")
+    scale.set_defaults(func=cmd_scale)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""`lmforge up` / `lmforge down`: the embedded system on one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lmforge.runtime.nats_server import NatsServer, free_port
+from lmforge.runtime.supervisor import Supervisor, state_file
+
+log = logging.getLogger("lmforge.up")
+
+
+def read_state(home: Path) -> dict | None:
+    """The supervisor's state if it is running, else None."""
+    path = state_file(home)
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    try:
+        os.kill(state["pid"], 0)
+    except (OSError, KeyError):
+        return None
+    return state
+
+
+def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
+                   env: dict[str, str]) -> int:
+    """Start NATS (unless given one) and the services; run until SIGTERM/SIGINT."""
+    home = home.resolve()
+    if read_state(home):
+        print(f"lmforge is already running with home {home}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    server = None
+    if nats_url is None:
+        server = NatsServer(store_dir=home / "nats", log_file=home / "logs" / "nats.log")
+        (home / "logs").mkdir(parents=True, exist_ok=True)
+        server.start()
+        nats_url = server.url
+        log.info("embedded nats-server on %s (JetStream store %s)", nats_url, home / "nats")
+    gateway_port = gateway_port or free_port()
+    gateway = f"127.0.0.1:{gateway_port}"
+    metrics_base = free_port()
+    env = {
+        "LMFORGE_GATEWAY_PORT": str(gateway_port),
+        "LMFORGE_AUTOSCALER_GATEWAY_METRICS": ",".join(
+            f"http://127.0.0.1:{metrics_base + i}/metrics" for i in range(4)),
+        **env,
+    }
+    supervisor = Supervisor(home=home, nats_url=nats_url, env=env, gateway=gateway,
+                            gateway_metrics_base=metrics_base)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await supervisor.run(stop)
+
+    try:
+        asyncio.run(main())
+    finally:
+        if server is not None:
+            server.stop()
+        state_file(home).unlink(missing_ok=True)
+    return 0
+
+
+def start_detached(home: Path, argv: list[str], timeout_s: float = 120.0) -> dict:
+    """Run `lmforge up` in the background and wait until every service is running."""
+    home = home.resolve()
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    state_file(home).unlink(missing_ok=True)
+    with (home / "logs" / "up.log").open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lmforge.cli.main", *argv], stdout=out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"lmforge up exited with {process.returncode}; see "
+                               f"{home / 'logs' / 'up.log'}")
+        state = read_state(home)
+        if state and all(s["state"] == "running" for s in state["services"].values()):
+            return state
+        time.sleep(0.3)
+    raise TimeoutError(f"services not all running after {timeout_s:.0f}s; see {home / 'logs'}")
+
+
+def stop(home: Path, timeout_s: float = 90.0) -> bool:
+    state = read_state(home)
+    if state is None:
+        return False
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(state["pid"], 0)
+        except OSError:
+            return True
+        time.sleep(0.2)
+    os.kill(state["pid"], signal.SIGKILL)
+    return True
