@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from lmforge.runtime.nats_server import NatsServer
 
 # Two busy cores make OpenMP spin; every test process and child stays passive.
@@ -30,3 +29,37 @@ def _tracing():
 
     setup_telemetry("tests")
     yield
+
+
+TINY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=160, seq_len=64,
+                  micro_batch=8, learning_rate=3e-3, warmup_steps=2)
+
+
+@pytest.fixture(scope="session")
+def artifact_store(tmp_path_factory):
+    from lmforge.artifacts import ArtifactStore
+
+    return ArtifactStore(tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="session")
+def prepared_dataset(tmp_path_factory, artifact_store):
+    """The shipped fortunes sample, prepared by data-prep's own code (vocab 1024)."""
+    from services.data_prep.prepare import PrepConfig, prepare_dataset
+
+    work = tmp_path_factory.mktemp("dataset")
+    prepare_dataset(TEST_DATA / "fortunes-sample.txt", "text", "", work / "ds",
+                    PrepConfig(vocab_size=1024, seq_len=TINY_MODEL["seq_len"]))
+    return artifact_store.put_dir(work / "ds")
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, artifact_store, prepared_dataset):
+    """A real tiny Llama trained for a few steps, stored as a Hugging Face directory."""
+    from services.trainer.checkpoints import CheckpointIndex
+    from services.trainer.training import TrainConfig, Trainer
+
+    config = TrainConfig(**TINY_MODEL, max_steps=30, checkpoint_interval=100, precision="fp32")
+    index = CheckpointIndex(tmp_path_factory.mktemp("ckpt"), "fixture", artifact_store)
+    result = Trainer(config, prepared_dataset.path, artifact_store, index).run()
+    return artifact_store.put_dir(result.model_dir, move=True)

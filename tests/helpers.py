@@ -1,0 +1,75 @@
+"""Test helpers: run a service in-process against a real nats-server, read events back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from lmforge.bus import EventBus
+from lmforge.contracts import subjects
+from lmforge.service import Service
+
+
+@contextlib.asynccontextmanager
+async def in_process_service(service_type: type[Service], nats_url: str, **settings
+                             ) -> AsyncIterator[Service]:
+    """The service's real handlers on a real bus, in this event loop."""
+    config = service_type.Settings(nats_url=nats_url, **settings)
+    bus = EventBus(service_type.name, ack_wait_s=config.ack_wait_s,
+                   max_deliver=config.max_deliver)
+    await bus.connect(nats_url)
+    service = service_type(config, bus)
+    await service.start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(service.serve(stop))
+    try:
+        yield service
+    finally:
+        stop.set()
+        service.stopping.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(serving, 30)
+        await bus.close(grace_s=30)
+
+
+async def wait_for_events(nats_url: str, subject: subjects.Subject, count: int,
+                          timeout: float = 60.0, run_id: str | None = None) -> list:
+    """The first `count` events on `subject` (from the start of the stream)."""
+    bus = EventBus("test-reader")
+    await bus.connect(nats_url)
+    sub = await bus.js.subscribe(subject.name, ordered_consumer=True)
+    found = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while len(found) < count:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"saw {len(found)} of {count} {subject.name} events")
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except Exception as exc:
+                raise TimeoutError(f"saw {len(found)} of {count} {subject.name} events") from exc
+            event = subject.decode(msg.data)
+            if run_id is None or event.run_id == run_id:
+                found.append(event)
+    finally:
+        await sub.unsubscribe()
+        await bus.close()
+    return found
+
+
+async def count_events(nats_url: str, subject: subjects.Subject) -> int:
+    bus = EventBus("test-reader")
+    await bus.connect(nats_url)
+    info = await bus.js.stream_info(subjects.STREAM, subjects_filter=subject.name)
+    await bus.close()
+    return (info.state.subjects or {}).get(subject.name, 0)
+
+
+async def publish(nats_url: str, event, msg_id: str) -> None:
+    bus = EventBus("test-publisher")
+    await bus.connect(nats_url)
+    await bus.publish(event, msg_id=msg_id)
+    await bus.close()

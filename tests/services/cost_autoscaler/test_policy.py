@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from services.cost_autoscaler.observing import parse_request_total
+from services.cost_autoscaler.policy import (
+    PolicyConfig,
+    ReactivePolicy,
+    ServiceLoad,
+    training_cost,
+)
+
+
+def _by_service(decisions):
+    return {d.service: d for d in decisions}
+
+
+def test_backlog_and_request_rate_scale_up_within_bounds():
+    policy = ReactivePolicy(PolicyConfig(max_replicas=3, backlog_per_replica=4,
+                                         rps_per_replica=10))
+    loads = {"trainer": ServiceLoad("trainer", backlog=9),
+             "inference-gateway": ServiceLoad("inference-gateway", requests_per_second=15),
+             "data-prep": ServiceLoad("data-prep", backlog=100)}
+    got = _by_service(policy.decide(loads, {}, {}))
+    assert got["trainer"].replicas == 3
+    assert got["inference-gateway"].replicas == 2
+    assert got["data-prep"].replicas == 3  # capped at max
+    assert got["scheduler"].replicas == 1  # idle stays at min
+
+
+def test_scale_down_waits_for_consecutive_low_readings():
+    policy = ReactivePolicy(PolicyConfig(max_replicas=3, scale_down_after=3))
+    current = {"trainer": 3}
+    idle = {"trainer": ServiceLoad("trainer", backlog=0)}
+    assert _by_service(policy.decide(idle, current, {}))["trainer"].replicas == 3
+    assert _by_service(policy.decide(idle, current, {}))["trainer"].replicas == 3
+    assert _by_service(policy.decide(idle, current, {}))["trainer"].replicas == 1
+
+
+def test_sre_pin_wins_over_load():
+    policy = ReactivePolicy()
+    got = _by_service(policy.decide({"trainer": ServiceLoad("trainer", backlog=50)}, {},
+                                    {"trainer": 0, "exporter": 2}))
+    assert (got["trainer"].replicas, got["trainer"].pinned) == (0, True)
+    assert got["exporter"].replicas == 2
+
+
+def test_metrics_parsing_and_cost():
+    text = ('# HELP x\nlmforge_gateway_requests_total{code="OK",model="a"} 12.0\n'
+            'lmforge_gateway_requests_total{code="NOT_FOUND",model="b"} 3.0\n'
+            'lmforge_gateway_requests_created{code="OK",model="a"} 1.7e9\n')
+    assert parse_request_total(text) == 15.0
+    assert training_cost(1800, "cuda", {"cuda": 2.0}) == 1.0

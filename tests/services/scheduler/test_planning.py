@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+
+from services.scheduler.planning import PRESETS, PlanError, PlanRequest, PoolSpec, plan_training
+
+
+def test_steps_are_bounded_by_the_time_budget_and_by_the_data():
+    pool = PoolSpec(sustained_gflops=30)
+    small_budget = plan_training(PlanRequest(train_tokens=10_000_000, vocab_size=4096,
+                                             seq_len=128, time_budget_s=60), pool)
+    big_budget = plan_training(PlanRequest(train_tokens=10_000_000, vocab_size=4096,
+                                           seq_len=128, time_budget_s=600), pool)
+    little_data = plan_training(PlanRequest(train_tokens=20_000, vocab_size=4096,
+                                            seq_len=128, time_budget_s=600), pool)
+    assert big_budget.max_steps == pytest.approx(10 * small_budget.max_steps, rel=0.02)
+    assert small_budget.estimated_seconds == pytest.approx(60, rel=0.05)
+    assert little_data.max_steps == int(4 * 20_000 / (16 * 128))
+    for plan in (small_budget, big_budget, little_data):
+        assert 1 <= plan.checkpoint_interval <= plan.max_steps
+        assert plan.warmup_steps < max(plan.max_steps, 2)
+
+
+def test_parameter_count_matches_transformers():
+    from lmforge.modeling import llama_config
+    from transformers import LlamaForCausalLM
+
+    preset = PRESETS["tiny"]
+    model = LlamaForCausalLM(llama_config(
+        vocab_size=4096, hidden_size=preset.hidden_size, num_layers=preset.num_layers,
+        num_heads=preset.num_heads, intermediate_size=preset.intermediate_size, seq_len=128,
+        eos_token_id=0, pad_token_id=1))
+    assert preset.parameters(4096) == sum(p.numel() for p in model.parameters())
+
+
+def test_impossible_requests_are_refused_with_numbers():
+    pool = PoolSpec()
+    with pytest.raises(PlanError, match="has 100 training tokens, fewer than one sequence"):
+        plan_training(PlanRequest(train_tokens=100, vocab_size=512, seq_len=128,
+                                  time_budget_s=60), pool)
+    with pytest.raises(PlanError, match="unknown model preset 'huge'"):
+        plan_training(PlanRequest(train_tokens=10**6, vocab_size=512, seq_len=128,
+                                  time_budget_s=60, preset="huge"), pool)

@@ -1,0 +1,106 @@
+"""The trainer as a real process: kill -9 mid-run and SIGTERM (a spot notice)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from lmforge.artifacts import ArtifactStore
+from lmforge.contracts import subjects
+from lmforge.contracts.v1 import events_pb2 as ev
+
+from services.data_prep.prepare import PrepConfig, prepare_dataset
+from services.scheduler.handlers import SchedulerService
+from tests.conftest import TEST_DATA, TINY_MODEL
+from tests.helpers import count_events, in_process_service, publish, wait_for_events
+
+pytestmark = pytest.mark.connected
+
+
+def _start_trainer(nats_url, home, log):
+    env = {**os.environ, "LMFORGE_NATS_URL": nats_url, "LMFORGE_HOME": str(home),
+           "LMFORGE_ACK_WAIT_S": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _scheduled(tmp_path, run_id, steps, interval) -> tuple[ev.TrainingScheduled, object]:
+    home = tmp_path / "home"
+    store = ArtifactStore(home / "artifacts")
+    prepare_dataset(TEST_DATA / "fortunes-sample.txt", "text", "", tmp_path / "ds",
+                    PrepConfig(vocab_size=512, seq_len=TINY_MODEL["seq_len"]))
+    dataset = store.put_dir(tmp_path / "ds")
+    plan = ev.ResourcePlan(
+        hidden_size=TINY_MODEL["hidden_size"], num_layers=TINY_MODEL["num_layers"],
+        num_heads=TINY_MODEL["num_heads"], intermediate_size=TINY_MODEL["intermediate_size"],
+        seq_len=TINY_MODEL["seq_len"], micro_batch=TINY_MODEL["micro_batch"], grad_accum=1,
+        max_steps=steps, learning_rate=3e-3, warmup_steps=5, checkpoint_interval=interval,
+        precision="fp32", device="cpu", seed=7)
+    event = ev.TrainingScheduled(run_id=run_id, model_name="m", plan=plan,
+                                 dataset=ev.ArtifactRef(digest=dataset.digest))
+    return event, home
+
+
+def test_kill_9_mid_run_then_restart_finishes_from_the_last_checkpoint(nats_server, tmp_path):
+    event, home = _scheduled(tmp_path, "killed", steps=300, interval=30)
+    log = (tmp_path / "trainer.log").open("ab")
+
+    async def scenario():
+        trainer = _start_trainer(nats_server.url, home, log)
+        try:
+            await publish(nats_server.url, event, msg_id="killed:scheduled")
+            (checkpointed,) = await wait_for_events(
+                nats_server.url, subjects.TRAINING_CHECKPOINTED, 1, timeout=120)
+            trainer.kill()  # SIGKILL: no checkpoint, no goodbye
+            trainer.wait()
+            trainer = _start_trainer(nats_server.url, home, log)
+            (trained,) = await wait_for_events(nats_server.url, subjects.MODEL_TRAINED, 1,
+                                               timeout=240)
+            await asyncio.sleep(0.5)
+            assert await count_events(nats_server.url, subjects.MODEL_TRAINED) == 1
+            return checkpointed, trained
+        finally:
+            trainer.kill()
+            trainer.wait()
+
+    checkpointed, trained = asyncio.run(scenario())
+    assert trained.steps == 300
+    assert trained.resumed_from_step >= checkpointed.step >= 30
+    assert trained.heldout_perplexity > 1
+
+
+def test_sigterm_checkpoints_hands_back_and_the_job_resumes_losing_no_steps(nats_server,
+                                                                           tmp_path):
+    event, home = _scheduled(tmp_path, "spot", steps=300, interval=100)
+    log = (tmp_path / "trainer.log").open("ab")
+
+    async def scenario():
+        async with in_process_service(SchedulerService, nats_server.url, home=home):
+            trainer = _start_trainer(nats_server.url, home, log)
+            try:
+                await publish(nats_server.url, event, msg_id="spot:scheduled")
+                await wait_for_events(nats_server.url, subjects.TRAINING_PROGRESS, 2,
+                                      timeout=120)
+                trainer.send_signal(signal.SIGTERM)  # the spot notice
+                assert await asyncio.to_thread(trainer.wait, 60) == 0
+                (preempted,) = await wait_for_events(
+                    nats_server.url, subjects.TRAINING_PREEMPTED, 1)
+                rescheduled = await wait_for_events(
+                    nats_server.url, subjects.TRAINING_SCHEDULED, 2)
+                trainer = _start_trainer(nats_server.url, home, log)
+                (trained,) = await wait_for_events(nats_server.url, subjects.MODEL_TRAINED, 1,
+                                                   timeout=240)
+                return preempted, rescheduled[1], trained
+            finally:
+                trainer.kill()
+                trainer.wait()
+
+    preempted, rescheduled, trained = asyncio.run(scenario())
+    assert 0 < preempted.step < 300
+    assert rescheduled.attempt == 1
+    assert trained.resumed_from_step == preempted.step  # zero steps lost
+    assert trained.steps == 300

@@ -1,0 +1,66 @@
+"""The training loop: exact resume, corrupt checkpoints, a usable output directory."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from lmforge.modeling import load_causal_lm, load_tokenizer
+
+from services.trainer.checkpoints import CheckpointIndex
+from services.trainer.training import TrainConfig, Trainer
+from tests.conftest import TINY_MODEL
+
+
+def _trainer(tmp_path, store, dataset, run_id, **overrides):
+    config = TrainConfig(**{**TINY_MODEL, "max_steps": 8, "checkpoint_interval": 2,
+                            "precision": "fp32", **overrides})
+    return Trainer(config, dataset.path, store, CheckpointIndex(tmp_path, run_id, store))
+
+
+def test_resume_gives_the_same_losses_as_one_uninterrupted_run(tmp_path, artifact_store,
+                                                               prepared_dataset):
+    whole = _trainer(tmp_path, artifact_store, prepared_dataset, "whole").run()
+
+    first = _trainer(tmp_path, artifact_store, prepared_dataset, "split")
+    stop = __import__("threading").Event()
+    part = first.run(stop=stop, on_checkpoint=lambda ref: ref.step >= 4 and stop.set())
+    assert part.preempted and part.step == 4
+
+    rest = _trainer(tmp_path, artifact_store, prepared_dataset, "split").run()
+    assert rest.resumed_from_step == 4
+    assert part.losses + rest.losses == pytest.approx(whole.losses, abs=1e-6)
+    assert rest.heldout_perplexity == pytest.approx(whole.heldout_perplexity, rel=1e-6)
+
+
+def test_corrupt_newest_checkpoint_is_refused_and_the_previous_one_used(
+        tmp_path, artifact_store, prepared_dataset, caplog):
+    whole = _trainer(tmp_path, artifact_store, prepared_dataset, "ref").run()
+    stop = __import__("threading").Event()
+    _trainer(tmp_path, artifact_store, prepared_dataset, "corrupt").run(
+        stop=stop, on_checkpoint=lambda ref: ref.step >= 6 and stop.set())
+    index = CheckpointIndex(tmp_path, "corrupt", artifact_store)
+    newest = index.entries()[-1]
+    weights = artifact_store.get_dir(newest.digest, verify=False) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    with caplog.at_level(logging.WARNING):
+        resumed = _trainer(tmp_path, artifact_store, prepared_dataset, "corrupt").run()
+    assert "checkpoint at step 6 refused" in caplog.text and "corrupt" in caplog.text
+    assert resumed.resumed_from_step == 4
+    assert resumed.losses == pytest.approx(whole.losses[4:], abs=1e-6)
+
+
+def test_output_is_a_hugging_face_directory_that_generates(trained_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(trained_model.path))
+    assert model.config.model_type == "llama"
+    tokenizer = load_tokenizer(trained_model.path)
+    ids = tokenizer("A fortune", return_tensors="pt").input_ids
+    out = load_causal_lm(trained_model.path).generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5 or out[0, -1] == model.config.eos_token_id
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (trained_model.path / name).is_file()
