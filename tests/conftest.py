@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from lmforge.runtime.nats_server import NatsServer
 
 # Two busy cores make OpenMP spin; every test process and child stays passive.

@@ -1,5 +1,4 @@
 from lmforge.service import run
-
 from services.cost_autoscaler.handlers import AutoscalerService
 
 run(AutoscalerService)

@@ -17,14 +17,14 @@ import time
 from typing import Annotated
 
 import nats.js.errors
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
 from lmforge.bus import Delivery, ensure_kv
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
-
 from services.cost_autoscaler.observing import RequestRate, consumer_backlogs
 from services.cost_autoscaler.policy import (
     SERVICES,

@@ -7,8 +7,9 @@ import re
 import time
 import urllib.request
 
-from lmforge.contracts import subjects
 from nats.js import JetStreamContext
+
+from lmforge.contracts import subjects
 
 _REQUESTS = re.compile(r'^lmforge_gateway_requests_total\{[^}]*\}\s+([0-9.eE+-]+)$', re.M)
 

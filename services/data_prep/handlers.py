@@ -9,7 +9,6 @@ from lmforge.bus import Delivery, StageError
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
-
 from services.data_prep.prepare import PrepConfig, prepare_dataset
 from services.data_prep.reading import FORMATS, DatasetInputError, resolve_dataset_path
 from services.data_prep.settings import DataPrepSettings

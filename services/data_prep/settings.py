@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from lmforge.settings import ServiceSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
+
+from lmforge.settings import ServiceSettings
 
 
 class DataPrepSettings(ServiceSettings):

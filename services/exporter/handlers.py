@@ -10,6 +10,9 @@ import asyncio
 import json
 import shutil
 
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
 from lmforge.artifacts import ArtifactError
 from lmforge.bus import Delivery, StageError
 from lmforge.contracts import subjects
@@ -17,9 +20,6 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.modeling import load_causal_lm, load_dequantized_model, load_token_stream
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from services.exporter.onnx_export import (
     ONNX_OPSET,
     OnnxMismatchError,

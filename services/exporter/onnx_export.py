@@ -35,7 +35,7 @@ class OnnxMismatchError(RuntimeError):
 def export_logits_onnx(model: torch.nn.Module, path: Path, *, max_seq_len: int) -> None:
     from torch.export import Dim
 
-    wrapper = LogitsOnly(model.eval())
+    wrapper = LogitsOnly(model).eval()
     example = torch.zeros((2, min(16, max_seq_len)), dtype=torch.long)
     batch = Dim("batch", min=1, max=1024)
     sequence = Dim("sequence", min=2, max=max_seq_len)
@@ -54,7 +54,7 @@ def check_onnx_against_torch(model: torch.nn.Module, path: Path, tokens: np.ndar
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    wrapper = LogitsOnly(model.eval())
+    wrapper = LogitsOnly(model).eval()
     worst = 0.0
     for batch, seq in ((1, min(7, max_seq_len)), (3, max_seq_len)):
         needed = batch * seq

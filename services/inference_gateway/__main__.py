@@ -5,7 +5,6 @@ reflection); models arrive on model.exported. SIGTERM stops it gracefully.
 """
 
 from lmforge.service import run
-
 from services.inference_gateway.handlers import GatewayService
 
 run(GatewayService)

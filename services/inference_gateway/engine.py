@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from lmforge.modeling import load_causal_lm, load_tokenizer
 
 

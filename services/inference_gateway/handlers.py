@@ -11,15 +11,15 @@ import asyncio
 import logging
 
 import nats.js.errors
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
 from lmforge.artifacts import ArtifactError
 from lmforge.bus import Delivery, StageError, ensure_kv
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from services.inference_gateway.engine import GenerationEngine
 from services.inference_gateway.registry import ModelRegistry
 from services.inference_gateway.server import GatewayServer, GeneratorServicer

@@ -19,9 +19,9 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 from services.inference_gateway.engine import RequestError, SamplingParams
 from services.inference_gateway.registry import ModelRegistry, UnknownModelError
 

@@ -1,5 +1,4 @@
 from lmforge.service import run
-
 from services.quantizer.handlers import QuantizerService
 
 run(QuantizerService)

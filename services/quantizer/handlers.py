@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
 from lmforge.artifacts import ArtifactError
 from lmforge.bus import Delivery, StageError
 from lmforge.contracts import subjects
@@ -12,9 +15,6 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.modeling import load_causal_lm, load_token_stream, perplexity
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from services.quantizer.rtn import RtnConfig, write_quantized_model
 
 

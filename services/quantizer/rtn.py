@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lmforge.modeling import QUANTIZATION_CONFIG, QUANTIZED_WEIGHTS, dequantize_state_dict
 from safetensors.torch import load_file, save_file
+
+from lmforge.modeling import QUANTIZATION_CONFIG, QUANTIZED_WEIGHTS, dequantize_state_dict
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
 from lmforge.bus import Delivery, StageError
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from services.scheduler.planning import (
     PRESETS,
     Plan,

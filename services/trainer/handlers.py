@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
 from lmforge.artifacts import ArtifactError
 from lmforge.bus import Delivery, StageError
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from services.trainer.checkpoints import CheckpointIndex, CheckpointRef
 from services.trainer.training import Progress, TrainConfig, Trainer
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lmforge.artifacts import ArtifactStore
-from lmforge.modeling import llama_config, load_token_stream, perplexity
 from safetensors.torch import load_file, save_file
 
+from lmforge.artifacts import ArtifactStore
+from lmforge.modeling import llama_config, load_token_stream, perplexity
 from services.trainer.checkpoints import CheckpointIndex, CheckpointRef
 
 

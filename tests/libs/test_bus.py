@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from lmforge.bus import EventBus, StageError
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev

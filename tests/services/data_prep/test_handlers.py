@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
-
 from services.data_prep.handlers import DataPrepService
 from tests.conftest import TEST_DATA
 from tests.helpers import count_events, in_process_service, publish, wait_for_events
@@ -42,7 +42,7 @@ def test_bad_dataset_requests_fail_with_the_path_and_the_rule(nats_server, tmp_p
         return {f.run_id: f for f in failed}
 
     failed = asyncio.run(scenario())
-    for run_id, (uri, rule) in cases.items():
+    for run_id, (_uri, rule) in cases.items():
         assert rule in failed[run_id].reason, failed[run_id].reason
         assert failed[run_id].stage == "data-prep" and not failed[run_id].dead_lettered
     assert "'/etc/passwd'" in failed["outside"].reason

@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from lmforge.modeling import load_token_stream, load_tokenizer
 
+from lmforge.modeling import load_token_stream, load_tokenizer
 from services.data_prep.cleaning import normalize_text
 from services.data_prep.prepare import PrepConfig, prepare_dataset
 from services.data_prep.reading import DatasetInputError
@@ -26,7 +26,7 @@ def test_cjk_and_mixed_text_round_trips_through_the_tokenizer(tmp_path):
     assert stats.duplicates_dropped == 10
     assert stats.records_kept == 65
     tokenizer = load_tokenizer(tmp_path / "out" / "tokenizer")
-    for text in MIXED[:5] + ["全新的句子，从未见过：量子计算🚀"]:
+    for text in [*MIXED[:5], "全新的句子，从未见过：量子计算🚀"]:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         assert tokenizer.decode(ids) == normalize_text(text)
     tokens = load_token_stream(tmp_path / "out", "train")

@@ -22,8 +22,9 @@ def test_steps_are_bounded_by_the_time_budget_and_by_the_data():
 
 
 def test_parameter_count_matches_transformers():
-    from lmforge.modeling import llama_config
     from transformers import LlamaForCausalLM
+
+    from lmforge.modeling import llama_config
 
     preset = PRESETS["tiny"]
     model = LlamaForCausalLM(llama_config(

@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
+
 from lmforge.artifacts import ArtifactStore
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
-
 from services.data_prep.prepare import PrepConfig, prepare_dataset
 from services.scheduler.handlers import SchedulerService
 from tests.conftest import TEST_DATA, TINY_MODEL

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-from lmforge.modeling import load_causal_lm, load_tokenizer
 
+from lmforge.modeling import load_causal_lm, load_tokenizer
 from services.trainer.checkpoints import CheckpointIndex
 from services.trainer.training import TrainConfig, Trainer
 from tests.conftest import TINY_MODEL
