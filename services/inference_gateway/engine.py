@@ -69,10 +69,10 @@ class GenerationEngine:
         ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
         if not ids:
             raise RequestError("prompt encodes to no tokens")
-        if len(ids) + max_new_tokens > self.context_length:
+        if len(ids) >= self.context_length:
             raise RequestError(
-                f"prompt of {len(ids)} tokens plus max_new_tokens {max_new_tokens} exceeds "
-                f"the model's context of {self.context_length} tokens"
+                f"prompt of {len(ids)} tokens exceeds the model's context of "
+                f"{self.context_length} tokens (leave room for at least one new token)"
             )
         return ids
 
@@ -86,7 +86,9 @@ class GenerationEngine:
         cache = None
         inputs = torch.tensor([prompt_ids])
         finish = "length"
-        for _ in range(params.max_new_tokens):
+        # Generation stops at the context length ("length"), whatever was asked.
+        budget = min(params.max_new_tokens, self.context_length - len(prompt_ids))
+        for _ in range(budget):
             if cancelled is not None and cancelled.is_set():
                 finish = "cancelled"
                 break
