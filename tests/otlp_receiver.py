@@ -17,7 +17,7 @@ class OtlpTraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
 
-    def Export(self, request, context):  # noqa: N802
+    def Export(self, request, context):
         with self._lock:
             for resource_spans in request.resource_spans:
                 attrs = {a.key: a.value.string_value

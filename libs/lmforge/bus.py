@@ -62,6 +62,9 @@ HEADER_RUN_ID = "Lmforge-Run-Id"
 HEADER_SCHEMA = "Lmforge-Schema"
 HEADER_REASON = "Lmforge-Failure-Reason"
 HEADER_ORIGINAL_SUBJECT = "Lmforge-Original-Subject"
+HEADER_WORK_STARTED = "Lmforge-Work-Started-Ns"
+"""On events a handler published: when that handler began its work (time_ns). With
+the stream timestamps this splits a run's wall time into stage work and the bus."""
 STAGE_RECORDS_BUCKET = "lmforge_stage_records"
 
 
@@ -96,6 +99,7 @@ class Delivery:
     msg_id: str
     deliveries: int
     headers: dict[str, str] = field(default_factory=dict)
+    work_started_ns: int = 0
 
     def output_msg_id(self, out: Subject, suffix: str = "") -> str:
         """A deterministic id for an event caused by this one (same input, same id)."""
@@ -106,7 +110,8 @@ class Delivery:
 
     async def publish(self, event: Message, *, suffix: str = "") -> None:
         out = subjects.for_message(event)
-        await self.bus.publish(event, msg_id=self.output_msg_id(out, suffix))
+        await self.bus.publish(event, msg_id=self.output_msg_id(out, suffix),
+                               headers={HEADER_WORK_STARTED: str(self.work_started_ns)})
 
 
 def _durable_name(service: str, subject: Subject) -> str:
@@ -315,7 +320,8 @@ class EventBus:
                 return
 
             # 3. Work, telling the server we are alive so it does not redeliver.
-            delivery = Delivery(self, sub.subject, run_id, msg_id, deliveries, headers)
+            delivery = Delivery(self, sub.subject, run_id, msg_id, deliveries, headers,
+                                time.time_ns())
             heartbeat = asyncio.create_task(self._keep_alive(msg, sub.ack_wait_s))
             try:
                 outputs = await sub.handler(event, delivery)
@@ -434,7 +440,7 @@ async def ensure_kv(js: nats.js.JetStreamContext, bucket: str, *, history: int =
     except nats.js.errors.BucketNotFoundError:
         try:
             return await js.create_key_value(
-                bucket=bucket, history=history, storage=api.StorageType.FILE
+                bucket=bucket, history=history, storage=api.StorageType.FILE, direct=True,
             )
         except nats.js.errors.BadRequestError:  # created by a sibling meanwhile
             return await js.key_value(bucket)

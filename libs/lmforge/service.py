@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
+from pathlib import Path
 from typing import ClassVar
 
 from lmforge.artifacts import ArtifactStore
@@ -65,10 +67,19 @@ async def _main(service_type: type[Service], settings: ServiceSettings) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
     await service.start()
     log.info("%s consuming from %s", service_type.name, settings.nats_url)
+    mark_ready()
     try:
         await service.serve(stop)
     finally:
         await bus.close()
+
+
+def mark_ready() -> None:
+    """Tell the supervisor this process consumes (it passes LMFORGE_READY_FILE)."""
+    path = os.environ.get("LMFORGE_READY_FILE")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(str(os.getpid()))
 
 
 def run(service_type: type[Service]) -> None:

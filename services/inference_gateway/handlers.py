@@ -97,9 +97,12 @@ class GatewayService(Service):
             except Exception as exc:  # a broken deployment must not stop the others
                 log.error("could not restore %s: %s", name, exc)
 
-    async def serve(self, stop: asyncio.Event) -> None:
+    async def start(self) -> None:
         await self.server.start()
         log.info("gRPC gateway on %s", self.endpoint)
+        await super().start()
+
+    async def serve(self, stop: asyncio.Event) -> None:
         try:
             await self._restore_deployments()
             await stop.wait()

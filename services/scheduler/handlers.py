@@ -44,7 +44,7 @@ class SchedulerSettings(ServiceSettings):
     )
     scheduler_micro_batch: int = Field(16, ge=1, description="Sequences per step.")
     scheduler_pool_gflops: float = Field(
-        30.0, gt=0, description="Sustained training GFLOP/s of one local worker (fp32)."
+        50.0, gt=0, description="Sustained training GFLOP/s of one local worker (fp32)."
     )
     scheduler_device: str = Field("cpu", pattern="^(cpu|cuda)$")
     scheduler_precision: str = Field(

@@ -205,7 +205,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"run_id": r.run_id, "model_name": r.model_name, "stage": r.stage,
                            "status": r.status, "step": r.step, "total_steps": r.total_steps,
-                           "perplexity": r.perplexity, "failure": r.failure}
+                           "perplexity": r.perplexity, "failure": r.failure,
+                           "started": r.started, "stage_done_at": r.stage_done_at}
                           for r in runs.values()]))
         return 0
     table = Table(title="runs")

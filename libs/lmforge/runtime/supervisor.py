@@ -59,6 +59,19 @@ class Replica:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def ready_file(self) -> Path:
+        return self.log_path.parent.parent / "run" / "ready" / f"{self.service}-{self.index}"
+
+    def ready(self) -> bool:
+        """Alive, and its current process said it consumes (wrote its pid)."""
+        if not self.alive():
+            return False
+        try:
+            return int(self.ready_file.read_text()) == self.process.pid
+        except (OSError, ValueError):
+            return False
+
 
 @dataclass
 class ServiceState:
@@ -91,12 +104,14 @@ class Supervisor:
             "LMFORGE_NATS_URL": self.nats_url,
             "LMFORGE_HOME": str(self.home),
             "LMFORGE_REPLICA": str(replica.index),
+            "LMFORGE_READY_FILE": str(replica.ready_file),
             "OTEL_SERVICE_NAME": replica.service,
             "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "PASSIVE"),
             "PYTHONUNBUFFERED": "1",
         })
         if replica.service == "inference-gateway":
             env["LMFORGE_METRICS_PORT"] = str(self.gateway_metrics_base + replica.index)
+        replica.ready_file.unlink(missing_ok=True)
         out = replica.log_path.open("ab")
         replica.process = subprocess.Popen(
             [sys.executable, "-m", SERVICE_MODULES[replica.service]],
@@ -142,10 +157,18 @@ class Supervisor:
         services = {}
         for state in self.services.values():
             alive = sum(r.alive() for r in state.replicas)
+            ready = sum(r.ready() for r in state.replicas)
+            if state.desired == 0:
+                phase = "stopped"
+            elif ready == state.desired:
+                phase = "running"
+            elif alive == state.desired:
+                phase = "starting"
+            else:
+                phase = "restarting"
             services[state.name] = {
-                "state": "running" if alive == state.desired and alive > 0 else (
-                    "stopped" if state.desired == 0 else "restarting"),
-                "replicas": alive,
+                "state": phase,
+                "replicas": ready,
                 "desired": state.desired,
                 "pinned": state.pinned,
                 "restarts": sum(r.restarts for r in state.replicas),

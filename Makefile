@@ -1,0 +1,35 @@
+# lmforge: `make demo` runs the demo pipeline, `make test` runs the test suite.
+# Both set themselves up on a fresh machine (a virtual environment in .venv).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: setup demo test lint proto bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q --durations=15
+
+lint: setup
+	$(PY) -m ruff check .
+
+proto: setup
+	$(PY) -m lmforge.contracts.codegen
+
+bench: setup
+	$(PY) benchmarks/bus_hop.py
+
+clean:
+	rm -rf $(VENV) .lmforge .cache
