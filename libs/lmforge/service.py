@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 from typing import ClassVar
 
-from lmforge.artifacts import ArtifactStore
-from lmforge.bus import EventBus
+from lmforge.artifacts import ArtifactError, ArtifactStore
+from lmforge.bus import EventBus, StageError
 from lmforge.settings import ServiceSettings, load_settings
 from lmforge.telemetry import setup_telemetry, shutdown_telemetry
 
@@ -36,6 +36,17 @@ class Service:
         self.store = ArtifactStore(settings.artifacts_dir)
         # Set on SIGTERM; domain code running in worker threads polls it.
         self.stopping = threading.Event()
+
+    def input_dirs(self, run_id: str, *refs) -> list[Path]:
+        """The verified directories of a run's input artifacts.
+
+        A missing or corrupt input is bad input for this run (StageError), not a
+        reason to retry: the store will not heal itself.
+        """
+        try:
+            return [self.store.get_dir(ref.digest) for ref in refs]
+        except ArtifactError as exc:
+            raise StageError(f"inputs of run {run_id}: {exc}") from None
 
     def register(self) -> None:
         """Decorate handlers with `self.bus.subscriber(...)`."""

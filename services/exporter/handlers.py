@@ -13,7 +13,6 @@ import shutil
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from lmforge.artifacts import ArtifactError
 from lmforge.bus import Delivery, StageError
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
@@ -43,12 +42,8 @@ class ExporterService(Service):
 
         @self.bus.subscriber(subjects.MODEL_QUANTIZED)
         async def on_quantized(event: ev.ModelQuantized, delivery: Delivery) -> ev.ModelExported:
-            try:
-                model_dir = self.store.get_dir(event.model.digest)
-                quantized_dir = self.store.get_dir(event.quantized.digest)
-                dataset_dir = self.store.get_dir(event.dataset.digest)
-            except ArtifactError as exc:
-                raise StageError(f"inputs of run {event.run_id}: {exc}") from None
+            model_dir, quantized_dir, dataset_dir = self.input_dirs(
+                event.run_id, event.model, event.quantized, event.dataset)
 
             def export():
                 use_quantized = event.passed_quality_gate

@@ -14,8 +14,7 @@ import nats.js.errors
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from lmforge.artifacts import ArtifactError
-from lmforge.bus import Delivery, StageError, ensure_kv
+from lmforge.bus import Delivery, ensure_kv
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
@@ -60,7 +59,7 @@ class GatewayService(Service):
         self.endpoint = s.gateway_advertise or f"{s.gateway_host}:{self.server.port}"
 
     async def _load(self, event: ev.ModelExported) -> None:
-        export_dir = self.store.get_dir(event.export.digest)
+        (export_dir,) = self.input_dirs(event.run_id, event.export)
         engine = await asyncio.to_thread(GenerationEngine, export_dir / "hf",
                                          version=event.version)
         self.registry.install(event.model_name, engine)
@@ -72,10 +71,7 @@ class GatewayService(Service):
         @self.bus.subscriber(subjects.MODEL_EXPORTED,
                              durable=f"inference-gateway-{self.settings.replica}")
         async def on_exported(event: ev.ModelExported, delivery: Delivery) -> ev.ModelDeployed:
-            try:
-                await self._load(event)
-            except ArtifactError as exc:
-                raise StageError(f"export of run {event.run_id}: {exc}") from None
+            await self._load(event)
             kv = await ensure_kv(self.bus.js, DEPLOYMENTS_BUCKET)
             await kv.put(event.model_name, event.SerializeToString())
             return ev.ModelDeployed(run_id=event.run_id, model_name=event.model_name,

@@ -8,8 +8,7 @@ import json
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from lmforge.artifacts import ArtifactError
-from lmforge.bus import Delivery, StageError
+from lmforge.bus import Delivery
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.modeling import load_causal_lm, load_token_stream, perplexity
@@ -41,11 +40,7 @@ class QuantizerService(Service):
 
         @self.bus.subscriber(subjects.MODEL_TRAINED)
         async def on_trained(event: ev.ModelTrained, delivery: Delivery) -> ev.ModelQuantized:
-            try:
-                model_dir = self.store.get_dir(event.model.digest)
-                dataset_dir = self.store.get_dir(event.dataset.digest)
-            except ArtifactError as exc:
-                raise StageError(f"inputs of run {event.run_id}: {exc}") from None
+            model_dir, dataset_dir = self.input_dirs(event.run_id, event.model, event.dataset)
 
             def quantize():
                 seq_len = json.loads((dataset_dir / "dataset.json").read_text())["seq_len"]

@@ -15,7 +15,6 @@ import logging
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from lmforge.artifacts import ArtifactError
 from lmforge.bus import Delivery, StageError
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
@@ -63,10 +62,7 @@ class TrainerService(Service):
         async def on_scheduled(event: ev.TrainingScheduled, delivery: Delivery
                                ) -> ev.ModelTrained | ev.TrainingPreempted:
             config = train_config_from_plan(event.plan)
-            try:
-                dataset_dir = self.store.get_dir(event.dataset.digest)
-            except ArtifactError as exc:
-                raise StageError(f"dataset of run {event.run_id}: {exc}") from None
+            (dataset_dir,) = self.input_dirs(event.run_id, event.dataset)
             loop = asyncio.get_running_loop()
             run_id = event.run_id
 

@@ -31,6 +31,16 @@ def lmforge(env, *args, timeout=120, check=True):
     return done
 
 
+def wait_for_service(env, name, condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = json.loads(lmforge(env, "status", "--json").stdout)["services"][name]
+        if condition(state):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"{name} never reached the expected state: {state}")
+
+
 @pytest.fixture
 def system(tmp_path):
     receiver = OtlpTraceReceiver().start()
@@ -100,6 +110,14 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
         time.sleep(0.5)
     else:
         raise AssertionError(f"quantizer not restarted: {now}")
+
+    # An SRE pin reaches the supervisor through the autoscaler's decision.
+    lmforge(env, "scale", "data-prep=2")
+    wait_for_service(env, "data-prep", lambda s: s["replicas"] == 2 and s["pinned"])
+    lmforge(env, "scale", "data-prep=auto")
+    wait_for_service(env, "data-prep", lambda s: s["replicas"] == 1 and not s["pinned"])
+    bad = lmforge(env, "scale", "ghost=3", check=False)
+    assert bad.returncode == 2 and "ghost=3" in bad.stderr
 
     lmforge(env, "down", timeout=120)
     deadline = time.monotonic() + 15
