@@ -36,6 +36,34 @@ TINY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=1
                   micro_batch=8, learning_rate=3e-3, warmup_steps=2)
 
 
+def tiny_train_config(*, max_steps: int, checkpoint_interval: int = 100, precision="fp32",
+                      engine="plain", zero_stage=0, grad_accum=1, world_size=1, seed=1234,
+                      gradient_checkpointing=False):
+    """The tiny test model as a TrainConfig."""
+    from services.trainer.config import (
+        BatchConfig,
+        CheckpointConfig,
+        EngineConfig,
+        ModelSpec,
+        OptimizerConfig,
+        ScheduleConfig,
+        TrainConfig,
+    )
+
+    t = TINY_MODEL
+    return TrainConfig(
+        model=ModelSpec(hidden_size=t["hidden_size"], num_layers=t["num_layers"],
+                        num_heads=t["num_heads"], intermediate_size=t["intermediate_size"]),
+        batch=BatchConfig(seq_len=t["seq_len"], micro_batch=t["micro_batch"],
+                          grad_accum=grad_accum),
+        optimizer=OptimizerConfig(learning_rate=t["learning_rate"]),
+        schedule=ScheduleConfig(max_steps=max_steps, warmup_steps=t["warmup_steps"]),
+        checkpoint=CheckpointConfig(interval=checkpoint_interval),
+        engine=EngineConfig(kind=engine, precision=precision, zero_stage=zero_stage,
+                            gradient_checkpointing=gradient_checkpointing),
+        seed=seed, world_size=world_size)
+
+
 @pytest.fixture(scope="session")
 def artifact_store(tmp_path_factory):
     from lmforge.artifacts import ArtifactStore
@@ -58,9 +86,9 @@ def prepared_dataset(tmp_path_factory, artifact_store):
 def trained_model(tmp_path_factory, artifact_store, prepared_dataset):
     """A real tiny Llama trained for a few steps, stored as a Hugging Face directory."""
     from services.trainer.checkpoints import CheckpointIndex
-    from services.trainer.training import TrainConfig, Trainer
+    from services.trainer.training import Trainer
 
-    config = TrainConfig(**TINY_MODEL, max_steps=30, checkpoint_interval=100, precision="fp32")
+    config = tiny_train_config(max_steps=30)
     index = CheckpointIndex(tmp_path_factory.mktemp("ckpt"), "fixture", artifact_store)
     result = Trainer(config, prepared_dataset.path, artifact_store, index).run()
     return artifact_store.put_dir(result.model_dir, move=True)

@@ -46,6 +46,26 @@ def llama_config(*, vocab_size: int, hidden_size: int, num_layers: int, num_head
     )
 
 
+def qwen2_config(*, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                 intermediate_size: int, seq_len: int, eos_token_id: int,
+                 pad_token_id: int) -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_heads, max_position_embeddings=seq_len,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        tie_word_embeddings=False, rms_norm_eps=1e-6,
+    )
+
+
+def training_flops_per_token(parameters: int, num_layers: int, hidden_size: int,
+                             seq_len: int) -> float:
+    """6·N for the weights (forward + backward) plus 12·L·H·T for attention."""
+    return 6 * parameters + 12 * num_layers * hidden_size * seq_len
+
+
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 

@@ -6,6 +6,7 @@ training.preempted -> the same job again (attempt + 1), resuming from its checkp
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -35,6 +36,10 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def machine_memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+
+
 class SchedulerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LMFORGE_", extra="ignore", frozen=True)
 
@@ -47,6 +52,14 @@ class SchedulerSettings(ServiceSettings):
         50.0, gt=0, description="Sustained training GFLOP/s of one local worker (fp32)."
     )
     scheduler_device: str = Field("cpu", pattern="^(cpu|cuda)$")
+    scheduler_device_memory_gib: float = Field(
+        0.0, ge=0, description="Memory of one device; 0 = this machine's RAM (cpu) or 80.")
+    scheduler_engine: str = Field("plain", pattern="^(plain|deepspeed)$")
+    scheduler_zero_stage: int = Field(0, ge=0, le=3)
+    scheduler_world_size: int = Field(1, ge=1, description="Ranks per training job.")
+    scheduler_gradient_checkpointing: bool = False
+    scheduler_offload_optimizer: bool = False
+    scheduler_offload_params: bool = False
     scheduler_precision: str = Field(
         "auto", pattern="^(auto|fp32|bf16)$",
         description="auto: bf16 where the CPU has native bf16 (AVX512-BF16/AMX) or on CUDA, "
@@ -64,7 +77,11 @@ def plan_to_proto(plan: Plan) -> ev.ResourcePlan:
         warmup_steps=plan.warmup_steps, checkpoint_interval=plan.checkpoint_interval,
         precision=plan.precision, device=plan.device, pool=plan.pool,
         parameters=plan.parameters, estimated_seconds=plan.estimated_seconds,
-        seed=plan.seed, vocab_size=plan.vocab_size,
+        seed=plan.seed, vocab_size=plan.vocab_size, family="llama", engine=plan.engine,
+        zero_stage=plan.zero_stage, world_size=plan.world_size,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        offload_optimizer=plan.offload_optimizer, offload_params=plan.offload_params,
+        estimated_memory_gib=plan.memory.total_bytes / (1 << 30),
     )
 
 
@@ -77,8 +94,10 @@ class SchedulerService(Service):
         precision = s.scheduler_precision
         if precision == "auto":
             precision = "bf16" if s.scheduler_device == "cuda" or cpu_has_native_bf16() else "fp32"
+        memory = s.scheduler_device_memory_gib or (
+            machine_memory_gib() if s.scheduler_device == "cpu" else 80.0)
         pool = PoolSpec(device=s.scheduler_device, sustained_gflops=s.scheduler_pool_gflops,
-                        precision=precision)
+                        precision=precision, memory_gib=memory)
 
         @self.bus.subscriber(subjects.DATASET_PREPARED)
         async def on_prepared(event: ev.DatasetPrepared, delivery: Delivery
@@ -90,6 +109,12 @@ class SchedulerService(Service):
                 time_budget_s=event.time_budget_s or s.scheduler_time_budget_s,
                 preset=s.scheduler_preset,
                 micro_batch=s.scheduler_micro_batch,
+                engine=s.scheduler_engine,
+                zero_stage=s.scheduler_zero_stage,
+                world_size=s.scheduler_world_size,
+                gradient_checkpointing=s.scheduler_gradient_checkpointing,
+                offload_optimizer=s.scheduler_offload_optimizer,
+                offload_params=s.scheduler_offload_params,
             )
             try:
                 plan = plan_training(request, pool)

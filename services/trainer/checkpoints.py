@@ -31,6 +31,7 @@ class CheckpointRef:
 
 class CheckpointIndex:
     def __init__(self, root: Path, run_id: str, store: ArtifactStore, keep: int = 3) -> None:
+        self.run_id = run_id
         self.path = root / f"{run_id}.json"
         self.store = store
         self.keep = keep

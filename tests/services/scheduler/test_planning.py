@@ -42,3 +42,20 @@ def test_impossible_requests_are_refused_with_numbers():
     with pytest.raises(PlanError, match="unknown model preset 'huge'"):
         plan_training(PlanRequest(train_tokens=10**6, vocab_size=512, seq_len=128,
                                   time_budget_s=60, preset="huge"), pool)
+
+
+def test_a_plan_that_cannot_fit_is_refused_with_the_numbers():
+    request = dict(train_tokens=10**9, vocab_size=32000, seq_len=2048, time_budget_s=3600,
+                   preset="1b", micro_batch=8)
+    gpu = PoolSpec(device="cuda", memory_gib=80, sustained_gflops=400_000)
+    with pytest.raises(PlanError) as refused:
+        plan_training(PlanRequest(**request), gpu)
+    message = str(refused.value)
+    assert "does not fit" in message and "16 B/parameter" in message and "80.0 GiB" in message
+    # Sharding optimizer, gradients and weights over 8 ranks plus checkpointing fits.
+    plan = plan_training(PlanRequest(**request, engine="deepspeed", zero_stage=3, world_size=8,
+                                     gradient_checkpointing=True), gpu)
+    n = plan.parameters
+    assert plan.memory.optimizer_bytes == pytest.approx(12 * n / 8)
+    assert plan.memory.parameters_bytes == pytest.approx(2 * n / 8)
+    assert plan.memory.total_bytes < 80 * 2**30

@@ -8,13 +8,12 @@ import pytest
 
 from lmforge.modeling import load_causal_lm, load_tokenizer
 from services.trainer.checkpoints import CheckpointIndex
-from services.trainer.training import TrainConfig, Trainer
-from tests.conftest import TINY_MODEL
+from services.trainer.training import Trainer
+from tests.conftest import tiny_train_config
 
 
 def _trainer(tmp_path, store, dataset, run_id, **overrides):
-    config = TrainConfig(**{**TINY_MODEL, "max_steps": 8, "checkpoint_interval": 2,
-                            "precision": "fp32", **overrides})
+    config = tiny_train_config(**{"max_steps": 8, "checkpoint_interval": 2, **overrides})
     return Trainer(config, dataset.path, store, CheckpointIndex(tmp_path, run_id, store))
 
 
@@ -25,10 +24,10 @@ def test_resume_gives_the_same_losses_as_one_uninterrupted_run(tmp_path, artifac
     first = _trainer(tmp_path, artifact_store, prepared_dataset, "split")
     stop = __import__("threading").Event()
     part = first.run(stop=stop, on_checkpoint=lambda ref: ref.step >= 4 and stop.set())
-    assert part.preempted and part.step == 4
+    assert part.preempted and part.step == 5  # the step in flight finishes, then it stops
 
     rest = _trainer(tmp_path, artifact_store, prepared_dataset, "split").run()
-    assert rest.resumed_from_step == 4
+    assert rest.resumed_from_step == 5
     assert part.losses + rest.losses == pytest.approx(whole.losses, abs=1e-6)
     assert rest.heldout_perplexity == pytest.approx(whole.heldout_perplexity, rel=1e-6)
 
@@ -48,9 +47,10 @@ def test_corrupt_newest_checkpoint_is_refused_and_the_previous_one_used(
 
     with caplog.at_level(logging.WARNING):
         resumed = _trainer(tmp_path, artifact_store, prepared_dataset, "corrupt").run()
-    assert "checkpoint at step 6 refused" in caplog.text and "corrupt" in caplog.text
-    assert resumed.resumed_from_step == 4
-    assert resumed.losses == pytest.approx(whole.losses[4:], abs=1e-6)
+    assert f"checkpoint at step {newest.step} refused" in caplog.text
+    assert "corrupt" in caplog.text
+    assert resumed.resumed_from_step == index.entries()[-2].step
+    assert resumed.losses == pytest.approx(whole.losses[resumed.resumed_from_step:], abs=1e-6)
 
 
 def test_output_is_a_hugging_face_directory_that_generates(trained_model):

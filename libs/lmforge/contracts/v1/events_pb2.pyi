@@ -77,7 +77,7 @@ class DatasetPrepared(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., stats: _Optional[_Union[DatasetStats, _Mapping]] = ..., time_budget_s: _Optional[float] = ...) -> None: ...
 
 class ResourcePlan(_message.Message):
-    __slots__ = ("preset", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len", "micro_batch", "grad_accum", "max_steps", "learning_rate", "warmup_steps", "checkpoint_interval", "precision", "device", "pool", "parameters", "estimated_seconds", "seed", "vocab_size")
+    __slots__ = ("preset", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len", "micro_batch", "grad_accum", "max_steps", "learning_rate", "warmup_steps", "checkpoint_interval", "precision", "device", "pool", "parameters", "estimated_seconds", "seed", "vocab_size", "family", "engine", "zero_stage", "offload_optimizer", "offload_params", "gradient_checkpointing", "world_size", "compile", "estimated_memory_gib")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,15 @@ class ResourcePlan(_message.Message):
     ESTIMATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    ZERO_STAGE_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_MEMORY_GIB_FIELD_NUMBER: _ClassVar[int]
     preset: str
     hidden_size: int
     num_layers: int
@@ -116,7 +125,16 @@ class ResourcePlan(_message.Message):
     estimated_seconds: float
     seed: int
     vocab_size: int
-    def __init__(self, preset: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., pool: _Optional[str] = ..., parameters: _Optional[int] = ..., estimated_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    family: str
+    engine: str
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    gradient_checkpointing: bool
+    world_size: int
+    compile: bool
+    estimated_memory_gib: float
+    def __init__(self, preset: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., pool: _Optional[str] = ..., parameters: _Optional[int] = ..., estimated_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., vocab_size: _Optional[int] = ..., family: _Optional[str] = ..., engine: _Optional[str] = ..., zero_stage: _Optional[int] = ..., offload_optimizer: _Optional[bool] = ..., offload_params: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., world_size: _Optional[int] = ..., compile: _Optional[bool] = ..., estimated_memory_gib: _Optional[float] = ...) -> None: ...
 
 class TrainingScheduled(_message.Message):
     __slots__ = ("run_id", "model_name", "dataset", "plan", "attempt")
@@ -133,7 +151,7 @@ class TrainingScheduled(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., plan: _Optional[_Union[ResourcePlan, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
-    __slots__ = ("run_id", "step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds")
+    __slots__ = ("run_id", "step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds", "mfu")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +159,7 @@ class TrainingProgress(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MFU_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     total_steps: int
@@ -148,7 +167,8 @@ class TrainingProgress(_message.Message):
     learning_rate: float
     tokens_per_second: float
     eta_seconds: float
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
+    mfu: float
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., mfu: _Optional[float] = ...) -> None: ...
 
 class TrainingCheckpointed(_message.Message):
     __slots__ = ("run_id", "step", "checkpoint")
@@ -175,7 +195,7 @@ class TrainingPreempted(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[_Union[ArtifactRef, _Mapping]] = ..., reason: _Optional[str] = ..., scheduled: _Optional[_Union[TrainingScheduled, _Mapping]] = ...) -> None: ...
 
 class ModelTrained(_message.Message):
-    __slots__ = ("run_id", "model_name", "model", "dataset", "heldout_perplexity", "train_tokens", "steps", "wall_seconds", "parameters", "final_loss", "resumed_from_step")
+    __slots__ = ("run_id", "model_name", "model", "dataset", "heldout_perplexity", "train_tokens", "steps", "wall_seconds", "parameters", "final_loss", "resumed_from_step", "peak_memory_bytes")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +207,7 @@ class ModelTrained(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     FINAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     model: ArtifactRef
@@ -198,7 +219,8 @@ class ModelTrained(_message.Message):
     parameters: int
     final_loss: float
     resumed_from_step: int
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., heldout_perplexity: _Optional[float] = ..., train_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., parameters: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ...) -> None: ...
+    peak_memory_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., heldout_perplexity: _Optional[float] = ..., train_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., parameters: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelQuantized(_message.Message):
     __slots__ = ("run_id", "model_name", "model", "quantized", "dataset", "method", "bits", "group_size", "perplexity_before", "perplexity_after", "passed_quality_gate")

@@ -1,0 +1,185 @@
+"""Training throughput on the CPU: lmforge's trainer against the Hugging Face Trainer.
+
+Same model (a Llama from the scheduler's preset), same packed data (the shipped
+fortunes sample, tokenized by data-prep's own code), same micro-batch, sequence
+length and precision, both timed after warm-up, in one process so the ratio is
+fair. Also peak RSS growth with and without gradient checkpointing at the same
+batch, each measured in a fresh child process.
+
+    python benchmarks/train_cpu.py [--preset small] [--steps 30] [--warmup 5]
+
+Prints JSON. Target: tokens/s ratio >= 1.5; checkpointed activation memory <= 0.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+
+from lmforge.artifacts import ArtifactStore
+from services.data_prep.prepare import PrepConfig, prepare_dataset
+from services.scheduler.planning import PRESETS
+from services.trainer.checkpoints import CheckpointIndex
+from services.trainer.config import (
+    BatchConfig,
+    CheckpointConfig,
+    EngineConfig,
+    ModelSpec,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+from services.trainer.training import Trainer, micro_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_config(args, *, compile: bool, checkpointing: bool = False, steps: int) -> TrainConfig:
+    p = PRESETS[args.preset]
+    return TrainConfig(
+        model=ModelSpec(hidden_size=p.hidden_size, num_layers=p.num_layers,
+                        num_heads=p.num_heads, intermediate_size=p.intermediate_size),
+        batch=BatchConfig(seq_len=args.seq_len, micro_batch=args.batch),
+        optimizer=OptimizerConfig(learning_rate=p.learning_rate),
+        schedule=ScheduleConfig(max_steps=steps, warmup_steps=1),
+        checkpoint=CheckpointConfig(interval=10**9),
+        engine=EngineConfig(precision=args.precision, compile=compile,
+                            gradient_checkpointing=checkpointing))
+
+
+def time_ours(args, dataset: Path, store: ArtifactStore, *, compile: bool) -> dict:
+    config = make_config(args, compile=compile, steps=args.warmup + args.steps)
+    trainer = Trainer(config, dataset, store, CheckpointIndex(store.root / "ck", "b", store))
+    engine = trainer.engine
+    tokens = trainer.train_tokens
+    for step in range(args.warmup):
+        engine.train_step([micro_batch(tokens, config, step, 0, 0)])
+    start = time.perf_counter()
+    for step in range(args.warmup, args.warmup + args.steps):
+        engine.train_step([micro_batch(tokens, config, step, 0, 0)])
+    elapsed = time.perf_counter() - start
+    return {"tokens_per_s": args.steps * args.batch * args.seq_len / elapsed,
+            "step_ms": 1e3 * elapsed / args.steps}
+
+
+def time_hf_trainer(args, dataset: Path, store: ArtifactStore) -> dict:
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainerCallback, TrainingArguments
+
+    config = make_config(args, compile=False, steps=args.warmup + args.steps)
+    ours = Trainer(config, dataset, store, CheckpointIndex(store.root / "ck2", "b", store))
+    model = ours.engine.model  # the same architecture and initial weights
+    tokens = ours.train_tokens
+    n = (args.warmup + args.steps) * args.batch
+    windows = torch.stack([micro_batch(tokens, config, i, 0, 0)[0] for i in range(n)])
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(windows)
+
+        def __getitem__(self, i):
+            return {"input_ids": windows[i], "labels": windows[i]}
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.start = None
+            self.end = None
+
+        def on_step_end(self, targs, state, control, **kw):
+            if state.global_step == args.warmup:
+                self.start = time.perf_counter()
+            if state.global_step == args.warmup + args.steps:
+                self.end = time.perf_counter()
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=args.batch,
+            max_steps=args.warmup + args.steps, learning_rate=3e-3, weight_decay=0.1,
+            adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, lr_scheduler_type="cosine",
+            warmup_steps=1, logging_strategy="no", save_strategy="no", report_to=[],
+            bf16=args.precision == "bf16", use_cpu=True, dataloader_num_workers=0,
+            optim="adamw_torch", disable_tqdm=True)
+        HFTrainer(model=model, args=targs, train_dataset=Windows(),
+                  callbacks=[clock]).train()
+    elapsed = clock.end - clock.start
+    return {"tokens_per_s": args.steps * args.batch * args.seq_len / elapsed,
+            "step_ms": 1e3 * elapsed / args.steps}
+
+
+def _memory_child(args, dataset: str, store_root: str, checkpointing: bool, queue) -> None:
+    store = ArtifactStore(Path(store_root))
+    config = make_config(args, compile=False, checkpointing=checkpointing, steps=3)
+    trainer = Trainer(config, Path(dataset), store,
+                      CheckpointIndex(store.root / f"ck{checkpointing}", "m", store))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for step in range(3):
+        trainer.engine.train_step([micro_batch(trainer.train_tokens, config, step, 0, 0)])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put({"peak_rss_mib": peak / 1024, "growth_mib": (peak - before) / 1024})
+
+
+def measure_memory(args, dataset: Path, store: ArtifactStore, checkpointing: bool) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_memory_child, args=(args, str(dataset), str(store.root),
+                                                    checkpointing, queue))
+    child.start()
+    result = queue.get(timeout=600)
+    child.join()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--memory-batch", type=int, default=32)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ArtifactStore(Path(tmp) / "store")
+        prepare_dataset(ROOT / "tests/data/fortunes-sample.txt", "text", "", Path(tmp) / "ds",
+                        PrepConfig(vocab_size=4096, seq_len=args.seq_len))
+        dataset = Path(tmp) / "ds"
+        hf = time_hf_trainer(args, dataset, store)
+        plain = time_ours(args, dataset, store, compile=False)
+        compiled = time_ours(args, dataset, store, compile=True)
+        memory_args = argparse.Namespace(**{**vars(args), "batch": args.memory_batch})
+        full = measure_memory(memory_args, dataset, store, checkpointing=False)
+        ckpt = measure_memory(memory_args, dataset, store, checkpointing=True)
+    best = max(plain["tokens_per_s"], compiled["tokens_per_s"])
+    report = {
+        "benchmark": "train_cpu", "preset": args.preset, "batch": args.batch,
+        "seq_len": args.seq_len, "precision": args.precision, "threads": torch.get_num_threads(),
+        "hf_trainer": hf, "lmforge_plain": plain, "lmforge_compiled": compiled,
+        "ratio_plain_vs_hf": round(plain["tokens_per_s"] / hf["tokens_per_s"], 3),
+        "ratio_compiled_vs_hf": round(compiled["tokens_per_s"] / hf["tokens_per_s"], 3),
+        "ratio_best_vs_hf": round(best / hf["tokens_per_s"], 3), "target_ratio": 1.5,
+        "memory_batch": args.memory_batch,
+        "memory_without_checkpointing": full, "memory_with_checkpointing": ckpt,
+        "activation_memory_ratio": round(ckpt["growth_mib"] / full["growth_mib"], 3),
+        "target_activation_ratio": 0.5,
+    }
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

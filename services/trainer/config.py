@@ -1,0 +1,210 @@
+"""The trainer's typed configuration: one small dataclass per component.
+
+The scheduler's `ResourcePlan` fills it (`TrainConfig.from_plan`); every field
+is documented and checked in `__post_init__`, so a bad plan is refused before
+a model is built, with the field, the value and the rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("llama", "qwen2")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ENGINES = ("plain", "deepspeed")
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; the message names the field."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSpec:
+    family: str = "llama"
+    """Architecture family built from config: llama or qwen2."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Decoder blocks."""
+    num_heads: int = 4
+    """Attention heads (key/value heads equal, no GQA at these sizes)."""
+    intermediate_size: int = 352
+    """Width of the SwiGLU MLP."""
+    pretrained_dir: Path | None = None
+    """A local Hugging Face directory to fine-tune from instead of building from config."""
+
+    def __post_init__(self) -> None:
+        _check(self.family in FAMILIES, f"model.family {self.family!r} not in {FAMILIES}")
+        _check(self.hidden_size > 0 and self.num_layers > 0 and self.num_heads > 0,
+               "model sizes must be positive")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"model.hidden_size {self.hidden_size} is not divisible by "
+               f"model.num_heads {self.num_heads}")
+        if self.pretrained_dir is not None:
+            _check(Path(self.pretrained_dir, "config.json").is_file(),
+                   f"model.pretrained_dir {self.pretrained_dir} has no config.json")
+
+
+@dataclass(kw_only=True, slots=True)
+class BatchConfig:
+    seq_len: int = 128
+    """Tokens per sequence (packed: no padding)."""
+    micro_batch: int = 16
+    """Sequences per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated before each optimizer step."""
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 2, f"batch.seq_len {self.seq_len} must be >= 2")
+        _check(self.micro_batch >= 1, f"batch.micro_batch {self.micro_batch} must be >= 1")
+        _check(self.grad_accum >= 1, f"batch.grad_accum {self.grad_accum} must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerConfig:
+    learning_rate: float = 3e-3
+    """Peak learning rate, reached after warm-up."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Applied to matrices only, never to norms and biases."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _check(self.learning_rate > 0, f"optimizer.learning_rate {self.learning_rate} must be > 0")
+        _check(all(0 <= b < 1 for b in self.betas), f"optimizer.betas {self.betas} not in [0,1)")
+        _check(self.weight_decay >= 0 and self.grad_clip >= 0,
+               "optimizer.weight_decay and grad_clip must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleConfig:
+    max_steps: int = 100
+    """Optimizer steps in the whole run."""
+    warmup_steps: int = 10
+    """Linear warm-up from ~0 to the peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, f"schedule.max_steps {self.max_steps} must be >= 1")
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    interval: int = 50
+    """Checkpoint every this many optimizer steps (and always on SIGTERM)."""
+    keep: int = 3
+    """Checkpoints kept per run; older ones are deleted."""
+
+    def __post_init__(self) -> None:
+        _check(self.interval >= 1, f"checkpoint.interval {self.interval} must be >= 1")
+        _check(self.keep >= 1, f"checkpoint.keep {self.keep} must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    kind: str = "plain"
+    """plain (PyTorch) or deepspeed."""
+    precision: str = "fp32"
+    """fp32; bf16 autocast (fp32 master weights); fp16 autocast with a GradScaler."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (deepspeed engine only)."""
+    offload_optimizer: bool = False
+    """ZeRO: keep optimizer state in CPU memory."""
+    offload_params: bool = False
+    """ZeRO-3: keep parameters in CPU memory."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% more compute."""
+    compile: bool = False
+    """torch.compile the model (plain engine)."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ENGINES, f"engine.kind {self.kind!r} not in {ENGINES}")
+        _check(self.precision in PRECISIONS,
+               f"engine.precision {self.precision!r} not in {PRECISIONS}")
+        _check(0 <= self.zero_stage <= 3, f"engine.zero_stage {self.zero_stage} not in 0..3")
+        _check(self.kind == "deepspeed" or (self.zero_stage == 0 and not self.offload_optimizer
+                                            and not self.offload_params),
+               "ZeRO stages and offload need engine.kind='deepspeed'")
+        _check(not self.offload_params or self.zero_stage == 3,
+               "engine.offload_params needs zero_stage 3")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    seed: int = 1234
+    """Seeds the initial weights and, with the step and rank, every batch."""
+    world_size: int = 1
+    """Ranks (processes); >1 runs under torchrun."""
+
+    def __post_init__(self) -> None:
+        _check(self.world_size >= 1, f"world_size {self.world_size} must be >= 1")
+        _check(self.schedule.warmup_steps <= self.schedule.max_steps,
+               f"schedule.warmup_steps {self.schedule.warmup_steps} exceeds "
+               f"max_steps {self.schedule.max_steps}")
+
+    @classmethod
+    def from_plan(cls, plan: Any) -> TrainConfig:
+        """Build from an `lmforge.v1.ResourcePlan` (or any object with its fields)."""
+        return cls(
+            model=ModelSpec(family=getattr(plan, "family", "") or "llama",
+                            hidden_size=plan.hidden_size, num_layers=plan.num_layers,
+                            num_heads=plan.num_heads,
+                            intermediate_size=plan.intermediate_size),
+            batch=BatchConfig(seq_len=plan.seq_len, micro_batch=plan.micro_batch,
+                              grad_accum=max(1, plan.grad_accum)),
+            optimizer=OptimizerConfig(learning_rate=plan.learning_rate),
+            schedule=ScheduleConfig(max_steps=plan.max_steps,
+                                    warmup_steps=min(plan.warmup_steps, plan.max_steps)),
+            checkpoint=CheckpointConfig(interval=max(1, plan.checkpoint_interval)),
+            engine=EngineConfig(
+                kind=getattr(plan, "engine", "") or "plain",
+                precision=plan.precision or "fp32",
+                zero_stage=getattr(plan, "zero_stage", 0),
+                offload_optimizer=getattr(plan, "offload_optimizer", False),
+                offload_params=getattr(plan, "offload_params", False),
+                gradient_checkpointing=getattr(plan, "gradient_checkpointing", False),
+            ),
+            seed=plan.seed,
+            world_size=max(1, getattr(plan, "world_size", 1)),
+        )
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    from dataclasses import asdict
+
+    data = asdict(config)
+    if data["model"]["pretrained_dir"] is not None:
+        data["model"]["pretrained_dir"] = str(data["model"]["pretrained_dir"])
+    return data
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    model = dict(data["model"])
+    if model.get("pretrained_dir"):
+        model["pretrained_dir"] = Path(model["pretrained_dir"])
+    optimizer = dict(data["optimizer"])
+    optimizer["betas"] = tuple(optimizer["betas"])
+    return TrainConfig(
+        model=ModelSpec(**model), batch=BatchConfig(**data["batch"]),
+        optimizer=OptimizerConfig(**optimizer), schedule=ScheduleConfig(**data["schedule"]),
+        checkpoint=CheckpointConfig(**data["checkpoint"]), engine=EngineConfig(**data["engine"]),
+        seed=data["seed"], world_size=data["world_size"])
