@@ -61,9 +61,9 @@ def init_single_rank() -> None:
 
 
 def measure(size: str, mode: str, *, device: torch.device, seq_len: int, vocab: int,
-            steps: int, warmup: int) -> dict:
+            steps: int, warmup: int, micro_batch: int = 0) -> dict:
     preset = PRESETS[size]
-    micro = MICRO_BATCH.get(size, 8)
+    micro = micro_batch or MICRO_BATCH.get(size, 8)
     config = TrainConfig(
         model=ModelSpec(hidden_size=preset.hidden_size, num_layers=preset.num_layers,
                         num_heads=preset.num_heads, intermediate_size=preset.intermediate_size),
@@ -72,8 +72,8 @@ def measure(size: str, mode: str, *, device: torch.device, seq_len: int, vocab: 
         schedule=ScheduleConfig(max_steps=10_000, warmup_steps=10),
         engine=EngineConfig(
             kind="deepspeed" if mode.startswith("zero") else "plain",
-            precision="bf16", zero_stage=int(mode[-1]) if mode.startswith("zero") else 0,
-            compile=mode == "compiled"))
+            precision="bf16", zero_stage=int(mode[4]) if mode.startswith("zero") else 0,
+            compile=mode.endswith("compiled")))
     if config.engine.kind == "deepspeed":
         init_single_rank()
     from transformers import AutoModelForCausalLM
@@ -126,7 +126,10 @@ def measure(size: str, mode: str, *, device: torch.device, seq_len: int, vocab: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1b,350m,124m")
-    parser.add_argument("--modes", default="eager,compiled,zero2,zero3")
+    parser.add_argument("--modes", default="eager,compiled,zero2,zero3",
+                        help="eager, compiled, zero2, zero3, zero2-compiled, zero3-compiled")
+    parser.add_argument("--micro-batch", default="",
+                        help="per size, e.g. 1b=16,350m=32 (default: 1b=8, others 16)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--steps", type=int, default=10)
@@ -137,11 +140,14 @@ def main() -> int:
     report = {"benchmark": "train_gpu", "device": torch.cuda.get_device_name()
               if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "peak_flops": PEAK_FLOPS, "results": []}
+    micro = {k: int(v) for k, _, v in (i.partition("=") for i in args.micro_batch.split(",")
+                                          if i)}
     for size in args.sizes.split(","):
         for mode in args.modes.split(","):
             try:
                 result = measure(size, mode, device=device, seq_len=args.seq_len,
-                                 vocab=args.vocab, steps=args.steps, warmup=args.warmup)
+                                 vocab=args.vocab, steps=args.steps, warmup=args.warmup,
+                                 micro_batch=micro.get(size, 0))
             except Exception as exc:  # record and go on: one failure must not hide the rest
                 result = {"size": size, "mode": mode, "error": f"{type(exc).__name__}: {exc}"}
                 gc.collect()
@@ -153,8 +159,10 @@ def main() -> int:
     by = {(r["size"], r["mode"]): r.get("mfu", 0.0) for r in report["results"]}
     summary = {}
     for size in args.sizes.split(","):
-        plain = max(by.get((size, "eager"), 0.0), by.get((size, "compiled"), 0.0))
-        ds = max(by.get((size, "zero2"), 0.0), by.get((size, "zero3"), 0.0))
+        plain = max((v for (s, m), v in by.items() if s == size and not m.startswith("zero")),
+                    default=0.0)
+        ds = max((v for (s, m), v in by.items() if s == size and m.startswith("zero")),
+                 default=0.0)
         summary[size] = {"best_plain_mfu": plain, "best_deepspeed_mfu": ds,
                          "deepspeed_vs_plain": round(ds / plain, 3) if plain else None}
     report["summary"] = summary

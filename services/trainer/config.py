@@ -128,7 +128,7 @@ class EngineConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
     compile: bool = False
-    """torch.compile the model (plain engine)."""
+    """torch.compile the model (both engines)."""
 
     def __post_init__(self) -> None:
         _check(self.kind in ENGINES, f"engine.kind {self.kind!r} not in {ENGINES}")

@@ -183,6 +183,8 @@ class DeepSpeedEngine:
             config=deepspeed_config(config))
         self.model = self.engine.module
         self.device = self.engine.device
+        if config.engine.compile:
+            self.engine.compile()  # torch.compile inside DeepSpeed's engine
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> float:
         total = 0.0
