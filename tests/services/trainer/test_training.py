@@ -64,3 +64,28 @@ def test_output_is_a_hugging_face_directory_that_generates(trained_model):
     assert out.shape[1] == ids.shape[1] + 5 or out[0, -1] == model.config.eos_token_id
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (trained_model.path / name).is_file()
+
+
+@pytest.mark.parametrize(("family", "precision"), [("qwen2", "fp32"), ("llama", "fp16"),
+                                                   ("llama", "bf16")])
+def test_families_and_precisions_train(tmp_path, artifact_store, prepared_dataset, family,
+                                       precision):
+    config = tiny_train_config(max_steps=6, precision=precision)
+    config.model.family = family
+    trainer = Trainer(config, prepared_dataset.path, artifact_store,
+                      CheckpointIndex(tmp_path, f"{family}-{precision}", artifact_store))
+    result = trainer.run()
+    assert trainer.hf_config.model_type == family
+    assert result.losses[-1] < result.losses[0]
+    assert result.heldout_perplexity > 1 and result.peak_memory_bytes > 0
+
+
+def test_config_errors_name_the_field():
+    from services.trainer.config import ConfigError, EngineConfig, ModelSpec
+
+    with pytest.raises(ConfigError, match=r"model\.hidden_size 100 is not divisible"):
+        ModelSpec(hidden_size=100, num_heads=3)
+    with pytest.raises(ConfigError, match="ZeRO stages and offload need"):
+        EngineConfig(kind="plain", zero_stage=2)
+    with pytest.raises(ConfigError, match=r"engine\.precision 'fp8'"):
+        EngineConfig(precision="fp8")
