@@ -20,8 +20,9 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
 from services.inference_gateway.engine import GenerationEngine
+from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.registry import ModelRegistry
-from services.inference_gateway.server import GatewayServer, GeneratorServicer
+from services.inference_gateway.server import GatewayServer
 
 log = logging.getLogger("lmforge.gateway")
 DEPLOYMENTS_BUCKET = "lmforge_deployments"
@@ -49,10 +50,10 @@ class GatewayService(Service):
         s: GatewaySettings = settings
         self.registry = ModelRegistry()
         self.server = GatewayServer(
-            GeneratorServicer(self.registry, max_new_tokens=s.gateway_max_new_tokens,
-                              max_concurrency=s.gateway_max_concurrency,
-                              max_queue=s.gateway_max_queue,
-                              max_prompt_chars=s.gateway_max_prompt_chars),
+            GenerationFrontend(self.registry, Limits(
+                max_new_tokens=s.gateway_max_new_tokens,
+                max_concurrency=s.gateway_max_concurrency, max_queue=s.gateway_max_queue,
+                max_prompt_chars=s.gateway_max_prompt_chars)),
             host=s.gateway_host, port=s.gateway_port,
             max_message_bytes=s.gateway_max_message_bytes,
         )

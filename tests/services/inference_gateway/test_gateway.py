@@ -12,8 +12,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 from services.inference_gateway.engine import GenerationEngine, SamplingParams
+from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.registry import ModelRegistry
-from services.inference_gateway.server import GatewayServer, GeneratorServicer
+from services.inference_gateway.server import GatewayServer
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,11 @@ def test_sampling_is_reproducible_with_a_seed_and_greedy_is_deterministic(engine
 
 
 async def _serve(registry, **limits):
-    servicer = GeneratorServicer(registry, max_new_tokens=limits.get("max_new_tokens", 64),
-                                 max_concurrency=limits.get("max_concurrency", 2),
-                                 max_queue=limits.get("max_queue", 4),
-                                 max_prompt_chars=limits.get("max_prompt_chars", 1000))
-    server = GatewayServer(servicer, host="127.0.0.1", port=0, max_message_bytes=1 << 20)
+    frontend = GenerationFrontend(registry, Limits(
+        max_new_tokens=limits.get("max_new_tokens", 64),
+        max_concurrency=limits.get("max_concurrency", 2), max_queue=limits.get("max_queue", 4),
+        max_prompt_chars=limits.get("max_prompt_chars", 1000)))
+    server = GatewayServer(frontend, host="127.0.0.1", port=0, max_message_bytes=1 << 20)
     await server.start()
     return server
 

@@ -1,0 +1,125 @@
+"""What every protocol shares: validation, admission, streaming, metrics.
+
+The native Generate stream and the KServe v2 protocol are thin mappings onto
+`GenerationFrontend.stream`, so the limits, the back-pressure and the numbers
+on the dashboard are the same whichever client calls. Errors are typed;
+each protocol maps them to its status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.inference_gateway.engine import Piece, RequestError, SamplingParams
+from services.inference_gateway.registry import ModelRegistry, UnknownModelError
+
+REQUESTS = Counter("lmforge_gateway_requests_total", "Requests by model, protocol and code.",
+                   ["model", "code"])
+TOKENS = Counter("lmforge_gateway_generated_tokens_total", "Tokens generated.", ["model"])
+IN_FLIGHT = Gauge("lmforge_gateway_in_flight", "Requests generating or waiting.")
+LATENCY = Histogram("lmforge_gateway_request_seconds", "End-to-end request latency.",
+                    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+TTFT = Histogram("lmforge_gateway_time_to_first_token_seconds", "Time to the first piece.",
+                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
+
+
+class CapacityError(RuntimeError):
+    """Too many requests generating or queued: refuse now rather than queue without bound."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_new_tokens: int
+    max_concurrency: int
+    max_queue: int
+    max_prompt_chars: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    model: str
+    prompt: str
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 0.0
+    seed: int = 0
+
+
+class GenerationFrontend:
+    def __init__(self, registry: ModelRegistry, limits: Limits) -> None:
+        self.registry = registry
+        self.limits = limits
+        self._slots = asyncio.Semaphore(limits.max_concurrency)
+        self._admitted = 0
+
+    def sampling(self, request: GenerationRequest) -> SamplingParams:
+        limits = self.limits
+        if not request.prompt:
+            raise RequestError("prompt is empty")
+        if len(request.prompt) > limits.max_prompt_chars:
+            raise RequestError(f"prompt has {len(request.prompt)} characters; the limit is "
+                               f"{limits.max_prompt_chars} (LMFORGE_GATEWAY_MAX_PROMPT_CHARS)")
+        max_new = request.max_new_tokens or 64
+        if not 1 <= max_new <= limits.max_new_tokens:
+            raise RequestError(f"max_new_tokens {request.max_new_tokens} must be in "
+                               f"1..{limits.max_new_tokens}")
+        if not 0 <= request.temperature <= 10:
+            raise RequestError(f"temperature {request.temperature} must be in 0..10")
+        if not 0 <= request.top_p <= 1:
+            raise RequestError(f"top_p {request.top_p} must be in 0..1")
+        return SamplingParams(max_new_tokens=max_new, temperature=request.temperature,
+                              top_p=request.top_p or 1.0, seed=request.seed)
+
+    async def stream(self, request: GenerationRequest, cancelled: threading.Event
+                     ) -> AsyncIterator[Piece]:
+        """Validate, admit, then yield pieces; raises RequestError, UnknownModelError,
+        CapacityError before the first piece."""
+        started = time.perf_counter()
+        model = request.model
+        try:
+            params = self.sampling(request)
+            engine = self.registry.get(model)
+            prompt_ids = engine.encode_prompt(request.prompt, params.max_new_tokens)
+        except RequestError:
+            REQUESTS.labels(model, "INVALID_ARGUMENT").inc()
+            raise
+        except UnknownModelError:
+            REQUESTS.labels(model, "NOT_FOUND").inc()
+            raise
+        waiting = self.limits.max_concurrency + self.limits.max_queue
+        if self._admitted >= waiting:
+            REQUESTS.labels(model, "RESOURCE_EXHAUSTED").inc()
+            raise CapacityError(f"gateway is at capacity ({waiting} requests generating or "
+                                "queued); retry with backoff")
+        self._admitted += 1
+        IN_FLIGHT.inc()
+        first = True
+        try:
+            async with self._slots:
+                pieces = engine.stream(prompt_ids, params, cancelled)
+                while True:
+                    piece = await asyncio.to_thread(next, pieces, None)
+                    if piece is None:
+                        break
+                    if first:
+                        TTFT.observe(time.perf_counter() - started)
+                        first = False
+                    yield piece
+                    if piece.finish_reason:
+                        TOKENS.labels(model).inc(piece.completion_tokens)
+                        break
+            REQUESTS.labels(model, "OK").inc()
+        except (asyncio.CancelledError, GeneratorExit):
+            cancelled.set()
+            REQUESTS.labels(model, "CANCELLED").inc()
+            raise
+        finally:
+            self._admitted -= 1
+            IN_FLIGHT.dec()
+            LATENCY.observe(time.perf_counter() - started)

@@ -1,0 +1,225 @@
+"""The KServe v2 / Triton gRPC inference protocol, on tritonclient's own servicer.
+
+`inference.GRPCInferenceService` as generated inside the `tritonclient` package
+(no copied .proto files), so `tritonclient.grpc.InferenceServerClient` works
+unchanged. LLM models follow the convention of Triton's LLM backends:
+
+  inputs   text_input BYTES [1] (required), max_tokens INT32 [1], temperature FP32 [1],
+           top_p FP32 [1], seed UINT64 [1]
+  output   text_output BYTES [1]
+
+ModelInfer returns the whole completion; ModelStreamInfer is decoupled: one
+response per new piece of text, the last one carrying the parameter
+`triton_final_response: true` (as Triton does). Errors in a stream are sent
+as `error_message` on that stream, and the stream goes on serving.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from lmforge import __version__
+from services.inference_gateway.engine import RequestError
+from services.inference_gateway.frontend import (
+    CapacityError,
+    GenerationFrontend,
+    GenerationRequest,
+)
+from services.inference_gateway.registry import UnknownModelError
+
+KSERVE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+INPUTS = {  # name: (datatype, numpy dtype, config type, required)
+    "text_input": ("BYTES", None, mc.TYPE_STRING, True),
+    "max_tokens": ("INT32", "<i4", mc.TYPE_INT32, False),
+    "temperature": ("FP32", "<f4", mc.TYPE_FP32, False),
+    "top_p": ("FP32", "<f4", mc.TYPE_FP32, False),
+    "seed": ("UINT64", "<u8", mc.TYPE_UINT64, False),
+}
+CONTENTS_FIELD = {"BYTES": "bytes_contents", "INT32": "int_contents",
+                  "FP32": "fp32_contents", "UINT64": "uint64_contents"}
+OUTPUT = "text_output"
+
+
+def encode_bytes(values: list[bytes]) -> bytes:
+    """Triton's BYTES wire format: each element as a 4-byte little-endian length + data."""
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def decode_bytes(raw: bytes) -> list[bytes]:
+    values, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise RequestError("BYTES tensor is truncated (a length prefix is cut off)")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise RequestError(f"BYTES element of {length} bytes runs past the tensor's end")
+        values.append(raw[offset : offset + length])
+        offset += length
+    return values
+
+
+def parse_request(request: pb.ModelInferRequest) -> GenerationRequest:
+    """Check names, datatypes and shapes; raises RequestError saying what was wrong."""
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise RequestError(f"{len(request.raw_input_contents)} raw input contents for "
+                           f"{len(request.inputs)} inputs")
+    for out in request.outputs:
+        if out.name != OUTPUT:
+            raise RequestError(f"unknown output {out.name!r}; this model has {OUTPUT!r}")
+    values: dict[str, object] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name not in INPUTS:
+            raise RequestError(f"unknown input {tensor.name!r}; expected {sorted(INPUTS)}")
+        datatype, np_dtype, _, _ = INPUTS[tensor.name]
+        if tensor.datatype != datatype:
+            raise RequestError(f"input {tensor.name!r} has datatype {tensor.datatype}; "
+                               f"expected {datatype}")
+        count = int(np.prod(tensor.shape)) if len(tensor.shape) else 0
+        if count != 1 or any(d < 0 for d in tensor.shape):
+            raise RequestError(f"input {tensor.name!r} has shape {list(tensor.shape)}; this "
+                               "model takes exactly one element ([1] or [1, 1])")
+        if request.raw_input_contents:
+            raw = request.raw_input_contents[i]
+            if datatype == "BYTES":
+                items = decode_bytes(raw)
+            else:
+                width = np.dtype(np_dtype).itemsize
+                if len(raw) != width:
+                    raise RequestError(f"input {tensor.name!r} carries {len(raw)} bytes; one "
+                                       f"{datatype} is {width}")
+                items = np.frombuffer(raw, dtype=np_dtype).tolist()
+        else:
+            items = list(getattr(tensor.contents, CONTENTS_FIELD[datatype]))
+        if len(items) != 1:
+            raise RequestError(f"input {tensor.name!r} holds {len(items)} elements for "
+                               "shape [1]")
+        values[tensor.name] = items[0]
+    if "text_input" not in values:
+        raise RequestError("input 'text_input' (BYTES) is required")
+    try:
+        prompt = values["text_input"].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"text_input is not valid UTF-8 (byte {exc.start})") from None
+    max_tokens = int(values.get("max_tokens", 0))
+    if "max_tokens" in values and max_tokens <= 0:
+        raise RequestError(f"max_tokens {max_tokens} must be positive")
+    return GenerationRequest(
+        model=request.model_name, prompt=prompt, max_new_tokens=max_tokens,
+        temperature=float(values.get("temperature", 0.0)),
+        top_p=float(values.get("top_p", 0.0)), seed=int(values.get("seed", 0)))
+
+
+def text_response(request: pb.ModelInferRequest, version: str, text: str, *,
+                  final: bool | None = None) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=version, id=request.id,
+        outputs=[pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="BYTES",
+                                                         shape=[1])],
+        raw_output_contents=[encode_bytes([text.encode("utf-8")])])
+    if final is not None:
+        response.parameters["triton_final_response"].bool_param = final
+    return response
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, frontend: GenerationFrontend) -> None:
+        self.frontend = frontend
+        self.registry = frontend.registry
+
+    # -- health and metadata ------------------------------------------------------
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=bool(self.registry.names()))
+
+    async def ModelReady(self, request, context):
+        version = self.registry.version(request.name)
+        ready = version is not None and request.version in ("", version)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="lmforge", version=__version__, extensions=[])
+
+    def _known(self, name: str, version: str, context) -> str | None:
+        current = self.registry.version(name)
+        if current is None or version not in ("", current):
+            return None
+        return current
+
+    async def ModelMetadata(self, request, context):
+        current = self._known(request.name, request.version, context)
+        if current is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"model {request.name!r} version {request.version!r} is not "
+                                f"served; serving: {self.registry.names()}")
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=request.name, versions=[current], platform="lmforge_llm",
+            inputs=[tensor(name=n, datatype=spec[0], shape=[1]) for n, spec in INPUTS.items()],
+            outputs=[tensor(name=OUTPUT, datatype="BYTES", shape=[1])])
+
+    async def ModelConfig(self, request, context):
+        if self._known(request.name, request.version, context) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"model {request.name!r} is not served")
+        config = mc.ModelConfig(
+            name=request.name, platform="lmforge_llm", backend="lmforge", max_batch_size=0,
+            input=[mc.ModelInput(name=n, data_type=spec[2], dims=[1], optional=not spec[3])
+                   for n, spec in INPUTS.items()],
+            output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_STRING, dims=[1])],
+            model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True))
+        return pb.ModelConfigResponse(config=config)
+
+    async def RepositoryIndex(self, request, context):
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            index(name=n, version=self.registry.version(n) or "", state="READY")
+            for n in self.registry.names()])
+
+    # -- inference ---------------------------------------------------------------
+
+    async def _pieces(self, request: pb.ModelInferRequest, cancelled: threading.Event
+                      ) -> AsyncIterator:
+        current = self.registry.version(request.model_name)
+        if current is not None and request.model_version not in ("", current):
+            raise UnknownModelError(f"model {request.model_name!r} has no version "
+                                    f"{request.model_version!r}; serving {current!r}")
+        async for piece in self.frontend.stream(parse_request(request), cancelled):
+            yield piece
+
+    async def ModelInfer(self, request, context):
+        cancelled = threading.Event()
+        context.add_done_callback(lambda _ctx: cancelled.set())
+        try:
+            text = "".join([p.text async for p in self._pieces(request, cancelled)])
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except UnknownModelError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        except CapacityError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return text_response(request, self.registry.version(request.model_name) or "", text)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        cancelled = threading.Event()
+        context.add_done_callback(lambda _ctx: cancelled.set())
+        async for request in request_iterator:
+            version = self.registry.version(request.model_name) or ""
+            try:
+                async for piece in self._pieces(request, cancelled):
+                    yield pb.ModelStreamInferResponse(infer_response=text_response(
+                        request, version, piece.text, final=bool(piece.finish_reason)))
+            except (RequestError, UnknownModelError, CapacityError) as exc:
+                message = exc.args[0] if isinstance(exc, UnknownModelError) else str(exc)
+                yield pb.ModelStreamInferResponse(error_message=message)

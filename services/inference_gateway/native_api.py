@@ -1,0 +1,42 @@
+"""lmforge.v1.Generator/Generate: the native streaming API."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+
+from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
+from services.inference_gateway.engine import RequestError
+from services.inference_gateway.frontend import (
+    CapacityError,
+    GenerationFrontend,
+    GenerationRequest,
+)
+from services.inference_gateway.registry import UnknownModelError
+
+GENERATOR_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+
+
+class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
+    def __init__(self, frontend: GenerationFrontend) -> None:
+        self.frontend = frontend
+
+    async def Generate(self, request, context: grpc.aio.ServicerContext):
+        cancelled = threading.Event()
+        context.add_done_callback(lambda _ctx: cancelled.set())
+        wanted = GenerationRequest(model=request.model, prompt=request.prompt,
+                                   max_new_tokens=request.max_new_tokens,
+                                   temperature=request.temperature, top_p=request.top_p,
+                                   seed=request.seed)
+        try:
+            async for piece in self.frontend.stream(wanted, cancelled):
+                yield generate_pb2.GenerateResponse(
+                    text=piece.text, finish_reason=piece.finish_reason,
+                    completion_tokens=piece.completion_tokens, prompt_tokens=piece.prompt_tokens)
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except UnknownModelError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        except CapacityError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
