@@ -39,21 +39,36 @@ class Piece:
     finish_reason: str = ""
 
 
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator]) -> list[int]:
+    """One next token per row of `logits` [rows, vocab], all rows at once.
+
+    Greedy at temperature 0; else temperature, nucleus (top-p) truncation, and an
+    inverse-CDF draw with one uniform number from each row's own generator — so a
+    seeded request gets the same tokens alone or inside any batch.
+    """
+    logits = logits.float()
+    greedy = torch.argmax(logits, dim=-1)
+    temps = torch.tensor([max(p.temperature, 1e-6) for p in params])
+    probs = torch.softmax(logits / temps[:, None], dim=-1)
+    sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
+    top_p = torch.tensor([p.top_p if 0 < p.top_p < 1 else 1.0 for p in params])
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always the first token).
+    keep = (cumulative - sorted_probs) < top_p[:, None]
+    kept = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+    cdf = torch.cumsum(kept, dim=-1)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]) * cdf[:, -1]
+    index = torch.searchsorted(cdf, u[:, None]).clamp(max=logits.shape[-1] - 1)
+    sampled = order.gather(-1, index).squeeze(-1)
+    return [int(greedy[i]) if p.temperature <= 0 else int(sampled[i])
+            for i, p in enumerate(params)]
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
                 ) -> int:
-    """Greedy at temperature 0; else temperature, then nucleus (top-p) sampling."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if 0 < params.top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always the first token).
-        keep = cumulative - sorted_probs < params.top_p
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """`sample_rows` for one sequence."""
+    return sample_rows(logits[None, :], [params], [generator])[0]
 
 
 class GenerationEngine:

@@ -29,6 +29,18 @@ TTFT = Histogram("lmforge_gateway_time_to_first_token_seconds", "Time to the fir
                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
 
 
+async def _pieces(engine, prompt_ids, params, cancelled) -> AsyncIterator[Piece]:
+    """An engine's pieces as an async stream: natively (continuous batching), or by
+    stepping a one-request engine's generator in a worker thread."""
+    if hasattr(engine, "astream"):
+        async for piece in engine.astream(prompt_ids, params, cancelled):
+            yield piece
+        return
+    pieces = engine.stream(prompt_ids, params, cancelled)
+    while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+        yield piece
+
+
 class CapacityError(RuntimeError):
     """Too many requests generating or queued: refuse now rather than queue without bound."""
 
@@ -102,11 +114,7 @@ class GenerationFrontend:
         first = True
         try:
             async with self._slots:
-                pieces = engine.stream(prompt_ids, params, cancelled)
-                while True:
-                    piece = await asyncio.to_thread(next, pieces, None)
-                    if piece is None:
-                        break
+                async for piece in _pieces(engine, prompt_ids, params, cancelled):
                     if first:
                         TTFT.observe(time.perf_counter() - started)
                         first = False

@@ -19,6 +19,7 @@ from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
+from services.inference_gateway.batching import BatchingEngine
 from services.inference_gateway.engine import GenerationEngine
 from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.registry import ModelRegistry
@@ -39,6 +40,9 @@ class GatewaySettings(ServiceSettings):
     gateway_max_queue: int = Field(64, ge=0, description="Requests allowed to wait.")
     gateway_max_prompt_chars: int = Field(100_000, ge=1, description="Longest prompt.")
     gateway_max_message_bytes: int = Field(4 << 20, ge=1024, description="Largest request.")
+    gateway_batching: bool = Field(True, description="Continuous batching (else one request "
+                                   "per slot, MAX_CONCURRENCY slots).")
+    gateway_max_batch: int = Field(32, ge=1, description="Sequences per decoding step.")
 
 
 class GatewayService(Service):
@@ -52,7 +56,9 @@ class GatewayService(Service):
         self.server = GatewayServer(
             GenerationFrontend(self.registry, Limits(
                 max_new_tokens=s.gateway_max_new_tokens,
-                max_concurrency=s.gateway_max_concurrency, max_queue=s.gateway_max_queue,
+                max_concurrency=s.gateway_max_batch if s.gateway_batching
+                else s.gateway_max_concurrency,
+                max_queue=s.gateway_max_queue,
                 max_prompt_chars=s.gateway_max_prompt_chars)),
             host=s.gateway_host, port=s.gateway_port,
             max_message_bytes=s.gateway_max_message_bytes,
@@ -63,6 +69,8 @@ class GatewayService(Service):
         (export_dir,) = self.input_dirs(event.run_id, event.export)
         engine = await asyncio.to_thread(GenerationEngine, export_dir / "hf",
                                          version=event.version)
+        if self.settings.gateway_batching:
+            engine = BatchingEngine(engine, max_batch=self.settings.gateway_max_batch)
         self.registry.install(event.model_name, engine)
         await self.server.set_serving(True)
         log.info("serving %s version %s", event.model_name, event.version,

@@ -1,0 +1,213 @@
+"""Gateway throughput under load: continuous batching on vs off, same model.
+
+A gateway process (the real GatewayServer, Generate over gRPC on 127.0.0.1)
+serves the demo-size Llama (the `tiny` preset, tokenizer trained on the
+shipped corpus, weights initialised from config); this process runs N
+concurrent streaming clients for D seconds against it, first with continuous
+batching, then with one request per slot. Each request asks for 32 new tokens
+at temperature 1 with its own seed, so both runs do the same work.
+Also the gateway's overhead: batch-1 latency of a 1-token request minus the
+same forward pass in-process.
+
+    python benchmarks/gateway_load.py [--clients 64] [--seconds 30]
+
+Prints JSON. Target: requests/s with batching >= 5x without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["The secret of life is", "Computers are", "A fortune for you:", "Never trust",
+           "The best way to predict the future", "Q: What is love? A:"]
+
+
+def build_model(directory: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.modeling import llama_config
+    from services.data_prep.prepare import PrepConfig, prepare_dataset
+    from services.scheduler.planning import PRESETS
+
+    prepare_dataset(ROOT / "tests/data/fortunes-sample.txt", "text", "", directory / "ds",
+                    PrepConfig(vocab_size=4096, seq_len=128))
+    meta = json.loads((directory / "ds" / "dataset.json").read_text())
+    p = PRESETS["tiny"]
+    import torch
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(llama_config(
+        vocab_size=meta["vocab_size"], hidden_size=p.hidden_size, num_layers=p.num_layers,
+        num_heads=p.num_heads, intermediate_size=p.intermediate_size, seq_len=128,
+        eos_token_id=meta["eos_token_id"], pad_token_id=meta["eos_token_id"]))
+    out = directory / "model"
+    model.save_pretrained(str(out))
+    for item in (directory / "ds" / "tokenizer").iterdir():
+        (out / item.name).write_bytes(item.read_bytes())
+    return out
+
+
+def serve(model_dir: str, batching: bool, max_batch: int, port_queue) -> None:
+    from services.inference_gateway.batching import BatchingEngine
+    from services.inference_gateway.engine import GenerationEngine
+    from services.inference_gateway.frontend import GenerationFrontend, Limits
+    from services.inference_gateway.registry import ModelRegistry
+    from services.inference_gateway.server import GatewayServer
+
+    async def main() -> None:
+        engine = GenerationEngine(Path(model_dir), version="bench")
+        if batching:
+            engine = BatchingEngine(engine, max_batch=max_batch)
+        registry = ModelRegistry()
+        registry.install("bench", engine)
+        frontend = GenerationFrontend(registry, Limits(
+            max_new_tokens=64, max_concurrency=max_batch if batching else 4, max_queue=1024,
+            max_prompt_chars=10_000))
+        server = GatewayServer(frontend, host="127.0.0.1", port=0, max_message_bytes=1 << 20)
+        await server.start()
+        await server.set_serving(True)
+        port_queue.put(server.port)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def load(port: int, clients: int, seconds: float) -> dict:
+    import grpc
+
+    from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
+
+    latencies, ttfts, tokens, errors = [], [], 0, 0
+    deadline = time.perf_counter() + seconds
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+
+        async def client(index: int) -> None:
+            nonlocal tokens, errors
+            n = 0
+            while time.perf_counter() < deadline:
+                n += 1
+                request = generate_pb2.GenerateRequest(
+                    model="bench", prompt=PROMPTS[(index + n) % len(PROMPTS)],
+                    max_new_tokens=32, temperature=1.0, seed=index * 100_000 + n)
+                start = time.perf_counter()
+                first = None
+                try:
+                    async for piece in stub.Generate(request, timeout=120):
+                        first = first or time.perf_counter()
+                        if piece.finish_reason:
+                            tokens += piece.completion_tokens
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                end = time.perf_counter()
+                if end <= deadline:
+                    latencies.append(end - start)
+                    ttfts.append((first or end) - start)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        elapsed = min(time.perf_counter(), deadline) - started
+    return {"requests": len(latencies), "errors": errors,
+            "requests_per_s": round(len(latencies) / elapsed, 2),
+            "generated_tokens_per_s": round(tokens / elapsed, 1),
+            "ttft_p50_ms": round(1e3 * percentile(ttfts, 0.5), 1),
+            "ttft_p99_ms": round(1e3 * percentile(ttfts, 0.99), 1),
+            "e2e_p50_ms": round(1e3 * percentile(latencies, 0.5), 1),
+            "e2e_p99_ms": round(1e3 * percentile(latencies, 0.99), 1)}
+
+
+async def single_latency(port: int, n: int) -> list[float]:
+    import grpc
+
+    from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
+
+    out = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+        for _ in range(n):
+            start = time.perf_counter()
+            async for _ in stub.Generate(generate_pb2.GenerateRequest(
+                    model="bench", prompt=PROMPTS[0], max_new_tokens=1)):
+                pass
+            out.append(time.perf_counter() - start)
+    return out
+
+
+def in_process_latency(model_dir: Path, n: int) -> list[float]:
+    from services.inference_gateway.engine import GenerationEngine, SamplingParams
+
+    engine = GenerationEngine(model_dir, version="x")
+    ids = engine.encode_prompt(PROMPTS[0], 1)
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        list(engine.stream(ids, SamplingParams(max_new_tokens=1)))
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def run_config(model_dir: Path, batching: bool, args) -> dict:
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    server = ctx.Process(target=serve, args=(str(model_dir), batching, args.max_batch, ports),
+                         daemon=True)
+    server.start()
+    try:
+        port = ports.get(timeout=120)
+        result = asyncio.run(load(port, args.clients, args.seconds))
+        if not batching:
+            gateway = asyncio.run(single_latency(port, 200))[20:]
+            result["single_request_p50_ms"] = round(1e3 * statistics.median(gateway), 3)
+        return result
+    finally:
+        server.kill()
+        server.join()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--max-batch", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model(Path(tmp))
+        on = run_config(model_dir, True, args)
+        off = run_config(model_dir, False, args)
+        local = in_process_latency(model_dir, 200)[20:]
+    local_p50 = 1e3 * statistics.median(local)
+    report = {
+        "benchmark": "gateway_load", "model": "tiny preset (Llama, vocab 4096)",
+        "clients": args.clients, "seconds": args.seconds, "max_new_tokens": 32,
+        "batching_on": on, "batching_off": {k: v for k, v in off.items()
+                                            if k != "single_request_p50_ms"},
+        "throughput_ratio": round(on["requests_per_s"] / max(off["requests_per_s"], 1e-9), 2),
+        "target_ratio": 5.0,
+        "overhead": {"gateway_1_token_p50_ms": off["single_request_p50_ms"],
+                     "in_process_1_token_p50_ms": round(local_p50, 3),
+                     "overhead_p50_ms": round(off["single_request_p50_ms"] - local_p50, 3),
+                     "target_ms": 1.0},
+    }
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

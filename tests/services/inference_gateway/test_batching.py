@@ -1,0 +1,68 @@
+"""Continuous batching computes what each request would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from services.inference_gateway.batching import BatchingEngine
+from services.inference_gateway.engine import GenerationEngine, SamplingParams
+
+PROMPTS = ["The", "A fortune for the weary traveller:", "Life is short, and",
+           "Computers are", "In the beginning there was", "Q: Why? A:"]
+
+
+@pytest.fixture(scope="module")
+def engines(trained_model):
+    base = GenerationEngine(trained_model.path, version="v1")
+    batching = BatchingEngine(base, max_batch=4)
+    yield base, batching
+    batching.close()
+
+
+def _alone(base, prompt, params):
+    ids = base.encode_prompt(prompt, params.max_new_tokens)
+    pieces = list(base.stream(ids, params))
+    return "".join(p.text for p in pieces), pieces[-1]
+
+
+async def _together(batching, jobs, *, stagger_s=0.0):
+    async def one(prompt, params, delay):
+        await asyncio.sleep(delay)
+        ids = batching.encode_prompt(prompt, params.max_new_tokens)
+        pieces = [p async for p in batching.astream(ids, params, threading.Event())]
+        return "".join(p.text for p in pieces), pieces[-1]
+
+    return await asyncio.gather(*(one(p, s, i * stagger_s) for i, (p, s) in enumerate(jobs)))
+
+
+def test_batched_greedy_and_seeded_sampling_match_one_at_a_time(engines):
+    base, batching = engines
+    jobs = [(p, SamplingParams(max_new_tokens=6 + 5 * i)) for i, p in enumerate(PROMPTS)]
+    jobs += [(p, SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=11 + i))
+             for i, p in enumerate(PROMPTS[:3])]
+    expected = [_alone(base, p, s) for p, s in jobs]
+    # More requests than max_batch, arriving while others decode: they join and leave.
+    got = asyncio.run(_together(batching, jobs, stagger_s=0.01))
+    for (text, last), (want_text, want_last) in zip(got, expected, strict=True):
+        assert text == want_text
+        assert (last.finish_reason, last.completion_tokens) == (
+            want_last.finish_reason, want_last.completion_tokens)
+
+
+def test_a_cancelled_request_leaves_the_batch_and_others_finish(engines):
+    _base, batching = engines
+
+    async def scenario():
+        cancelled = threading.Event()
+        ids = batching.encode_prompt("The", 60)
+        stream = batching.astream(ids, SamplingParams(max_new_tokens=60), cancelled)
+        await anext(stream)
+        cancelled.set()
+        await stream.aclose()
+        return await _together(batching, [("Life is", SamplingParams(max_new_tokens=5))])
+
+    ((_text, last),) = asyncio.run(scenario())
+    assert last.finish_reason in ("length", "eos")
