@@ -41,6 +41,29 @@ async def _pieces(engine, prompt_ids, params, cancelled) -> AsyncIterator[Piece]
         yield piece
 
 
+async def _until_stop(pieces: AsyncIterator[Piece], stops: tuple[str, ...],
+                      cancelled: threading.Event) -> AsyncIterator[Piece]:
+    """Cut the stream before the first stop string; hold back text that could be the
+    start of one until it is decided."""
+    full, sent, hold = "", 0, max(len(s) for s in stops) - 1
+    async for piece in pieces:
+        full += piece.text
+        hits = [i for i in (full.find(s, max(0, sent - hold)) for s in stops) if i >= 0]
+        if hits:
+            cancelled.set()  # the engine stops at its next step
+            yield Piece(full[sent:min(hits)], piece.completion_tokens, piece.prompt_tokens,
+                        "stop")
+            return
+        if piece.finish_reason:
+            yield Piece(full[sent:], piece.completion_tokens, piece.prompt_tokens,
+                        piece.finish_reason)
+            return
+        safe = len(full) - hold
+        if safe > sent:
+            yield Piece(full[sent:safe], piece.completion_tokens, piece.prompt_tokens)
+            sent = safe
+
+
 class CapacityError(RuntimeError):
     """Too many requests generating or queued: refuse now rather than queue without bound."""
 
@@ -61,6 +84,8 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 0.0
     seed: int = 0
+    stop: tuple[str, ...] = ()
+    """Generation ends before the first occurrence of any of these (finish "stop")."""
 
 
 class GenerationFrontend:
@@ -85,6 +110,8 @@ class GenerationFrontend:
             raise RequestError(f"temperature {request.temperature} must be in 0..10")
         if not 0 <= request.top_p <= 1:
             raise RequestError(f"top_p {request.top_p} must be in 0..1")
+        if len(request.stop) > 4 or any(not s or len(s) > 256 for s in request.stop):
+            raise RequestError("stop takes at most 4 non-empty strings of up to 256 characters")
         return SamplingParams(max_new_tokens=max_new, temperature=request.temperature,
                               top_p=request.top_p or 1.0, seed=request.seed)
 
@@ -114,7 +141,10 @@ class GenerationFrontend:
         first = True
         try:
             async with self._slots:
-                async for piece in _pieces(engine, prompt_ids, params, cancelled):
+                pieces = _pieces(engine, prompt_ids, params, cancelled)
+                if request.stop:
+                    pieces = _until_stop(pieces, request.stop, cancelled)
+                async for piece in pieces:
                     if first:
                         TTFT.observe(time.perf_counter() - started)
                         first = False

@@ -22,6 +22,7 @@ from lmforge.settings import ServiceSettings
 from services.inference_gateway.batching import BatchingEngine
 from services.inference_gateway.engine import GenerationEngine
 from services.inference_gateway.frontend import GenerationFrontend, Limits
+from services.inference_gateway.openai_api import OpenAIServer
 from services.inference_gateway.registry import ModelRegistry
 from services.inference_gateway.server import GatewayServer
 
@@ -40,6 +41,9 @@ class GatewaySettings(ServiceSettings):
     gateway_max_queue: int = Field(64, ge=0, description="Requests allowed to wait.")
     gateway_max_prompt_chars: int = Field(100_000, ge=1, description="Longest prompt.")
     gateway_max_message_bytes: int = Field(4 << 20, ge=1024, description="Largest request.")
+    gateway_http_host: str = Field("127.0.0.1", description="OpenAI-compatible HTTP bind.")
+    gateway_http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any).")
+    gateway_http: bool = Field(True, description="Serve the OpenAI-compatible HTTP API.")
     gateway_batching: bool = Field(True, description="Continuous batching (else one request "
                                    "per slot, MAX_CONCURRENCY slots).")
     gateway_max_batch: int = Field(32, ge=1, description="Sequences per decoding step.")
@@ -53,16 +57,18 @@ class GatewayService(Service):
         super().__init__(settings, bus)
         s: GatewaySettings = settings
         self.registry = ModelRegistry()
-        self.server = GatewayServer(
-            GenerationFrontend(self.registry, Limits(
+        self.frontend = GenerationFrontend(self.registry, Limits(
                 max_new_tokens=s.gateway_max_new_tokens,
                 max_concurrency=s.gateway_max_batch if s.gateway_batching
                 else s.gateway_max_concurrency,
                 max_queue=s.gateway_max_queue,
-                max_prompt_chars=s.gateway_max_prompt_chars)),
-            host=s.gateway_host, port=s.gateway_port,
-            max_message_bytes=s.gateway_max_message_bytes,
-        )
+                max_prompt_chars=s.gateway_max_prompt_chars))
+        self.server = GatewayServer(self.frontend, host=s.gateway_host, port=s.gateway_port,
+                                    max_message_bytes=s.gateway_max_message_bytes)
+        self.http = (OpenAIServer(self.frontend, host=s.gateway_http_host,
+                                  port=s.gateway_http_port,
+                                  max_body_bytes=s.gateway_max_message_bytes)
+                     if s.gateway_http else None)
         self.endpoint = s.gateway_advertise or f"{s.gateway_host}:{self.server.port}"
 
     async def _load(self, event: ev.ModelExported) -> None:
@@ -105,6 +111,9 @@ class GatewayService(Service):
     async def start(self) -> None:
         await self.server.start()
         log.info("gRPC gateway on %s", self.endpoint)
+        if self.http is not None:
+            port = await self.http.start()
+            log.info("OpenAI-compatible HTTP on %s:%d/v1", self.settings.gateway_http_host, port)
         await super().start()
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -112,4 +121,6 @@ class GatewayService(Service):
             await self._restore_deployments()
             await stop.wait()
         finally:
+            if self.http is not None:
+                await self.http.stop()
             await self.server.stop()

@@ -93,7 +93,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print("lmforge is not running (start it with `lmforge up -d`)")
         return EXIT_FAILED
     if args.json:
-        print(json.dumps({k: state[k] for k in ("nats_url", "gateway", "services", "home")}))
+        print(json.dumps({k: state.get(k) for k in ("nats_url", "gateway", "openai_base_url",
+                                                     "services", "home")}))
     else:
         _print_status(state)
     return 0

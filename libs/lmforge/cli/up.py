@@ -50,14 +50,17 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
     gateway_port = gateway_port or free_port()
     gateway = f"127.0.0.1:{gateway_port}"
     metrics_base = free_port()
+    http_port = free_port()
     env = {
         "LMFORGE_GATEWAY_PORT": str(gateway_port),
+        "LMFORGE_GATEWAY_HTTP_PORT": str(http_port),
         "LMFORGE_AUTOSCALER_GATEWAY_METRICS": ",".join(
             f"http://127.0.0.1:{metrics_base + i}/metrics" for i in range(4)),
         **env,
     }
     supervisor = Supervisor(home=home, nats_url=nats_url, env=env, gateway=gateway,
-                            gateway_metrics_base=metrics_base)
+                            gateway_metrics_base=metrics_base,
+                            http=f"http://127.0.0.1:{http_port}/v1")
 
     async def main() -> None:
         stop = asyncio.Event()

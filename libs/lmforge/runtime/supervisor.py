@@ -84,11 +84,13 @@ class ServiceState:
 class Supervisor:
     def __init__(self, *, home: Path, nats_url: str, env: dict[str, str],
                  gateway: str, gateway_metrics_base: int, services: list[str] | None = None,
+                 http: str = "",
                  stop_grace_s: float = 60.0) -> None:
         self.home = home.resolve()
         self.nats_url = nats_url
         self.env = env
         self.gateway = gateway
+        self.http = http
         self.gateway_metrics_base = gateway_metrics_base
         self.stop_grace_s = stop_grace_s
         self.logs = self.home / "logs"
@@ -175,6 +177,7 @@ class Supervisor:
                 "pids": [r.process.pid for r in state.replicas if r.alive()],
             }
         return {"pid": os.getpid(), "nats_url": self.nats_url, "gateway": self.gateway,
+                "openai_base_url": self.http,
                 "home": str(self.home), "services": services, "updated": time.time()}
 
     def write_state(self) -> None:
