@@ -73,6 +73,7 @@ class BatchingEngine:
         self._values: list[torch.Tensor] = []
         self._mask: torch.Tensor | None = None
         self._stop = threading.Event()
+        self._retiring = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batching", daemon=True)
         self._thread.start()
 
@@ -82,6 +83,10 @@ class BatchingEngine:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+    def retire(self) -> None:
+        """Finish what is running and queued, then stop the decoding thread."""
+        self._retiring.set()
 
     async def astream(self, prompt_ids: list[int], params: SamplingParams,
                       cancelled: threading.Event) -> AsyncIterator[Piece]:
@@ -104,6 +109,8 @@ class BatchingEngine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self._retiring.is_set() and not self._active and self._waiting.empty():
+                return
             try:
                 self._admit(block=not self._active)
                 if self._active:

@@ -64,6 +64,11 @@ async def _until_stop(pieces: AsyncIterator[Piece], stops: tuple[str, ...],
             sent = safe
 
 
+TPOT = Histogram("lmforge_gateway_time_per_output_token_seconds",
+                 "Time between tokens after the first, per request.",
+                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+
+
 class CapacityError(RuntimeError):
     """Too many requests generating or queued: refuse now rather than queue without bound."""
 
@@ -138,7 +143,7 @@ class GenerationFrontend:
                                 "queued); retry with backoff")
         self._admitted += 1
         IN_FLIGHT.inc()
-        first = True
+        first, first_at = True, None
         try:
             async with self._slots:
                 pieces = _pieces(engine, prompt_ids, params, cancelled)
@@ -146,11 +151,15 @@ class GenerationFrontend:
                     pieces = _until_stop(pieces, request.stop, cancelled)
                 async for piece in pieces:
                     if first:
-                        TTFT.observe(time.perf_counter() - started)
+                        first_at = time.perf_counter()
+                        TTFT.observe(first_at - started)
                         first = False
                     yield piece
                     if piece.finish_reason:
                         TOKENS.labels(model).inc(piece.completion_tokens)
+                        if piece.completion_tokens > 1 and first_at is not None:
+                            TPOT.observe((time.perf_counter() - first_at)
+                                         / (piece.completion_tokens - 1))
                         break
             REQUESTS.labels(model, "OK").inc()
         except (asyncio.CancelledError, GeneratorExit):

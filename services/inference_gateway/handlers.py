@@ -22,8 +22,10 @@ from lmforge.settings import ServiceSettings
 from services.inference_gateway.batching import BatchingEngine
 from services.inference_gateway.engine import GenerationEngine
 from services.inference_gateway.frontend import GenerationFrontend, Limits
+from services.inference_gateway.onnx_engine import OnnxEngine
 from services.inference_gateway.openai_api import OpenAIServer
 from services.inference_gateway.registry import ModelRegistry
+from services.inference_gateway.remote_triton import RemoteTritonEngine
 from services.inference_gateway.server import GatewayServer
 
 log = logging.getLogger("lmforge.gateway")
@@ -44,6 +46,11 @@ class GatewaySettings(ServiceSettings):
     gateway_http_host: str = Field("127.0.0.1", description="OpenAI-compatible HTTP bind.")
     gateway_http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any).")
     gateway_http: bool = Field(True, description="Serve the OpenAI-compatible HTTP API.")
+    gateway_remote_models: str = Field(
+        "", description="Models served by a remote Triton/KServe v2 server: "
+        "'name=host:port/remote_model,...'.")
+    gateway_backend: str = Field("torch", pattern="^(torch|onnx)$",
+                                 description="Local backend for exported models.")
     gateway_batching: bool = Field(True, description="Continuous batching (else one request "
                                    "per slot, MAX_CONCURRENCY slots).")
     gateway_max_batch: int = Field(32, ge=1, description="Sequences per decoding step.")
@@ -73,10 +80,13 @@ class GatewayService(Service):
 
     async def _load(self, event: ev.ModelExported) -> None:
         (export_dir,) = self.input_dirs(event.run_id, event.export)
-        engine = await asyncio.to_thread(GenerationEngine, export_dir / "hf",
-                                         version=event.version)
-        if self.settings.gateway_batching:
-            engine = BatchingEngine(engine, max_batch=self.settings.gateway_max_batch)
+        if self.settings.gateway_backend == "onnx":
+            engine = await asyncio.to_thread(OnnxEngine, export_dir, version=event.version)
+        else:
+            engine = await asyncio.to_thread(GenerationEngine, export_dir / "hf",
+                                             version=event.version)
+            if self.settings.gateway_batching:
+                engine = BatchingEngine(engine, max_batch=self.settings.gateway_max_batch)
         self.registry.install(event.model_name, engine)
         await self.server.set_serving(True)
         log.info("serving %s version %s", event.model_name, event.version,
@@ -91,7 +101,7 @@ class GatewayService(Service):
             await kv.put(event.model_name, event.SerializeToString())
             return ev.ModelDeployed(run_id=event.run_id, model_name=event.model_name,
                                     version=event.version, endpoint=self.endpoint,
-                                    backend="torch")
+                                    backend=self.settings.gateway_backend)
 
     async def _restore_deployments(self) -> None:
         kv = await ensure_kv(self.bus.js, DEPLOYMENTS_BUCKET)
@@ -108,8 +118,22 @@ class GatewayService(Service):
             except Exception as exc:  # a broken deployment must not stop the others
                 log.error("could not restore %s: %s", name, exc)
 
+    def _install_remote_models(self) -> None:
+        for item in filter(None, (i.strip() for i in
+                                  self.settings.gateway_remote_models.split(","))):
+            name, sep, target = item.partition("=")
+            address, slash, remote = target.partition("/")
+            if not (sep and slash and name and address and remote):
+                raise SystemExit(f"invalid settings: LMFORGE_GATEWAY_REMOTE_MODELS item "
+                                 f"{item!r} is not name=host:port/remote_model")
+            self.registry.install(name, RemoteTritonEngine(address, remote))
+            log.info("serving %s from %s (remote model %s)", name, address, remote)
+
     async def start(self) -> None:
+        self._install_remote_models()
         await self.server.start()
+        if self.registry.names():
+            await self.server.set_serving(True)
         log.info("gRPC gateway on %s", self.endpoint)
         if self.http is not None:
             port = await self.http.start()

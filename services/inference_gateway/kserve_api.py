@@ -119,7 +119,7 @@ def parse_request(request: pb.ModelInferRequest) -> GenerationRequest:
 
 
 def text_response(request: pb.ModelInferRequest, version: str, text: str, *,
-                  final: bool | None = None) -> pb.ModelInferResponse:
+                  final: bool | None = None, piece=None) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=request.model_name, model_version=version, id=request.id,
         outputs=[pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="BYTES",
@@ -127,6 +127,11 @@ def text_response(request: pb.ModelInferRequest, version: str, text: str, *,
         raw_output_contents=[encode_bytes([text.encode("utf-8")])])
     if final is not None:
         response.parameters["triton_final_response"].bool_param = final
+    if piece is not None:  # lmforge extras; Triton clients ignore unknown parameters
+        response.parameters["completion_tokens"].int64_param = piece.completion_tokens
+        response.parameters["prompt_tokens"].int64_param = piece.prompt_tokens
+        if piece.finish_reason:
+            response.parameters["finish_reason"].string_param = piece.finish_reason
     return response
 
 
@@ -219,7 +224,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async for piece in self._pieces(request, cancelled):
                     yield pb.ModelStreamInferResponse(infer_response=text_response(
-                        request, version, piece.text, final=bool(piece.finish_reason)))
+                        request, version, piece.text, final=bool(piece.finish_reason),
+                        piece=piece))
             except (RequestError, UnknownModelError, CapacityError) as exc:
                 message = exc.args[0] if isinstance(exc, UnknownModelError) else str(exc)
                 yield pb.ModelStreamInferResponse(error_message=message)

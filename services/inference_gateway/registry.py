@@ -22,8 +22,13 @@ class ModelRegistry:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def install(self, name: str, engine: GenerationEngine) -> None:
+        """Swap `engine` in for `name`. Requests already running keep the engine they
+        started with; the old one is told to retire once they are done."""
         with self._lock:
+            old = self._current.get(name)
             self._current[name] = engine
+        if old is not None and old is not engine and hasattr(old, "retire"):
+            old.retire()
 
     def get(self, name: str) -> GenerationEngine:
         with self._lock:

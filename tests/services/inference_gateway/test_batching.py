@@ -66,3 +66,32 @@ def test_a_cancelled_request_leaves_the_batch_and_others_finish(engines):
 
     ((_text, last),) = asyncio.run(scenario())
     assert last.finish_reason in ("length", "eos")
+
+
+def test_a_new_version_swaps_in_without_failing_requests_in_flight(trained_model):
+    from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest, Limits
+    from services.inference_gateway.registry import ModelRegistry
+
+    old = BatchingEngine(GenerationEngine(trained_model.path, version="v1"), max_batch=4)
+    new = BatchingEngine(GenerationEngine(trained_model.path, version="v2"), max_batch=4)
+    registry = ModelRegistry()
+    registry.install("m", old)
+    frontend = GenerationFrontend(registry, Limits(max_new_tokens=64, max_concurrency=8,
+                                                   max_queue=8, max_prompt_chars=1000))
+
+    async def scenario():
+        running = frontend.stream(GenerationRequest(model="m", prompt="The", max_new_tokens=40),
+                                  threading.Event())
+        first = await anext(running)
+        registry.install("m", new)  # mid-stream
+        rest = [p async for p in running]
+        after = [p async for p in frontend.stream(
+            GenerationRequest(model="m", prompt="The", max_new_tokens=3), threading.Event())]
+        return first, rest, after
+
+    first, rest, after = asyncio.run(scenario())
+    assert (rest or [first])[-1].finish_reason in ("length", "eos")
+    assert registry.version("m") == "v2" and after[-1].finish_reason
+    old._thread.join(timeout=5)
+    assert not old._thread.is_alive()  # retired once its request finished
+    new.close()
