@@ -41,9 +41,14 @@ class _Sequence:
     cancelled: threading.Event
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
+    outbox: list  # the engine's: pieces of the current step, flushed after it
     generator: torch.Generator = field(init=False)
     generated: list[int] = field(default_factory=list)
     sent: str = ""
+    # Incremental detokenisation: decode only the tokens since the last clean
+    # character boundary, not the whole generation at every step.
+    prefix_offset: int = 0
+    read_offset: int = 0
     length: int = 0          # real tokens in the cache
     budget: int = 0          # new tokens still allowed
     next_token: int = -1
@@ -53,7 +58,25 @@ class _Sequence:
         self.generator = torch.Generator().manual_seed(seed)
 
     def emit(self, piece: Piece | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, piece)
+        self.outbox.append((self, piece))
+
+
+def _deliver(items: list[tuple[_Sequence, Piece | BaseException]]) -> None:
+    for seq, piece in items:
+        seq.out.put_nowait(piece)
+
+
+def _flush(outbox: list) -> None:
+    """Hand a step's pieces to the event loop(s) in one call each: one cross-thread
+    wake-up per step instead of one per sequence."""
+    if not outbox:
+        return
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for seq, piece in outbox:
+        by_loop.setdefault(seq.loop, []).append((seq, piece))
+    outbox.clear()
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_deliver, items)
 
 
 class BatchingEngine:
@@ -72,6 +95,7 @@ class BatchingEngine:
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._mask: torch.Tensor | None = None
+        self._outbox: list = []
         self._stop = threading.Event()
         self._retiring = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batching", daemon=True)
@@ -91,7 +115,7 @@ class BatchingEngine:
     async def astream(self, prompt_ids: list[int], params: SamplingParams,
                       cancelled: threading.Event) -> AsyncIterator[Piece]:
         seq = _Sequence(prompt_ids, params, cancelled, asyncio.get_running_loop(),
-                        asyncio.Queue())
+                        asyncio.Queue(), self._outbox)
         self._waiting.put(seq)
         QUEUE_DEPTH.set(self._waiting.qsize())
         try:
@@ -120,6 +144,8 @@ class BatchingEngine:
                 for seq in self._active:
                     seq.emit(RuntimeError(f"generation failed: {exc}"))
                 self._reset()
+            finally:
+                _flush(self._outbox)
 
     def _reset(self) -> None:
         self._active, self._keys, self._values, self._mask = [], [], [], None
@@ -197,10 +223,15 @@ class BatchingEngine:
         if seq.budget <= 0:
             self._final(seq, "length")
             return False
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > len(seq.sent):
-            seq.emit(Piece(text[len(seq.sent):], len(seq.generated), len(seq.prompt_ids)))
-            seq.sent = text
+        decode = self.tokenizer.decode
+        before = decode(seq.generated[seq.prefix_offset:seq.read_offset],
+                        skip_special_tokens=True)
+        now = decode(seq.generated[seq.prefix_offset:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            delta = now[len(before):]
+            seq.emit(Piece(delta, len(seq.generated), len(seq.prompt_ids)))
+            seq.sent += delta
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.generated)
         return True
 
     def _final(self, seq: _Sequence, reason: str) -> None:
