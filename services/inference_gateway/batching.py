@@ -121,6 +121,18 @@ class BatchingEngine:
         try:
             while True:
                 item = await seq.out.get()
+                # When the client side falls behind, pieces queue up: send them as one
+                # (fewer messages is what lets the loop catch up).
+                while not isinstance(item, BaseException) and not item.finish_reason:
+                    try:
+                        following = seq.out.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                    if isinstance(following, BaseException):
+                        item = following
+                        break
+                    item = Piece(item.text + following.text, following.completion_tokens,
+                                 following.prompt_tokens, following.finish_reason)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
