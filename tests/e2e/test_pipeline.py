@@ -10,7 +10,10 @@ import sys
 import time
 
 import grpc
+import numpy as np
+import openai
 import pytest
+import tritonclient.grpc as triton
 
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 from tests.conftest import TEST_DATA
@@ -86,6 +89,16 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
             temperature=0.8, top_p=0.95, seed=1), timeout=60))
     assert pieces[-1].finish_reason in ("length", "eos")
     assert pieces[-1].completion_tokens >= 1
+
+    # The same model through the OpenAI SDK and through tritonclient, unchanged.
+    client = openai.OpenAI(base_url=status["openai_base_url"], api_key="unused", max_retries=0)
+    completion = client.completions.create(model="fortune", prompt="Hello", max_tokens=8)
+    assert completion.usage.completion_tokens >= 1
+    triton_client = triton.InferenceServerClient(status["gateway"])
+    assert triton_client.is_model_ready("fortune")
+    text = triton.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"Hello"], dtype=np.object_))
+    assert triton_client.infer("fortune", [text]).as_numpy("text_output")[0]
 
     gen = lmforge(env, "generate", "--model", "fortune", "--seed", "2", "Hello")
     assert gen.stdout.startswith("Hello")
