@@ -89,6 +89,7 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 0.0
     seed: int = 0
+    top_k: int = 0
     stop: tuple[str, ...] = ()
     """Generation ends before the first occurrence of any of these (finish "stop")."""
 
@@ -115,10 +116,13 @@ class GenerationFrontend:
             raise RequestError(f"temperature {request.temperature} must be in 0..10")
         if not 0 <= request.top_p <= 1:
             raise RequestError(f"top_p {request.top_p} must be in 0..1")
+        if request.top_k < 0:
+            raise RequestError(f"top_k {request.top_k} must be >= 0")
         if len(request.stop) > 4 or any(not s or len(s) > 256 for s in request.stop):
             raise RequestError("stop takes at most 4 non-empty strings of up to 256 characters")
         return SamplingParams(max_new_tokens=max_new, temperature=request.temperature,
-                              top_p=request.top_p or 1.0, seed=request.seed)
+                              top_p=request.top_p or 1.0, seed=request.seed,
+                              top_k=request.top_k)
 
     async def stream(self, request: GenerationRequest, cancelled: threading.Event
                      ) -> AsyncIterator[Piece]:

@@ -5,7 +5,7 @@
 unchanged. LLM models follow the convention of Triton's LLM backends:
 
   inputs   text_input BYTES [1] (required), max_tokens INT32 [1], temperature FP32 [1],
-           top_p FP32 [1], seed UINT64 [1]
+           top_p FP32 [1], top_k INT32 [1], seed UINT64 [1]
   output   text_output BYTES [1]
 
 ModelInfer returns the whole completion; ModelStreamInfer is decoupled: one
@@ -42,6 +42,7 @@ INPUTS = {  # name: (datatype, numpy dtype, config type, required)
     "temperature": ("FP32", "<f4", mc.TYPE_FP32, False),
     "top_p": ("FP32", "<f4", mc.TYPE_FP32, False),
     "seed": ("UINT64", "<u8", mc.TYPE_UINT64, False),
+    "top_k": ("INT32", "<i4", mc.TYPE_INT32, False),
 }
 CONTENTS_FIELD = {"BYTES": "bytes_contents", "INT32": "int_contents",
                   "FP32": "fp32_contents", "UINT64": "uint64_contents"}
@@ -115,7 +116,8 @@ def parse_request(request: pb.ModelInferRequest) -> GenerationRequest:
     return GenerationRequest(
         model=request.model_name, prompt=prompt, max_new_tokens=max_tokens,
         temperature=float(values.get("temperature", 0.0)),
-        top_p=float(values.get("top_p", 0.0)), seed=int(values.get("seed", 0)))
+        top_p=float(values.get("top_p", 0.0)), seed=int(values.get("seed", 0)),
+        top_k=int(values.get("top_k", 0)))
 
 
 def text_response(request: pb.ModelInferRequest, version: str, text: str, *,

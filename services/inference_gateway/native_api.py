@@ -28,7 +28,8 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         wanted = GenerationRequest(model=request.model, prompt=request.prompt,
                                    max_new_tokens=request.max_new_tokens,
                                    temperature=request.temperature, top_p=request.top_p,
-                                   seed=request.seed)
+                                   seed=request.seed, top_k=request.top_k,
+                                   stop=tuple(request.stop))
         try:
             async for piece in self.frontend.stream(wanted, cancelled):
                 yield generate_pb2.GenerateResponse(

@@ -78,6 +78,7 @@ def parse_body(body: dict, *, chat: bool) -> GenerationRequest:
         temperature = _number(body, ("temperature",), 1.0, float)
         top_p = _number(body, ("top_p",), 1.0, float)
         seed = _number(body, ("seed",), 0, int)
+        top_k = _number(body, ("top_k",), 0, int)  # an extension many servers accept
     except (TypeError, ValueError) as exc:
         raise RequestError(f"bad numeric field: {exc}") from None
     if max_tokens <= 0:
@@ -86,7 +87,7 @@ def parse_body(body: dict, *, chat: bool) -> GenerationRequest:
         raise RequestError(f"seed {seed} must be >= 0")
     return GenerationRequest(model=model, prompt=prompt, max_new_tokens=max_tokens,
                              temperature=temperature, top_p=top_p, seed=seed,
-                             stop=tuple(stop))
+                             top_k=top_k, stop=tuple(stop))
 
 
 class OpenAIServer:

@@ -95,3 +95,18 @@ def test_a_new_version_swaps_in_without_failing_requests_in_flight(trained_model
     old._thread.join(timeout=5)
     assert not old._thread.is_alive()  # retired once its request finished
     new.close()
+
+
+def test_top_k_1_is_greedy_and_top_k_limits_the_choices(engines):
+    import torch
+
+    from services.inference_gateway.engine import sample_rows
+
+    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0, 3.0]])
+    draws = {sample_rows(logits, [SamplingParams(max_new_tokens=1, temperature=5.0, top_k=2,
+                                                 seed=s)],
+                         [torch.Generator().manual_seed(s)])[0] for s in range(1, 200)}
+    assert draws == {1, 2}
+    greedy = sample_rows(logits, [SamplingParams(max_new_tokens=1, temperature=2.0, top_k=1)],
+                         [torch.Generator().manual_seed(3)])
+    assert greedy == [1]

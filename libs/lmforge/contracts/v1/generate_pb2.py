@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lmforge/v1/generate.proto\x12\nlmforge.v1\"z\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"i\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x32T\n\tGenerator\x12G\n\x08Generate\x12\x1b.lmforge.v1.GenerateRequest\x1a\x1c.lmforge.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lmforge/v1/generate.proto\x12\nlmforge.v1\"\x97\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x0c\n\x04stop\x18\x08 \x03(\t\"i\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x32T\n\tGenerator\x12G\n\x08Generate\x12\x1b.lmforge.v1.GenerateRequest\x1a\x1c.lmforge.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmforge.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=41
-  _globals['_GENERATEREQUEST']._serialized_end=163
-  _globals['_GENERATERESPONSE']._serialized_start=165
-  _globals['_GENERATERESPONSE']._serialized_end=270
-  _globals['_GENERATOR']._serialized_start=272
-  _globals['_GENERATOR']._serialized_end=356
+  _globals['_GENERATEREQUEST']._serialized_start=42
+  _globals['_GENERATEREQUEST']._serialized_end=193
+  _globals['_GENERATERESPONSE']._serialized_start=195
+  _globals['_GENERATERESPONSE']._serialized_end=300
+  _globals['_GENERATOR']._serialized_start=302
+  _globals['_GENERATOR']._serialized_end=386
 # @@protoc_insertion_point(module_scope)
