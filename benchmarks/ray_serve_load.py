@@ -7,7 +7,7 @@ for 30 s each, against it and then against lmforge's gateway (continuous
 batching, gRPC streaming), same model, same prompts, in this one run.
 
     pip install "ray[serve]"      # optional benchmark dependency
-    python benchmarks/ray_serve_load.py [--clients 64] [--seconds 30]
+    python -m benchmarks.ray_serve_load [--clients 64] [--seconds 30]   # from the repo root
 
 Prints JSON. Target: >= 2x Ray Serve's requests/s at no more than half its p99.
 """
