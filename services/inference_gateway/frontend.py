@@ -91,6 +91,8 @@ class GenerationRequest:
     seed: int = 0
     top_k: int = 0
     stop: tuple[str, ...] = ()
+    version: str = ""
+    """A loaded version of the model; "" = the current one."""
     """Generation ends before the first occurrence of any of these (finish "stop")."""
 
 
@@ -132,7 +134,7 @@ class GenerationFrontend:
         model = request.model
         try:
             params = self.sampling(request)
-            engine = self.registry.get(model)
+            engine = self.registry.get(model, request.version)
             prompt_ids = engine.encode_prompt(request.prompt, params.max_new_tokens)
         except RequestError:
             REQUESTS.labels(model, "INVALID_ARGUMENT").inc()

@@ -16,6 +16,7 @@ as `error_message` on that stream, and the stream goes on serving.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import threading
 from collections.abc import AsyncIterator
@@ -151,28 +152,27 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=bool(self.registry.names()))
 
     async def ModelReady(self, request, context):
-        version = self.registry.version(request.name)
-        ready = version is not None and request.version in ("", version)
-        return pb.ModelReadyResponse(ready=ready)
+        versions = self.registry.versions(request.name)
+        return pb.ModelReadyResponse(ready=bool(versions) and request.version in ("", *versions))
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="lmforge", version=__version__, extensions=[])
 
-    def _known(self, name: str, version: str, context) -> str | None:
-        current = self.registry.version(name)
-        if current is None or version not in ("", current):
+    def _known(self, name: str, version: str, context) -> list[str] | None:
+        versions = self.registry.versions(name)
+        if not versions or version not in ("", *versions):
             return None
-        return current
+        return versions
 
     async def ModelMetadata(self, request, context):
-        current = self._known(request.name, request.version, context)
-        if current is None:
+        versions = self._known(request.name, request.version, context)
+        if versions is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"model {request.name!r} version {request.version!r} is not "
                                 f"served; serving: {self.registry.names()}")
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=request.name, versions=[current], platform="lmforge_llm",
+            name=request.name, versions=versions, platform="lmforge_llm",
             inputs=[tensor(name=n, datatype=spec[0], shape=[1]) for n, spec in INPUTS.items()],
             outputs=[tensor(name=OUTPUT, datatype="BYTES", shape=[1])])
 
@@ -191,18 +191,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request, context):
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
-            index(name=n, version=self.registry.version(n) or "", state="READY")
-            for n in self.registry.names()])
+            index(name=n, version=v, state="READY")
+            for n in self.registry.names() for v in self.registry.versions(n)])
 
     # -- inference ---------------------------------------------------------------
 
     async def _pieces(self, request: pb.ModelInferRequest, cancelled: threading.Event
                       ) -> AsyncIterator:
-        current = self.registry.version(request.model_name)
-        if current is not None and request.model_version not in ("", current):
-            raise UnknownModelError(f"model {request.model_name!r} has no version "
-                                    f"{request.model_version!r}; serving {current!r}")
-        async for piece in self.frontend.stream(parse_request(request), cancelled):
+        wanted = dataclasses.replace(parse_request(request), version=request.model_version)
+        async for piece in self.frontend.stream(wanted, cancelled):
             yield piece
 
     async def ModelInfer(self, request, context):
@@ -216,13 +213,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
         except CapacityError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        return text_response(request, self.registry.version(request.model_name) or "", text)
+        return text_response(request, request.model_version
+                             or self.registry.version(request.model_name) or "", text)
 
     async def ModelStreamInfer(self, request_iterator, context):
         cancelled = threading.Event()
         context.add_done_callback(lambda _ctx: cancelled.set())
         async for request in request_iterator:
-            version = self.registry.version(request.model_name) or ""
+            version = request.model_version or self.registry.version(request.model_name) or ""
             try:
                 async for piece in self._pieces(request, cancelled):
                     yield pb.ModelStreamInferResponse(infer_response=text_response(

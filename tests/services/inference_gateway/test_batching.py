@@ -74,7 +74,7 @@ def test_a_new_version_swaps_in_without_failing_requests_in_flight(trained_model
 
     old = BatchingEngine(GenerationEngine(trained_model.path, version="v1"), max_batch=4)
     new = BatchingEngine(GenerationEngine(trained_model.path, version="v2"), max_batch=4)
-    registry = ModelRegistry()
+    registry = ModelRegistry(keep=1)  # the old version leaves as soon as v2 is in
     registry.install("m", old)
     frontend = GenerationFrontend(registry, Limits(max_new_tokens=64, max_concurrency=8,
                                                    max_queue=8, max_prompt_chars=1000))

@@ -125,6 +125,7 @@ class GatedEngine:
 
     def __init__(self, engine: GenerationEngine) -> None:
         self.engine = engine
+        self.version = engine.version
         self.gate = threading.Event()
 
     def encode_prompt(self, prompt, max_new_tokens):

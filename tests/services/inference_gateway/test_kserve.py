@@ -136,3 +136,40 @@ def _named(name, datatype, values):
     array = np.array(values, dtype=np.object_) if datatype == "BYTES" else values
     tensor.set_data_from_numpy(array)
     return tensor
+
+
+def test_versions_are_served_by_name_and_the_oldest_is_retired(engine, trained_model):
+    older = GenerationEngine(trained_model.path, version="v6")
+    newer = GenerationEngine(trained_model.path, version="v8")
+
+    def work(client):
+        seen = {}
+        for version in ("v6", "v7", ""):
+            result = client.infer("fortune", _inputs(max_tokens=3), model_version=version)
+            seen[version] = result.get_response().model_version
+        ready = client.is_model_ready("fortune", "v6")
+        return seen, ready
+
+    async def scenario():
+        registry = ModelRegistry(keep=2)
+        registry.install("fortune", older)
+        registry.install("fortune", engine)  # v7 current, v6 kept
+        frontend = GenerationFrontend(registry, Limits(max_new_tokens=64, max_concurrency=2,
+                                                       max_queue=4, max_prompt_chars=1000))
+        server = GatewayServer(frontend, host="127.0.0.1", port=0, max_message_bytes=1 << 20)
+        await server.start()
+        try:
+            client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+            seen, ready = await asyncio.to_thread(work, client)
+            registry.install("fortune", newer)  # v6 is pushed out
+            with pytest.raises(InferenceServerException) as gone:
+                await asyncio.to_thread(client.infer, "fortune", _inputs(max_tokens=2),
+                                        model_version="v6")
+            return seen, ready, gone.value, registry.versions("fortune")
+        finally:
+            await server.stop()
+
+    seen, ready, gone, loaded = asyncio.run(scenario())
+    assert seen == {"v6": "v6", "v7": "v7", "": "v7"} and ready
+    assert "NOT_FOUND" in str(gone.status()) and "no version 'v6'" in gone.message()
+    assert loaded == ["v8", "v7"]
