@@ -94,9 +94,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 
 class GenerationEngine:
-    def __init__(self, model_dir: Path, *, version: str) -> None:
+    def __init__(self, model_dir: Path, *, version: str, dtype: str = "fp32") -> None:
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype {dtype!r} must be fp32 or bf16")
         self.version = version
-        self.model = load_causal_lm(model_dir)
+        self.model = load_causal_lm(
+            model_dir, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
         self.tokenizer = load_tokenizer(model_dir)
         self.eos_token_id = self.model.config.eos_token_id
         self.context_length = self.model.config.max_position_embeddings

@@ -51,6 +51,9 @@ class GatewaySettings(ServiceSettings):
         "'name=host:port/remote_model,...'.")
     gateway_backend: str = Field("torch", pattern="^(torch|onnx)$",
                                  description="Local backend for exported models.")
+    gateway_dtype: str = Field("fp32", pattern="^(fp32|bf16)$",
+                               description="Weights of the PyTorch backend (bf16 halves memory; "
+                               "fast only where the hardware has bf16).")
     gateway_batching: bool = Field(True, description="Continuous batching (else one request "
                                    "per slot, MAX_CONCURRENCY slots).")
     gateway_max_batch: int = Field(32, ge=1, description="Sequences per decoding step.")
@@ -84,7 +87,8 @@ class GatewayService(Service):
             engine = await asyncio.to_thread(OnnxEngine, export_dir, version=event.version)
         else:
             engine = await asyncio.to_thread(GenerationEngine, export_dir / "hf",
-                                             version=event.version)
+                                             version=event.version,
+                                             dtype=self.settings.gateway_dtype)
             if self.settings.gateway_batching:
                 engine = BatchingEngine(engine, max_batch=self.settings.gateway_max_batch)
         self.registry.install(event.model_name, engine)

@@ -110,3 +110,14 @@ def test_top_k_1_is_greedy_and_top_k_limits_the_choices(engines):
     greedy = sample_rows(logits, [SamplingParams(max_new_tokens=1, temperature=2.0, top_k=1)],
                          [torch.Generator().manual_seed(3)])
     assert greedy == [1]
+
+
+def test_bf16_weights_serve_through_the_batching_engine(trained_model):
+    import torch
+
+    engine = BatchingEngine(GenerationEngine(trained_model.path, version="b", dtype="bf16"),
+                            max_batch=4)
+    assert engine.model.dtype == torch.bfloat16
+    ((_text, last),) = asyncio.run(_together(engine, [("The", SamplingParams(max_new_tokens=6))]))
+    engine.close()
+    assert last.finish_reason in ("length", "eos") and last.completion_tokens >= 1
