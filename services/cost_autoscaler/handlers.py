@@ -103,10 +103,13 @@ class AutoscalerService(Service):
 
         @self.bus.subscriber(subjects.MODEL_TRAINED)
         async def on_trained(event: ev.ModelTrained, delivery: Delivery) -> None:
-            device = "cpu"
-            cost = training_cost(event.wall_seconds, device, s.autoscaler_price_per_hour)
+            device = event.device or "cpu"
+            devices = max(1, event.world_size)
+            cost = devices * training_cost(event.wall_seconds, device,
+                                           s.autoscaler_price_per_hour)
             ledger = await ensure_kv(self.bus.js, LEDGER_BUCKET)
             entry = {"run_id": event.run_id, "model_name": event.model_name, "device": device,
+                     "devices": devices,
                      "train_wall_seconds": event.wall_seconds, "train_cost": round(cost, 6),
                      "price_per_hour": s.autoscaler_price_per_hour.get(device, 0.0)}
             await ledger.put(event.run_id, json.dumps(entry).encode())

@@ -103,7 +103,6 @@ class GenerationEngine:
         self.tokenizer = load_tokenizer(model_dir)
         self.eos_token_id = self.model.config.eos_token_id
         self.context_length = self.model.config.max_position_embeddings
-        self._lock = threading.Lock()
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
         ids = self.tokenizer(prompt, add_special_tokens=False).input_ids

@@ -117,5 +117,6 @@ class TrainerService(Service):
                 train_tokens=result.train_tokens, steps=result.step,
                 wall_seconds=result.wall_seconds, parameters=result.parameters,
                 final_loss=result.final_loss, resumed_from_step=result.resumed_from_step,
-                peak_memory_bytes=result.peak_memory_bytes,
+                peak_memory_bytes=result.peak_memory_bytes, device=device,
+                world_size=config.world_size,
             )

@@ -6,7 +6,6 @@ CLI needs no database and shows exactly what the services said.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -120,6 +119,3 @@ def event_json(subject: str, event: Message, ts: float) -> dict:
     return {"subject": subject, "time": ts,
             "event": MessageToDict(event, preserving_proto_field_name=True)}
 
-
-def run_blocking(coro):
-    return asyncio.run(coro)

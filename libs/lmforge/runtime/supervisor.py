@@ -194,9 +194,8 @@ class Supervisor:
             state = self.services.get(scale.service)
             if state is None:
                 continue
-            replicas = min(scale.replicas, 1) if scale.service in SINGLETONS else scale.replicas
-            if scale.service == "cost-autoscaler":
-                replicas = 1  # never let the control loop scale itself away
+            # One control loop, always: never doubled, never scaled away.
+            replicas = 1 if scale.service in SINGLETONS else scale.replicas
             if replicas != state.desired:
                 log.info("scaling %s %d -> %d (%s)", scale.service, state.desired, replicas,
                          scale.reason)

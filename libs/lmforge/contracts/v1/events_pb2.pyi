@@ -195,7 +195,7 @@ class TrainingPreempted(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[_Union[ArtifactRef, _Mapping]] = ..., reason: _Optional[str] = ..., scheduled: _Optional[_Union[TrainingScheduled, _Mapping]] = ...) -> None: ...
 
 class ModelTrained(_message.Message):
-    __slots__ = ("run_id", "model_name", "model", "dataset", "heldout_perplexity", "train_tokens", "steps", "wall_seconds", "parameters", "final_loss", "resumed_from_step", "peak_memory_bytes")
+    __slots__ = ("run_id", "model_name", "model", "dataset", "heldout_perplexity", "train_tokens", "steps", "wall_seconds", "parameters", "final_loss", "resumed_from_step", "peak_memory_bytes", "device", "world_size")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,8 @@ class ModelTrained(_message.Message):
     FINAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     model: ArtifactRef
@@ -220,7 +222,9 @@ class ModelTrained(_message.Message):
     final_loss: float
     resumed_from_step: int
     peak_memory_bytes: int
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., heldout_perplexity: _Optional[float] = ..., train_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., parameters: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
+    device: str
+    world_size: int
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., heldout_perplexity: _Optional[float] = ..., train_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., parameters: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class ModelQuantized(_message.Message):
     __slots__ = ("run_id", "model_name", "model", "quantized", "dataset", "method", "bits", "group_size", "perplexity_before", "perplexity_after", "passed_quality_gate")
