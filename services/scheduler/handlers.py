@@ -6,6 +6,7 @@ training.preempted -> the same job again (attempt + 1), resuming from its checkp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lmforge.service import Service
 from lmforge.settings import ServiceSettings
 from services.scheduler.planning import (
     PRESETS,
+    Parallelism,
     Plan,
     PlanError,
     PlanRequest,
@@ -77,10 +79,8 @@ def plan_to_proto(plan: Plan) -> ev.ResourcePlan:
         warmup_steps=plan.warmup_steps, checkpoint_interval=plan.checkpoint_interval,
         precision=plan.precision, device=plan.device, pool=plan.pool,
         parameters=plan.parameters, estimated_seconds=plan.estimated_seconds,
-        seed=plan.seed, vocab_size=plan.vocab_size, family="llama", engine=plan.engine,
-        zero_stage=plan.zero_stage, world_size=plan.world_size,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        offload_optimizer=plan.offload_optimizer, offload_params=plan.offload_params,
+        seed=plan.seed, vocab_size=plan.vocab_size, family="llama",
+        **dataclasses.asdict(plan.parallelism),
         estimated_memory_gib=plan.memory.total_bytes / (1 << 30),
     )
 
@@ -109,12 +109,12 @@ class SchedulerService(Service):
                 time_budget_s=event.time_budget_s or s.scheduler_time_budget_s,
                 preset=s.scheduler_preset,
                 micro_batch=s.scheduler_micro_batch,
-                engine=s.scheduler_engine,
-                zero_stage=s.scheduler_zero_stage,
-                world_size=s.scheduler_world_size,
-                gradient_checkpointing=s.scheduler_gradient_checkpointing,
-                offload_optimizer=s.scheduler_offload_optimizer,
-                offload_params=s.scheduler_offload_params,
+                parallelism=Parallelism(
+                    engine=s.scheduler_engine, zero_stage=s.scheduler_zero_stage,
+                    world_size=s.scheduler_world_size,
+                    gradient_checkpointing=s.scheduler_gradient_checkpointing,
+                    offload_optimizer=s.scheduler_offload_optimizer,
+                    offload_params=s.scheduler_offload_params),
             )
             try:
                 plan = plan_training(request, pool)

@@ -58,6 +58,18 @@ class PoolSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Parallelism:
+    """How the job is spread and what it trades for memory; passed through to the plan."""
+
+    engine: str = "plain"
+    zero_stage: int = 0
+    world_size: int = 1
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PlanRequest:
     train_tokens: int
     vocab_size: int
@@ -67,12 +79,7 @@ class PlanRequest:
     micro_batch: int = 16
     max_epochs: float = 4.0
     seed: int = 1234
-    engine: str = "plain"
-    zero_stage: int = 0
-    world_size: int = 1
-    gradient_checkpointing: bool = False
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    parallelism: Parallelism = Parallelism()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +100,7 @@ class Plan:
     seed: int
     vocab_size: int
     memory: MemoryEstimate
-    engine: str = "plain"
-    zero_stage: int = 0
-    world_size: int = 1
-    gradient_checkpointing: bool = False
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    parallelism: Parallelism
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,29 +119,28 @@ class MemoryEstimate:
 
 
 def estimate_memory(parameters: int, preset: ModelPreset, *, micro_batch: int, seq_len: int,
-                    world_size: int = 1, zero_stage: int = 0,
-                    gradient_checkpointing: bool = False, offload_optimizer: bool = False,
-                    offload_params: bool = False) -> MemoryEstimate:
+                    parallelism: Parallelism) -> MemoryEstimate:
     """16 bytes per parameter — 2 (16-bit weights) + 2 (gradients) + 12 (fp32 master,
     Adam m and v) — with ZeRO-1 sharding the 12, ZeRO-2 also the gradients and ZeRO-3
     also the weights across the ranks; activations from Korthikanti et al. (34·s·b·h
     bytes per layer plus 5·a·s²·b for attention), or 2·s·b·h per layer when
     checkpointed."""
     n = float(parameters)
-    shard = max(1, world_size)
+    par = parallelism
+    shard = max(1, par.world_size)
     weights, grads, optimizer = 2 * n, 2 * n, 12 * n
-    if zero_stage >= 1:
+    if par.zero_stage >= 1:
         optimizer /= shard
-    if zero_stage >= 2:
+    if par.zero_stage >= 2:
         grads /= shard
-    if zero_stage >= 3:
+    if par.zero_stage >= 3:
         weights /= shard
-    if offload_optimizer:
+    if par.offload_optimizer:
         optimizer = 0.0
-    if offload_params:
+    if par.offload_params:
         weights = 0.0
     s, b, h, layers = seq_len, micro_batch, preset.hidden_size, preset.num_layers
-    if gradient_checkpointing:
+    if par.gradient_checkpointing:
         activations = 2 * s * b * h * layers
     else:
         activations = layers * (34 * s * b * h + 5 * preset.num_heads * s * s * b)
@@ -162,11 +163,9 @@ def plan_training(request: PlanRequest, pool: PoolSpec) -> Plan:
         raise PlanError(f"time budget {request.time_budget_s}s must be positive")
     preset = PRESETS[request.preset]
     parameters = preset.parameters(request.vocab_size)
-    memory = estimate_memory(
-        parameters, preset, micro_batch=request.micro_batch, seq_len=request.seq_len,
-        world_size=request.world_size, zero_stage=request.zero_stage,
-        gradient_checkpointing=request.gradient_checkpointing,
-        offload_optimizer=request.offload_optimizer, offload_params=request.offload_params)
+    par = request.parallelism
+    memory = estimate_memory(parameters, preset, micro_batch=request.micro_batch,
+                             seq_len=request.seq_len, parallelism=par)
     gib = 1 << 30
     if memory.total_bytes > pool.memory_gib * gib:
         raise PlanError(
@@ -174,13 +173,13 @@ def plan_training(request: PlanRequest, pool: PoolSpec) -> Plan:
             f"{memory.total_bytes / gib:.2f} GiB per rank — weights "
             f"{memory.parameters_bytes / gib:.2f} + gradients {memory.gradients_bytes / gib:.2f}"
             f" + optimizer {memory.optimizer_bytes / gib:.2f} (16 B/parameter, ZeRO-"
-            f"{request.zero_stage} over {request.world_size} rank(s)) + activations "
+            f"{par.zero_stage} over {par.world_size} rank(s)) + activations "
             f"{memory.activations_bytes / gib:.2f} — but a {pool.device} device has "
             f"{pool.memory_gib:.1f} GiB; use more ranks, a higher ZeRO stage, offload, "
             "gradient checkpointing or a smaller micro-batch")
     flops_per_token = preset.flops_per_token(request.vocab_size, request.seq_len)
-    tokens_per_s = pool.sustained_gflops * 1e9 * request.world_size / flops_per_token
-    tokens_per_step = request.micro_batch * request.seq_len * request.world_size
+    tokens_per_s = pool.sustained_gflops * 1e9 * par.world_size / flops_per_token
+    tokens_per_step = request.micro_batch * request.seq_len * par.world_size
     steps_in_budget = int(request.time_budget_s * tokens_per_s / tokens_per_step)
     steps_in_data = int(request.max_epochs * request.train_tokens / tokens_per_step)
     max_steps = max(1, min(steps_in_budget, steps_in_data))
@@ -204,10 +203,5 @@ def plan_training(request: PlanRequest, pool: PoolSpec) -> Plan:
         seed=request.seed,
         vocab_size=request.vocab_size,
         memory=memory,
-        engine=request.engine,
-        zero_stage=request.zero_stage,
-        world_size=request.world_size,
-        gradient_checkpointing=request.gradient_checkpointing,
-        offload_optimizer=request.offload_optimizer,
-        offload_params=request.offload_params,
+        parallelism=par,
     )

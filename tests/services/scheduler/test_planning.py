@@ -2,7 +2,14 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.planning import PRESETS, PlanError, PlanRequest, PoolSpec, plan_training
+from services.scheduler.planning import (
+    PRESETS,
+    Parallelism,
+    PlanError,
+    PlanRequest,
+    PoolSpec,
+    plan_training,
+)
 
 
 def test_steps_are_bounded_by_the_time_budget_and_by_the_data():
@@ -53,8 +60,8 @@ def test_a_plan_that_cannot_fit_is_refused_with_the_numbers():
     message = str(refused.value)
     assert "does not fit" in message and "16 B/parameter" in message and "80.0 GiB" in message
     # Sharding optimizer, gradients and weights over 8 ranks plus checkpointing fits.
-    plan = plan_training(PlanRequest(**request, engine="deepspeed", zero_stage=3, world_size=8,
-                                     gradient_checkpointing=True), gpu)
+    plan = plan_training(PlanRequest(**request, parallelism=Parallelism(
+        engine="deepspeed", zero_stage=3, world_size=8, gradient_checkpointing=True)), gpu)
     n = plan.parameters
     assert plan.memory.optimizer_bytes == pytest.approx(12 * n / 8)
     assert plan.memory.parameters_bytes == pytest.approx(2 * n / 8)
