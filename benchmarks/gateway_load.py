@@ -91,6 +91,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def summarize(latencies: list[float], tokens: int, errors: int, elapsed: float,
+              ttfts: list[float] | None = None) -> dict:
+    """The figures both load benchmarks report, from what the clients recorded."""
+    result = {"requests": len(latencies), "errors": errors,
+              "requests_per_s": round(len(latencies) / elapsed, 2),
+              "generated_tokens_per_s": round(tokens / elapsed, 1)}
+    if ttfts is not None:
+        result["ttft_p50_ms"] = round(1e3 * percentile(ttfts, 0.5), 1)
+        result["ttft_p99_ms"] = round(1e3 * percentile(ttfts, 0.99), 1)
+    result["e2e_p50_ms"] = round(1e3 * percentile(latencies, 0.5), 1)
+    result["e2e_p99_ms"] = round(1e3 * percentile(latencies, 0.99), 1)
+    return result
+
+
 async def load(port: int, clients: int, seconds: float) -> dict:
     import grpc
 
@@ -127,13 +141,7 @@ async def load(port: int, clients: int, seconds: float) -> dict:
         started = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
         elapsed = min(time.perf_counter(), deadline) - started
-    return {"requests": len(latencies), "errors": errors,
-            "requests_per_s": round(len(latencies) / elapsed, 2),
-            "generated_tokens_per_s": round(tokens / elapsed, 1),
-            "ttft_p50_ms": round(1e3 * percentile(ttfts, 0.5), 1),
-            "ttft_p99_ms": round(1e3 * percentile(ttfts, 0.99), 1),
-            "e2e_p50_ms": round(1e3 * percentile(latencies, 0.5), 1),
-            "e2e_p99_ms": round(1e3 * percentile(latencies, 0.99), 1)}
+    return summarize(latencies, tokens, errors, elapsed, ttfts)
 
 
 async def single_latency(port: int, n: int) -> list[float]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from benchmarks.gateway_load import PROMPTS, build_model, percentile, run_config
+from benchmarks.gateway_load import PROMPTS, build_model, run_config, summarize
 
 
 def ray_serve(model_dir: Path, port: int, max_batch: int) -> None:
@@ -97,11 +97,7 @@ async def http_load(port: int, clients: int, seconds: float) -> dict:
         started = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
         elapsed = min(time.perf_counter(), deadline) - started
-    return {"requests": len(latencies), "errors": errors,
-            "requests_per_s": round(len(latencies) / elapsed, 2),
-            "generated_tokens_per_s": round(tokens / elapsed, 1),
-            "e2e_p50_ms": round(1e3 * percentile(latencies, 0.5), 1),
-            "e2e_p99_ms": round(1e3 * percentile(latencies, 0.99), 1)}
+    return summarize(latencies, tokens, errors, elapsed)
 
 
 def main() -> int:
