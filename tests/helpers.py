@@ -73,3 +73,21 @@ async def publish(nats_url: str, event, msg_id: str) -> None:
     await bus.connect(nats_url)
     await bus.publish(event, msg_id=msg_id)
     await bus.close()
+
+
+async def start_gateway(registry, *, serving: bool = False, max_new_tokens: int = 64,
+                        max_concurrency: int = 2, max_queue: int = 4,
+                        max_prompt_chars: int = 1000, max_message_bytes: int = 1 << 20):
+    """The real gRPC gateway (Generate, KServe v2, health) on 127.0.0.1, any free port."""
+    from services.inference_gateway.frontend import GenerationFrontend, Limits
+    from services.inference_gateway.server import GatewayServer
+
+    frontend = GenerationFrontend(registry, Limits(
+        max_new_tokens=max_new_tokens, max_concurrency=max_concurrency, max_queue=max_queue,
+        max_prompt_chars=max_prompt_chars))
+    server = GatewayServer(frontend, host="127.0.0.1", port=0,
+                           max_message_bytes=max_message_bytes)
+    await server.start()
+    if serving:
+        await server.set_serving(True)
+    return server

@@ -12,9 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 from services.inference_gateway.engine import GenerationEngine, SamplingParams
-from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.registry import ModelRegistry
-from services.inference_gateway.server import GatewayServer
+from tests.helpers import start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +34,10 @@ def test_sampling_is_reproducible_with_a_seed_and_greedy_is_deterministic(engine
     assert len(set(other)) > 1
 
 
-async def _serve(registry, **limits):
-    frontend = GenerationFrontend(registry, Limits(
-        max_new_tokens=limits.get("max_new_tokens", 64),
-        max_concurrency=limits.get("max_concurrency", 2), max_queue=limits.get("max_queue", 4),
-        max_prompt_chars=limits.get("max_prompt_chars", 1000)))
-    server = GatewayServer(frontend, host="127.0.0.1", port=0, max_message_bytes=1 << 20)
-    await server.start()
-    return server
-
-
 def test_generate_streams_health_flips_and_reflection_lists_services(engine):
     async def scenario():
         registry = ModelRegistry()
-        server = await _serve(registry)
+        server = await start_gateway(registry)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             before = await health.Check(health_pb2.HealthCheckRequest(service=""))
@@ -97,7 +86,7 @@ def test_bad_requests_get_the_right_status_and_the_gateway_keeps_serving(engine)
     async def scenario():
         registry = ModelRegistry()
         registry.install("m", engine)
-        server = await _serve(registry, max_prompt_chars=1000)
+        server = await start_gateway(registry, max_prompt_chars=1000)
         got = []
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = generate_pb2_grpc.GeneratorStub(channel)
@@ -144,7 +133,7 @@ def test_over_capacity_is_refused_at_once_and_a_cancelled_client_frees_its_slot(
     async def scenario():
         registry = ModelRegistry()
         registry.install("m", gated)
-        server = await _serve(registry, max_concurrency=1, max_queue=1)
+        server = await start_gateway(registry, max_concurrency=1, max_queue=1)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = generate_pb2_grpc.GeneratorStub(channel)
             request = generate_pb2.GenerateRequest(model="m", prompt="a", max_new_tokens=5)

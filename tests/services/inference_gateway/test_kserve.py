@@ -11,9 +11,8 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from services.inference_gateway.engine import GenerationEngine
-from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.registry import ModelRegistry
-from services.inference_gateway.server import GatewayServer
+from tests.helpers import start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +38,7 @@ def _with_gateway(engine, client_work):
     async def scenario():
         registry = ModelRegistry()
         registry.install("fortune", engine)
-        frontend = GenerationFrontend(registry, Limits(max_new_tokens=64, max_concurrency=2,
-                                                       max_queue=4, max_prompt_chars=1000))
-        server = GatewayServer(frontend, host="127.0.0.1", port=0, max_message_bytes=1 << 20)
-        await server.start()
-        await server.set_serving(True)
+        server = await start_gateway(registry, serving=True)
         try:
             client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
             return await asyncio.to_thread(client_work, client)
@@ -154,10 +149,7 @@ def test_versions_are_served_by_name_and_the_oldest_is_retired(engine, trained_m
         registry = ModelRegistry(keep=2)
         registry.install("fortune", older)
         registry.install("fortune", engine)  # v7 current, v6 kept
-        frontend = GenerationFrontend(registry, Limits(max_new_tokens=64, max_concurrency=2,
-                                                       max_queue=4, max_prompt_chars=1000))
-        server = GatewayServer(frontend, host="127.0.0.1", port=0, max_message_bytes=1 << 20)
-        await server.start()
+        server = await start_gateway(registry)
         try:
             client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
             seen, ready = await asyncio.to_thread(work, client)

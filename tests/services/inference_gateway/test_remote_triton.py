@@ -9,20 +9,9 @@ import pytest
 
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 from services.inference_gateway.engine import GenerationEngine
-from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.registry import ModelRegistry
 from services.inference_gateway.remote_triton import RemoteTritonEngine
-from services.inference_gateway.server import GatewayServer
-
-LIMITS = Limits(max_new_tokens=64, max_concurrency=4, max_queue=4, max_prompt_chars=1000)
-
-
-async def _gateway(registry):
-    server = GatewayServer(GenerationFrontend(registry, LIMITS), host="127.0.0.1", port=0,
-                           max_message_bytes=1 << 20)
-    await server.start()
-    await server.set_serving(True)
-    return server
+from tests.helpers import start_gateway
 
 
 async def _generate(port, model, **fields):
@@ -36,13 +25,13 @@ def test_remote_backend_streams_what_the_remote_model_generates(trained_model):
     async def scenario():
         local = ModelRegistry()
         local.install("fortune", GenerationEngine(trained_model.path, version="v1"))
-        backend = await _gateway(local)
+        backend = await start_gateway(local, serving=True, max_concurrency=4)
         front_registry = ModelRegistry()
         front_registry.install("fortune-remote", RemoteTritonEngine(
             f"127.0.0.1:{backend.port}", "fortune"))
         front_registry.install("ghost-remote", RemoteTritonEngine(
             f"127.0.0.1:{backend.port}", "ghost"))
-        front = await _gateway(front_registry)
+        front = await start_gateway(front_registry, serving=True, max_concurrency=4)
         request = dict(prompt="A fortune:", max_new_tokens=12, temperature=0.9, seed=8)
         direct = await _generate(backend.port, "fortune", **request)
         via = await _generate(front.port, "fortune-remote", **request)
