@@ -330,7 +330,7 @@ class EventBus:
             except StageError as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 await self._fail(sub, run_id, deliveries, str(exc), dead_lettered=False)
-                await self._record(sub, record_key)
+                await self._record(record_key)
                 EVENTS_CONSUMED.labels(name, "failed").inc()
                 await msg.ack()
                 return
@@ -354,7 +354,7 @@ class EventBus:
                 heartbeat.cancel()
                 HANDLER_SECONDS.labels(name).observe(time.perf_counter() - started)
             if sub.idempotent:
-                await self._record(sub, record_key)
+                await self._record(record_key)
             EVENTS_CONSUMED.labels(name, "ok").inc()
             await msg.ack()
 
@@ -371,7 +371,7 @@ class EventBus:
         except nats.js.errors.KeyNotFoundError:
             return False
 
-    async def _record(self, sub: Subscription, key: str) -> None:
+    async def _record(self, key: str) -> None:
         await self._stage_records.put(key, b"done")
 
     async def _fail(self, sub: Subscription, run_id: str, deliveries: int, reason: str, *,

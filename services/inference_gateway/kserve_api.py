@@ -158,14 +158,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="lmforge", version=__version__, extensions=[])
 
-    def _known(self, name: str, version: str, context) -> list[str] | None:
+    def _known(self, name: str, version: str) -> list[str] | None:
         versions = self.registry.versions(name)
         if not versions or version not in ("", *versions):
             return None
         return versions
 
     async def ModelMetadata(self, request, context):
-        versions = self._known(request.name, request.version, context)
+        versions = self._known(request.name, request.version)
         if versions is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"model {request.name!r} version {request.version!r} is not "
@@ -177,7 +177,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=OUTPUT, datatype="BYTES", shape=[1])])
 
     async def ModelConfig(self, request, context):
-        if self._known(request.name, request.version, context) is None:
+        if self._known(request.name, request.version) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"model {request.name!r} is not served")
         config = mc.ModelConfig(
