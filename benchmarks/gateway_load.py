@@ -59,11 +59,15 @@ def build_model(directory: Path) -> Path:
 
 
 def serve(model_dir: str, batching: bool, max_batch: int, port_queue) -> None:
+    import torch
+
     from services.inference_gateway.batching import BatchingEngine
-    from services.inference_gateway.engine import GenerationEngine
+    from services.inference_gateway.engine import GenerationEngine, default_threads
     from services.inference_gateway.frontend import GenerationFrontend, Limits
     from services.inference_gateway.registry import ModelRegistry
     from services.inference_gateway.server import GatewayServer
+
+    torch.set_num_threads(default_threads())  # as the gateway service sets it
 
     async def main() -> None:
         engine = GenerationEngine(Path(model_dir), version="bench")

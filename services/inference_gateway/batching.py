@@ -1,15 +1,12 @@
 """Continuous batching: new requests join the running batch between decoding steps,
 finished ones leave, every sequence keeps its own KV cache rows.
 
-One decoding thread owns the model. The running batch's KV cache is one tensor
-per layer, [batch, heads, length, head_dim], left-padded so every row ends at
-the same column; an attention mask marks the padding and explicit position ids
-keep each sequence's own positions, so a row computes exactly what it would
-alone. A new request is prefilled on its own (its prompt in one forward pass),
-then padded into the batch; a finished or cancelled row is dropped and
-all-padding columns are trimmed. Between steps the loop admits waiting
-requests up to `max_batch`, so a long generation never holds the door for
-short ones.
+One decoding thread owns the model. The running batch lives in a `SlotDecoder`:
+one preallocated cache row per sequence, each at its own length, so a joining
+request is prefilled (all newly admitted prompts in one forward pass) straight
+into free rows and a finished or cancelled one gives its row back — nothing is
+re-padded or shifted. Between steps the loop admits waiting requests up to
+`max_batch`, so a long generation never holds the door for short ones.
 """
 
 from __future__ import annotations
@@ -17,15 +14,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import random
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
 from prometheus_client import Gauge, Histogram
-from transformers import DynamicCache
 
-from services.inference_gateway.engine import GenerationEngine, Piece, SamplingParams, sample_rows
+from services.inference_gateway.engine import (
+    GenerationEngine,
+    Piece,
+    SamplingParams,
+    request_rng,
+    sample_rows,
+)
+from services.inference_gateway.slot_decoder import SlotDecoder
 
 log = logging.getLogger("lmforge.gateway.batching")
 
@@ -42,20 +46,18 @@ class _Sequence:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     outbox: list  # the engine's: pieces of the current step, flushed after it
-    generator: torch.Generator = field(init=False)
+    rng: random.Random = field(init=False)
     generated: list[int] = field(default_factory=list)
     sent: str = ""
     # Incremental detokenisation: decode only the tokens since the last clean
     # character boundary, not the whole generation at every step.
     prefix_offset: int = 0
     read_offset: int = 0
-    length: int = 0          # real tokens in the cache
     budget: int = 0          # new tokens still allowed
     next_token: int = -1
 
     def __post_init__(self) -> None:
-        seed = self.params.seed or int(torch.randint(1, 2**62, (1,)).item())
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = request_rng(self.params.seed)
 
     def emit(self, piece: Piece | BaseException) -> None:
         self.outbox.append((self, piece))
@@ -90,11 +92,9 @@ class BatchingEngine:
         self.eos_token_id = base.eos_token_id
         self.context_length = base.context_length
         self.max_batch = max_batch
+        self.decoder = SlotDecoder(base.model, max_rows=max_batch)
         self._waiting: queue.Queue[_Sequence] = queue.Queue()
-        self._active: list[_Sequence] = []
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
-        self._mask: torch.Tensor | None = None
+        self._active: list[_Sequence] = []  # row i of the decoder is _active[i]
         self._outbox: list = []
         self._stop = threading.Event()
         self._retiring = threading.Event()
@@ -155,12 +155,10 @@ class BatchingEngine:
                 log.exception("decoding step failed")
                 for seq in self._active:
                     seq.emit(RuntimeError(f"generation failed: {exc}"))
-                self._reset()
+                self._active = []
+                self.decoder = SlotDecoder(self.model, max_rows=self.max_batch)
             finally:
                 _flush(self._outbox)
-
-    def _reset(self) -> None:
-        self._active, self._keys, self._values, self._mask = [], [], [], None
 
     def _admit(self, *, block: bool) -> None:
         admitted: list[_Sequence] = []
@@ -176,51 +174,30 @@ class BatchingEngine:
         if admitted:
             self._prefill(admitted)
 
-    @torch.inference_mode()
     def _prefill(self, group: list[_Sequence]) -> None:
-        """All newly admitted prompts in one forward pass, left-padded to the longest."""
-        width = max(len(s.prompt_ids) for s in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for row, seq in enumerate(group):
-            n = len(seq.prompt_ids)
-            ids[row, width - n:] = torch.tensor(seq.prompt_ids)
-            mask[row, width - n:] = 1
-            seq.length = n
-            seq.budget = min(seq.params.max_new_tokens, self.context_length - n)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True)
-        tokens = sample_rows(out.logits[:, -1], [s.params for s in group],
-                             [s.generator for s in group])
-        keep = [row for row, (seq, token) in enumerate(zip(group, tokens, strict=True))
-                if self._finish_or_emit(seq, token)]
-        if not keep:
-            return
-        index = torch.tensor(keep)
-        keys = [layer.keys.index_select(0, index) for layer in out.cache.layers]
-        values = [layer.values.index_select(0, index) for layer in out.cache.layers]
-        self._join([group[i] for i in keep], keys, values, mask.index_select(0, index))
-
-    def _join(self, group: list[_Sequence], keys: list[torch.Tensor],
-              values: list[torch.Tensor], mask: torch.Tensor) -> None:
-        """Append prefilled rows to the running batch, left-padding to one width."""
-        if not self._active:
-            self._keys, self._values, self._mask = keys, values, mask
-            self._active = list(group)
-            return
-        cur_len, new_len = self._keys[0].shape[2], keys[0].shape[2]
-        width = max(cur_len, new_len)
-
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0))
-
-        self._keys = [torch.cat([pad(a), pad(b)]) for a, b in zip(self._keys, keys, strict=True)]
-        self._values = [torch.cat([pad(a), pad(b)])
-                        for a, b in zip(self._values, values, strict=True)]
-        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (width - cur_len, 0)),
-                                torch.nn.functional.pad(mask, (width - new_len, 0))])
+        """All newly admitted prompts in one forward pass, into rows after the running ones."""
+        for seq in group:
+            seq.budget = min(seq.params.max_new_tokens,
+                             self.context_length - len(seq.prompt_ids))
+        logits = self.decoder.prefill([s.prompt_ids for s in group])
         self._active.extend(group)
+        self._advance(logits, first=len(self._active) - len(group))
+
+    def _step(self) -> None:
+        BATCH_SIZE.observe(len(self._active))
+        logits = self.decoder.decode([s.next_token for s in self._active])
+        self._advance(logits, first=0)
+
+    def _advance(self, logits: torch.Tensor, *, first: int) -> None:
+        """Sample the next token of rows first.. from `logits`; free the rows that finish."""
+        rows = self._active[first:]
+        tokens = sample_rows(logits, [s.params for s in rows], [s.rng for s in rows])
+        done = [first + i for i, (seq, token) in enumerate(zip(rows, tokens, strict=True))
+                if not self._finish_or_emit(seq, token)]
+        for row in reversed(done):  # highest first: the row moved into a gap is a keeper
+            moved = self.decoder.release(row)
+            self._active[row] = self._active[moved]
+            self._active.pop()
 
     def _finish_or_emit(self, seq: _Sequence, token: int) -> bool:
         """Record `token` for `seq`; emit text; return False when the sequence is done."""
@@ -249,39 +226,3 @@ class BatchingEngine:
     def _final(self, seq: _Sequence, reason: str) -> None:
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         seq.emit(Piece(text[len(seq.sent):], len(seq.generated), len(seq.prompt_ids), reason))
-
-    @torch.inference_mode()
-    def _step(self) -> None:
-        batch = len(self._active)
-        BATCH_SIZE.observe(batch)
-        inputs = torch.tensor([[s.next_token] for s in self._active])
-        positions = torch.tensor([[s.length] for s in self._active])
-        mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
-        cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
-        out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
-                         cache=cache, use_cache=True)
-        self._keys = [layer.keys for layer in out.cache.layers]
-        self._values = [layer.values for layer in out.cache.layers]
-        self._mask = mask
-        tokens = sample_rows(out.logits[:, -1], [s.params for s in self._active],
-                             [s.generator for s in self._active])
-        keep = []
-        for row, (seq, token) in enumerate(zip(self._active, tokens, strict=True)):
-            seq.length += 1
-            if self._finish_or_emit(seq, token):
-                keep.append(row)
-        if len(keep) < batch:
-            self._drop(keep)
-
-    def _drop(self, keep: list[int]) -> None:
-        if not keep:
-            self._reset()
-            return
-        index = torch.tensor(keep)
-        self._active = [self._active[i] for i in keep]
-        mask = self._mask.index_select(0, index)
-        first = int(mask.any(dim=0).nonzero()[0])  # trim columns that are padding everywhere
-        self._mask = mask[:, first:]
-        self._keys = [k.index_select(0, index)[:, :, first:] for k in self._keys]
-        self._values = [v.index_select(0, index)[:, :, first:] for v in self._values]
-

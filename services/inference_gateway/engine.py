@@ -9,6 +9,9 @@ rather than sent as U+FFFD.
 
 from __future__ import annotations
 
+import os
+import random
+import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,57 +43,77 @@ class Piece:
     finish_reason: str = ""
 
 
+def default_threads() -> int:
+    """Compute threads for a serving process: all usable cores but one, which is left to
+    the event loop (gRPC, HTTP, detokenised pieces). With OMP_WAIT_POLICY=PASSIVE a second
+    thread also costs a wake-up per small matmul: on 2 cores one thread decodes the
+    demo model 2.5x faster than two."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def request_rng(seed: int) -> random.Random:
+    """The random stream of one request: `seed` when given (reproducible), else fresh."""
+    return random.Random(seed or secrets.randbits(62))
+
+
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator]) -> list[int]:
+                rngs: list[random.Random]) -> list[int]:
     """One next token per row of `logits` [rows, vocab], all rows at once.
 
     Greedy at temperature 0; else temperature, top-k and nucleus (top-p)
-    truncation where asked, and an inverse-CDF draw with one uniform number from each row's own
-    generator — so a seeded request gets the same tokens alone or inside any
-    batch. Only top-p rows pay for a sort (sorting a 64 x 4096 batch was the
-    largest cost of a decoding step).
+    truncation where asked, and an inverse-CDF draw with one uniform number from each
+    row's own random stream — so a seeded request gets the same tokens alone or inside
+    any batch. Each pass over a 64 x 4096 batch costs about as much as a layer of a small
+    model on a CPU, so rows are only gathered, divided, sorted or arg-maxed when some
+    row needs it (the common batch is all rows sampled alike).
     """
     logits = logits.float()
-    tokens = torch.argmax(logits, dim=-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-    if sampled:
-        rows = torch.tensor(sampled)
-        temps = torch.tensor([params[i].temperature for i in sampled])
-        scaled = logits.index_select(0, rows) / temps[:, None]
-        for k, i in enumerate(sampled):
-            top_k = params[i].top_k
-            if 0 < top_k < scaled.shape[-1]:  # keep the k most likely tokens of this row
-                kth = torch.topk(scaled[k], top_k).values[-1]
-                scaled[k] = torch.where(scaled[k] < kth, float("-inf"), scaled[k])
-        probs = torch.softmax(scaled, dim=-1)
-        u = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled])
-        nucleus = [k for k, i in enumerate(sampled) if 0 < params[i].top_p < 1]
-        plain = [k for k, i in enumerate(sampled) if not 0 < params[i].top_p < 1]
-        if plain:
-            index = torch.tensor(plain)
-            cdf = torch.cumsum(probs.index_select(0, index), dim=-1)
-            draw = u.index_select(0, index) * cdf[:, -1]
-            picked = torch.searchsorted(cdf, draw[:, None]).clamp(max=logits.shape[-1] - 1)
-            tokens[rows.index_select(0, index)] = picked.squeeze(-1)
-        if nucleus:
-            index = torch.tensor(nucleus)
-            top_p = torch.tensor([params[sampled[k]].top_p for k in nucleus])
-            sorted_probs, order = torch.sort(probs.index_select(0, index), descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p (always the first token).
-            kept = torch.where((cumulative - sorted_probs) < top_p[:, None], sorted_probs,
-                               torch.zeros_like(sorted_probs))
-            cdf = torch.cumsum(kept, dim=-1)
-            draw = u.index_select(0, index) * cdf[:, -1]
-            picked = torch.searchsorted(cdf, draw[:, None]).clamp(max=logits.shape[-1] - 1)
-            tokens[rows.index_select(0, index)] = order.gather(-1, picked).squeeze(-1)
+    if len(sampled) < len(params):
+        tokens = torch.argmax(logits, dim=-1)
+        if not sampled:
+            return tokens.tolist()
+        scaled = logits[sampled]
+    else:
+        tokens = torch.empty(len(params), dtype=torch.long)
+        scaled = logits
+    rows = [params[i] for i in sampled]
+    if any(p.temperature != 1.0 for p in rows):
+        scaled = scaled / torch.tensor([p.temperature for p in rows])[:, None]
+    for k, p in enumerate(rows):
+        if 0 < p.top_k < scaled.shape[-1]:  # keep the k most likely tokens of this row
+            if scaled is logits:
+                scaled = logits.clone()
+            kth = torch.topk(scaled[k], p.top_k).values[-1]
+            scaled[k] = torch.where(scaled[k] < kth, float("-inf"), scaled[k])
+    probs = torch.softmax(scaled, dim=-1)
+    u = torch.tensor([rngs[i].random() for i in sampled], dtype=torch.float32)
+    nucleus = [k for k, p in enumerate(rows) if 0 < p.top_p < 1]
+    drawn = torch.empty(len(sampled), dtype=torch.long)
+    if len(nucleus) < len(rows):
+        plain = [k for k, p in enumerate(rows) if not 0 < p.top_p < 1]
+        part = probs if not nucleus else probs[plain]
+        cdf = torch.cumsum(part, dim=-1)
+        picked = torch.searchsorted(cdf, (u[plain] * cdf[:, -1])[:, None])
+        drawn[plain] = picked.squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    if nucleus:
+        top_p = torch.tensor([rows[k].top_p for k in nucleus])
+        sorted_probs, order = torch.sort(probs[nucleus], descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always the first token).
+        kept = torch.where((cumulative - sorted_probs) < top_p[:, None], sorted_probs,
+                           torch.zeros_like(sorted_probs))
+        cdf = torch.cumsum(kept, dim=-1)
+        picked = torch.searchsorted(cdf, (u[nucleus] * cdf[:, -1])[:, None])
+        picked = picked.clamp(max=logits.shape[-1] - 1)
+        drawn[nucleus] = order.gather(-1, picked).squeeze(-1)
+    tokens[sampled] = drawn
     return tokens.tolist()
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-                ) -> int:
+def sample_next(logits: torch.Tensor, params: SamplingParams, rng: random.Random) -> int:
     """`sample_rows` for one sequence."""
-    return sample_rows(logits[None, :], [params], [generator])[0]
+    return sample_rows(logits[None, :], [params], [rng])[0]
 
 
 class GenerationEngine:
@@ -117,9 +140,7 @@ class GenerationEngine:
 
     def stream(self, prompt_ids: list[int], params: SamplingParams,
                cancelled: threading.Event | None = None) -> Iterator[Piece]:
-        generator = torch.Generator().manual_seed(
-            params.seed or int(torch.randint(1, 2**62, (1,)).item())
-        )
+        rng = request_rng(params.seed)
         generated: list[int] = []
         sent = ""
         cache = None
@@ -135,7 +156,7 @@ class GenerationEngine:
             # worker threads: enter it around each forward, never across a yield.
             with torch.inference_mode():
                 out = self.model(input_ids=inputs, cache=cache, use_cache=True)
-                token = sample_next(out.logits[0, -1], params, generator)
+                token = sample_next(out.logits[0, -1], params, rng)
             cache = out.cache
             if token == self.eos_token_id:
                 finish = "eos"

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 import nats.js.errors
+import torch
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -20,7 +21,7 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
 from services.inference_gateway.batching import BatchingEngine
-from services.inference_gateway.engine import GenerationEngine
+from services.inference_gateway.engine import GenerationEngine, default_threads
 from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.onnx_engine import OnnxEngine
 from services.inference_gateway.openai_api import OpenAIServer
@@ -57,6 +58,8 @@ class GatewaySettings(ServiceSettings):
     gateway_batching: bool = Field(True, description="Continuous batching (else one request "
                                    "per slot, MAX_CONCURRENCY slots).")
     gateway_max_batch: int = Field(32, ge=1, description="Sequences per decoding step.")
+    gateway_threads: int = Field(0, ge=0, description="Torch threads for the engines; 0 = one "
+                                 "fewer than the usable cores (one is left to gRPC and HTTP).")
 
 
 class GatewayService(Service):
@@ -66,6 +69,7 @@ class GatewayService(Service):
     def __init__(self, settings, bus) -> None:
         super().__init__(settings, bus)
         s: GatewaySettings = settings
+        torch.set_num_threads(s.gateway_threads or default_threads())
         self.registry = ModelRegistry()
         self.frontend = GenerationFrontend(self.registry, Limits(
                 max_new_tokens=s.gateway_max_new_tokens,
@@ -84,7 +88,8 @@ class GatewayService(Service):
     async def _load(self, event: ev.ModelExported) -> None:
         (export_dir,) = self.input_dirs(event.run_id, event.export)
         if self.settings.gateway_backend == "onnx":
-            engine = await asyncio.to_thread(OnnxEngine, export_dir, version=event.version)
+            engine = await asyncio.to_thread(OnnxEngine, export_dir, version=event.version,
+                                             threads=torch.get_num_threads())
         else:
             engine = await asyncio.to_thread(GenerationEngine, export_dir / "hf",
                                              version=event.version,

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 
 from lmforge.modeling import load_tokenizer
-from services.inference_gateway.engine import Piece, RequestError, SamplingParams, sample_next
+from services.inference_gateway.engine import (
+    Piece,
+    RequestError,
+    SamplingParams,
+    request_rng,
+    sample_next,
+)
 
 
 class OnnxEngine:
@@ -50,8 +56,7 @@ class OnnxEngine:
 
     def stream(self, prompt_ids: list[int], params: SamplingParams,
                cancelled: threading.Event | None = None) -> Iterator[Piece]:
-        generator = torch.Generator().manual_seed(
-            params.seed or int(torch.randint(1, 2**62, (1,)).item()))
+        rng = request_rng(params.seed)
         ids = list(prompt_ids)
         generated: list[int] = []
         sent, finish = "", "length"
@@ -60,7 +65,7 @@ class OnnxEngine:
                 finish = "cancelled"
                 break
             logits = self.session.run(["logits"], {"input_ids": np.array([ids], np.int64)})[0]
-            token = sample_next(torch.from_numpy(logits[0, -1]), params, generator)
+            token = sample_next(torch.from_numpy(logits[0, -1]), params, rng)
             if token == self.eos_token_id:
                 finish = "eos"
                 break

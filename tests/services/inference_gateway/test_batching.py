@@ -6,9 +6,15 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from services.inference_gateway.batching import BatchingEngine
-from services.inference_gateway.engine import GenerationEngine, SamplingParams
+from services.inference_gateway.engine import (
+    GenerationEngine,
+    SamplingParams,
+    request_rng,
+    sample_rows,
+)
 
 PROMPTS = ["The", "A fortune for the weary traveller:", "Life is short, and",
            "Computers are", "In the beginning there was", "Q: Why? A:"]
@@ -97,19 +103,31 @@ def test_a_new_version_swaps_in_without_failing_requests_in_flight(trained_model
     new.close()
 
 
-def test_top_k_1_is_greedy_and_top_k_limits_the_choices(engines):
-    import torch
-
-    from services.inference_gateway.engine import sample_rows
-
+def test_top_k_1_is_greedy_and_top_k_limits_the_choices():
     logits = torch.tensor([[0.0, 5.0, 4.9, -1.0, 3.0]])
     draws = {sample_rows(logits, [SamplingParams(max_new_tokens=1, temperature=5.0, top_k=2,
                                                  seed=s)],
-                         [torch.Generator().manual_seed(s)])[0] for s in range(1, 200)}
+                         [request_rng(s)])[0] for s in range(1, 200)}
     assert draws == {1, 2}
     greedy = sample_rows(logits, [SamplingParams(max_new_tokens=1, temperature=2.0, top_k=1)],
-                         [torch.Generator().manual_seed(3)])
+                         [request_rng(3)])
     assert greedy == [1]
+
+
+def test_a_mixed_batch_samples_each_row_as_it_would_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * 3
+    params = [SamplingParams(1), SamplingParams(1, temperature=1.0, seed=5),
+              SamplingParams(1, temperature=0.7, top_p=0.8, seed=6),
+              SamplingParams(1, temperature=1.3, top_k=7, seed=7), SamplingParams(1),
+              SamplingParams(1, temperature=1.0, top_p=0.5, top_k=20, seed=8)]
+    for draw in range(20):
+        together = sample_rows(logits, params, [request_rng(p.seed + draw) for p in params])
+        alone = [sample_rows(logits[i:i + 1], [p], [request_rng(p.seed + draw)])[0]
+                 for i, p in enumerate(params)]
+        assert together == alone
+        assert together[0] == int(logits[0].argmax())
+        assert together[4] == int(logits[4].argmax())
 
 
 def test_bf16_weights_serve_through_the_batching_engine(trained_model):
