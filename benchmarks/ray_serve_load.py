@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from benchmarks.gateway_load import PROMPTS, build_model, run_config, summarize
 
 
-def ray_serve(model_dir: Path, port: int, max_batch: int) -> None:
+def ray_serve(model_dir: Path, port: int, max_batch: int, threads: int) -> None:
     import ray
     from ray import serve
     from starlette.requests import Request
@@ -41,7 +41,7 @@ def ray_serve(model_dir: Path, port: int, max_batch: int) -> None:
             import torch
             from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-            torch.set_num_threads(2)
+            torch.set_num_threads(threads)
             self.torch = torch
             self.tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
             self.tokenizer.padding_side = "left"
@@ -105,14 +105,19 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--ray-threads", type=int, default=0,
+                        help="torch threads in Ray's replica (default: the gateway's own rule, "
+                        "all cores but one; with OMP_WAIT_POLICY=PASSIVE two threads made "
+                        "Ray 2-4x slower here)")
     args = parser.parse_args()
     from lmforge.runtime.nats_server import free_port
+    from services.inference_gateway.engine import default_threads
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp))
         ours = run_config(model_dir, True, args)
         port = free_port()
-        ray_serve(model_dir, port, args.max_batch)
+        ray_serve(model_dir, port, args.max_batch, args.ray_threads or default_threads())
         asyncio.run(http_load(port, 8, 5))  # warm-up: first batches compile nothing, but load
         ray = asyncio.run(http_load(port, args.clients, args.seconds))
         import ray as ray_module
@@ -122,7 +127,8 @@ def main() -> int:
         ray_module.shutdown()
     report = {
         "benchmark": "ray_serve_load", "clients": args.clients, "seconds": args.seconds,
-        "max_new_tokens": 32, "lmforge_gateway": ours, "ray_serve_batch": ray,
+        "max_new_tokens": 32, "ray_threads": args.ray_threads or default_threads(),
+        "lmforge_gateway": ours, "ray_serve_batch": ray,
         "requests_ratio": round(ours["requests_per_s"] / max(ray["requests_per_s"], 1e-9), 2),
         "p99_ratio": round(ours["e2e_p99_ms"] / max(ray["e2e_p99_ms"], 1e-9), 2),
         "target": "requests_ratio >= 2 and p99_ratio <= 0.5",

@@ -13,7 +13,9 @@ replaced by the last row (one row copied, nothing shifted), so attention reads
 a view of the cache, never a gathered copy. Each row starts at position 0 and
 has its own length; a boolean mask hides the columns past it. The length
 capacity grows by doubling up to the context length, so memory follows the
-longest running sequence, not the worst case.
+longest running sequence, not the worst case. The cache is zero-filled: a row's
+columns past its length are masked out of the scores, but the attention weights
+still multiply them, and uninitialised memory could hold NaNs.
 """
 
 from __future__ import annotations
@@ -94,7 +96,9 @@ class SlotDecoder:
             self.lengths[row] = self.lengths[last]
         self.lengths[last] = 0
         self.rows = last
-        if self.rows == 0:  # idle: give the memory back
+        if self.rows == 0 and self.capacity > self.initial_length:
+            # Idle after long sequences: give the memory back, keep the small cache (zeroing
+            # it again would cost more than a short request's whole forward pass).
             self.keys, self.values = [], []
         return last
 
@@ -117,16 +121,20 @@ class SlotDecoder:
             ids[i, :len(prompt)] = torch.tensor(prompt)
         positions = torch.arange(width).expand(count, width)
         # Causal, and no key past the row's own prompt (right padding is never attended;
-        # its K/V land in columns that the row's later tokens overwrite).
-        mask = (torch.ones(width, width, dtype=torch.bool).tril()[None]
-                & (positions < lengths[:, None])[:, None, :])[:, None].to(self.device)
+        # its K/V land in columns that the row's later tokens overwrite). Prompts of one
+        # length need no mask tensor: the kernel's own causal path is faster.
+        mask = None
+        if any(len(p) != width for p in prompts):
+            mask = (torch.ones(width, width, dtype=torch.bool).tril()[None]
+                    & (positions < lengths[:, None])[:, None, :])[:, None].to(self.device)
         rows = slice(first, first + count)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             keys[rows, :, :width] = k
             values[rows, :, :width] = v
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  scale=self.scaling,
                                                   enable_gqa=self.kv_heads != self.heads)
 
         hidden = self._layers(ids, positions, attend)
