@@ -61,8 +61,8 @@ def build_model(directory: Path) -> Path:
 def serve(model_dir: str, batching: bool, max_batch: int, port_queue) -> None:
     import torch
 
-    from services.inference_gateway.batching import BatchingEngine
     from services.inference_gateway.engine import GenerationEngine, default_threads
+    from services.inference_gateway.engine_process import EngineProcess
     from services.inference_gateway.frontend import GenerationFrontend, Limits
     from services.inference_gateway.registry import ModelRegistry
     from services.inference_gateway.server import GatewayServer
@@ -70,9 +70,9 @@ def serve(model_dir: str, batching: bool, max_batch: int, port_queue) -> None:
     torch.set_num_threads(default_threads())  # as the gateway service sets it
 
     async def main() -> None:
-        engine = GenerationEngine(Path(model_dir), version="bench")
-        if batching:
-            engine = BatchingEngine(engine, max_batch=max_batch)
+        # As the gateway service builds them: batching decodes in its own process.
+        engine = (EngineProcess(Path(model_dir), version="bench", max_batch=max_batch)
+                  if batching else GenerationEngine(Path(model_dir), version="bench"))
         registry = ModelRegistry()
         registry.install("bench", engine)
         frontend = GenerationFrontend(registry, Limits(
@@ -182,8 +182,8 @@ async def overhead(port: int, model_dir: Path, rounds: int) -> dict:
 def run_config(model_dir: Path, batching: bool, args) -> dict:
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
-    server = ctx.Process(target=serve, args=(str(model_dir), batching, args.max_batch, ports),
-                         daemon=True)
+    # Not a daemon: the gateway starts its engine process (killed below all the same).
+    server = ctx.Process(target=serve, args=(str(model_dir), batching, args.max_batch, ports))
     server.start()
     try:
         port = ports.get(timeout=120)

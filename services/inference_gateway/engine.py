@@ -43,6 +43,19 @@ class Piece:
     finish_reason: str = ""
 
 
+def encode_prompt(tokenizer, context_length: int, prompt: str) -> list[int]:
+    """The prompt's token ids, refused when empty or when it leaves no room to generate."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    if not ids:
+        raise RequestError("prompt encodes to no tokens")
+    if len(ids) >= context_length:
+        raise RequestError(
+            f"prompt of {len(ids)} tokens exceeds the model's context of "
+            f"{context_length} tokens (leave room for at least one new token)"
+        )
+    return ids
+
+
 def default_threads() -> int:
     """Compute threads for a serving process: all usable cores but one, which is left to
     the event loop (gRPC, HTTP, detokenised pieces). With OMP_WAIT_POLICY=PASSIVE a second
@@ -128,15 +141,7 @@ class GenerationEngine:
         self.context_length = self.model.config.max_position_embeddings
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-        if not ids:
-            raise RequestError("prompt encodes to no tokens")
-        if len(ids) >= self.context_length:
-            raise RequestError(
-                f"prompt of {len(ids)} tokens exceeds the model's context of "
-                f"{self.context_length} tokens (leave room for at least one new token)"
-            )
-        return ids
+        return encode_prompt(self.tokenizer, self.context_length, prompt)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams,
                cancelled: threading.Event | None = None) -> Iterator[Piece]:

@@ -20,8 +20,8 @@ from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
-from services.inference_gateway.batching import BatchingEngine
 from services.inference_gateway.engine import GenerationEngine, default_threads
+from services.inference_gateway.engine_process import EngineProcess
 from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.onnx_engine import OnnxEngine
 from services.inference_gateway.openai_api import OpenAIServer
@@ -91,11 +91,12 @@ class GatewayService(Service):
             engine = await asyncio.to_thread(OnnxEngine, export_dir, version=event.version,
                                              threads=torch.get_num_threads())
         else:
-            engine = await asyncio.to_thread(GenerationEngine, export_dir / "hf",
-                                             version=event.version,
-                                             dtype=self.settings.gateway_dtype)
-            if self.settings.gateway_batching:
-                engine = BatchingEngine(engine, max_batch=self.settings.gateway_max_batch)
+            kind = EngineProcess if self.settings.gateway_batching else GenerationEngine
+            options = ({"max_batch": self.settings.gateway_max_batch,
+                        "threads": torch.get_num_threads()}
+                       if self.settings.gateway_batching else {})
+            engine = await asyncio.to_thread(kind, export_dir / "hf", version=event.version,
+                                             dtype=self.settings.gateway_dtype, **options)
         self.registry.install(event.model_name, engine)
         await self.server.set_serving(True)
         log.info("serving %s version %s", event.model_name, event.version,

@@ -20,8 +20,8 @@ import torch
 from lmforge.modeling import load_tokenizer
 from services.inference_gateway.engine import (
     Piece,
-    RequestError,
     SamplingParams,
+    encode_prompt,
     request_rng,
     sample_next,
 )
@@ -45,14 +45,7 @@ class OnnxEngine:
         self.version = version
 
     def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-        if not ids:
-            raise RequestError("prompt encodes to no tokens")
-        if len(ids) >= self.context_length:
-            raise RequestError(f"prompt of {len(ids)} tokens exceeds the model's context of "
-                               f"{self.context_length} tokens (leave room for at least one "
-                               "new token)")
-        return ids
+        return encode_prompt(self.tokenizer, self.context_length, prompt)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams,
                cancelled: threading.Event | None = None) -> Iterator[Piece]:

@@ -1,20 +1,21 @@
-"""Continuous batching computes what each request would get alone."""
+"""Continuous batching (in its engine process) computes what each request would get alone."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
 
-from services.inference_gateway.batching import BatchingEngine
 from services.inference_gateway.engine import (
     GenerationEngine,
     SamplingParams,
     request_rng,
     sample_rows,
 )
+from services.inference_gateway.engine_process import EngineProcess, EngineUnavailable
 
 PROMPTS = ["The", "A fortune for the weary traveller:", "Life is short, and",
            "Computers are", "In the beginning there was", "Q: Why? A:"]
@@ -23,7 +24,7 @@ PROMPTS = ["The", "A fortune for the weary traveller:", "Life is short, and",
 @pytest.fixture(scope="module")
 def engines(trained_model):
     base = GenerationEngine(trained_model.path, version="v1")
-    batching = BatchingEngine(base, max_batch=4)
+    batching = EngineProcess(trained_model.path, version="v1", max_batch=4)
     yield base, batching
     batching.close()
 
@@ -78,8 +79,8 @@ def test_a_new_version_swaps_in_without_failing_requests_in_flight(trained_model
     from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest, Limits
     from services.inference_gateway.registry import ModelRegistry
 
-    old = BatchingEngine(GenerationEngine(trained_model.path, version="v1"), max_batch=4)
-    new = BatchingEngine(GenerationEngine(trained_model.path, version="v2"), max_batch=4)
+    old = EngineProcess(trained_model.path, version="v1", max_batch=4)
+    new = EngineProcess(trained_model.path, version="v2", max_batch=4)
     registry = ModelRegistry(keep=1)  # the old version leaves as soon as v2 is in
     registry.install("m", old)
     frontend = GenerationFrontend(registry, Limits(max_new_tokens=64, max_concurrency=8,
@@ -98,8 +99,8 @@ def test_a_new_version_swaps_in_without_failing_requests_in_flight(trained_model
     first, rest, after = asyncio.run(scenario())
     assert (rest or [first])[-1].finish_reason in ("length", "eos")
     assert registry.version("m") == "v2" and after[-1].finish_reason
-    old._thread.join(timeout=5)
-    assert not old._thread.is_alive()  # retired once its request finished
+    old.process.join(timeout=10)
+    assert old.process.exitcode == 0  # retired once its request finished
     new.close()
 
 
@@ -131,11 +132,34 @@ def test_a_mixed_batch_samples_each_row_as_it_would_alone():
 
 
 def test_bf16_weights_serve_through_the_batching_engine(trained_model):
-    import torch
+    engine = EngineProcess(trained_model.path, version="b", dtype="bf16", max_batch=4)
+    try:
+        ((_text, last),) = asyncio.run(_together(engine, [("The",
+                                                           SamplingParams(max_new_tokens=6))]))
+        assert last.finish_reason in ("length", "eos") and last.completion_tokens >= 1
+    finally:
+        engine.close()
 
-    engine = BatchingEngine(GenerationEngine(trained_model.path, version="b", dtype="bf16"),
-                            max_batch=4)
-    assert engine.model.dtype == torch.bfloat16
-    ((_text, last),) = asyncio.run(_together(engine, [("The", SamplingParams(max_new_tokens=6))]))
-    engine.close()
-    assert last.finish_reason in ("length", "eos") and last.completion_tokens >= 1
+
+def test_a_killed_engine_process_fails_its_requests_and_the_next_ones_are_served(engines):
+    """kill -9 of the child mid-generation: the request in flight gets a clear error
+    at once, a new child is started, and later requests are answered."""
+    _base, batching = engines
+
+    async def scenario():
+        ids = batching.encode_prompt("The", 60)
+        stream = batching.astream(ids, SamplingParams(max_new_tokens=60), threading.Event())
+        await anext(stream)
+        batching.process.kill()
+        with pytest.raises(EngineUnavailable, match="exited"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(scenario())
+    deadline = time.monotonic() + 120
+    while batching.restarts == 0 or not batching.process.is_alive():
+        assert time.monotonic() < deadline, "no new engine process"
+        time.sleep(0.2)
+    ((_text, last),) = asyncio.run(_together(batching, [("Life is",
+                                                         SamplingParams(max_new_tokens=4))]))
+    assert last.finish_reason in ("length", "eos")

@@ -10,8 +10,7 @@ import urllib.request
 import openai
 import pytest
 
-from services.inference_gateway.batching import BatchingEngine
-from services.inference_gateway.engine import GenerationEngine
+from services.inference_gateway.engine_process import EngineProcess
 from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.openai_api import OpenAIServer
 from services.inference_gateway.registry import ModelRegistry
@@ -19,7 +18,7 @@ from services.inference_gateway.registry import ModelRegistry
 
 @pytest.fixture(scope="module")
 def engine(trained_model):
-    engine = BatchingEngine(GenerationEngine(trained_model.path, version="v3"), max_batch=8)
+    engine = EngineProcess(trained_model.path, version="v3", max_batch=8)
     yield engine
     engine.close()
 
