@@ -100,7 +100,7 @@ def test_errors_are_openai_shaped_with_the_right_status(engine):
         errors["chat"] = e.value
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/completions",
-            data=json.dumps({"model": "fortune", "prompt": "y" * (2 << 20)}).encode(),
+            data=json.dumps({"model": "fortune", "prompt": "y" * (100 << 20)}).encode(),  # 100 MB
             headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(request, timeout=30)
