@@ -11,6 +11,10 @@ same forward pass in-process.
 
     python benchmarks/gateway_load.py [--clients 64] [--seconds 30]
 
+Then overload: 8x the clients against the default queue (64): the excess must be
+refused at once (RESOURCE_EXHAUSTED) and peak memory (gateway + engine process,
+VmHWM) must stay where it was under the normal load.
+
 Prints JSON. Target: requests/s with batching >= 5x without.
 """
 
@@ -58,7 +62,7 @@ def build_model(directory: Path) -> Path:
     return out
 
 
-def serve(model_dir: str, batching: bool, max_batch: int, port_queue) -> None:
+def serve(model_dir: str, batching: bool, max_batch: int, max_queue: int, port_queue) -> None:
     import torch
 
     from services.inference_gateway.engine import GenerationEngine, default_threads
@@ -76,7 +80,7 @@ def serve(model_dir: str, batching: bool, max_batch: int, port_queue) -> None:
         registry = ModelRegistry()
         registry.install("bench", engine)
         frontend = GenerationFrontend(registry, Limits(
-            max_new_tokens=64, max_concurrency=max_batch if batching else 4, max_queue=1024,
+            max_new_tokens=64, max_concurrency=max_batch if batching else 4, max_queue=max_queue,
             max_prompt_chars=10_000))
         server = GatewayServer(frontend, host="127.0.0.1", port=0, max_message_bytes=1 << 20)
         await server.start()
@@ -106,12 +110,14 @@ def summarize(latencies: list[float], tokens: int, errors: int, elapsed: float,
     return result
 
 
-async def load(port: int, clients: int, seconds: float) -> dict:
+async def load(port: int, clients: int, seconds: float, *, backoff_s: float = 0.05) -> dict:
+    """`clients` streaming clients, each sending its next request when the last ends (or
+    `backoff_s` after a RESOURCE_EXHAUSTED refusal), for `seconds`."""
     import grpc
 
     from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 
-    latencies, ttfts, tokens, errors = [], [], 0, 0
+    latencies, ttfts, refusals, tokens, errors = [], [], [], 0, 0
     deadline = time.perf_counter() + seconds
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = generate_pb2_grpc.GeneratorStub(channel)
@@ -131,8 +137,12 @@ async def load(port: int, clients: int, seconds: float) -> dict:
                         first = first or time.perf_counter()
                         if piece.finish_reason:
                             tokens += piece.completion_tokens
-                except grpc.aio.AioRpcError:
-                    errors += 1
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        errors += 1
+                        continue
+                    refusals.append(time.perf_counter() - start)
+                    await asyncio.sleep(backoff_s)
                     continue
                 end = time.perf_counter()
                 if end <= deadline:
@@ -142,7 +152,24 @@ async def load(port: int, clients: int, seconds: float) -> dict:
         started = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
         elapsed = min(time.perf_counter(), deadline) - started
-    return summarize(latencies, tokens, errors, elapsed, ttfts)
+    result = summarize(latencies, tokens, errors, elapsed, ttfts)
+    if refusals:
+        result["refused"] = len(refusals)
+        result["refusal_p50_ms"] = round(1e3 * percentile(refusals, 0.5), 2)
+        result["refusal_p99_ms"] = round(1e3 * percentile(refusals, 0.99), 2)
+    return result
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident memory (VmHWM) of a process and its children (the engine process)."""
+    pids = [pid] + [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+    total_kib = 0
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total_kib += int(line.split()[1])
+    return round(total_kib / 1024, 1)
 
 
 async def overhead(port: int, model_dir: Path, rounds: int) -> dict:
@@ -179,18 +206,23 @@ async def overhead(port: int, model_dir: Path, rounds: int) -> dict:
             "target_ms": 1.0}
 
 
-def run_config(model_dir: Path, batching: bool, args) -> dict:
+def run_config(model_dir: Path, batching: bool, args, *, clients: int | None = None,
+               seconds: float | None = None, max_queue: int = 1024,
+               measure_overhead: bool = True) -> dict:
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
     # Not a daemon: the gateway starts its engine process (killed below all the same).
-    server = ctx.Process(target=serve, args=(str(model_dir), batching, args.max_batch, ports))
+    server = ctx.Process(target=serve, args=(str(model_dir), batching, args.max_batch,
+                                             max_queue, ports))
     server.start()
     try:
         port = ports.get(timeout=120)
         # Overhead first, on an idle server: one 1-token request at a time.
-        idle = asyncio.run(overhead(port, model_dir, 300))
-        result = asyncio.run(load(port, args.clients, args.seconds))
-        result["overhead"] = idle
+        idle = asyncio.run(overhead(port, model_dir, 300)) if measure_overhead else None
+        result = asyncio.run(load(port, clients or args.clients, seconds or args.seconds))
+        result["peak_rss_mib"] = peak_rss_mib(server.pid)
+        if idle:
+            result["overhead"] = idle
         return result
     finally:
         server.kill()
@@ -207,6 +239,10 @@ def main() -> int:
         model_dir = build_model(Path(tmp))
         on = run_config(model_dir, True, args)
         off = run_config(model_dir, False, args)
+        # Overload: 8x the clients against the service's default queue (64 waiting):
+        # the excess is refused at once and memory stays where it was at 64 clients.
+        overload = run_config(model_dir, True, args, clients=8 * args.clients, seconds=10,
+                              max_queue=64, measure_overhead=False)
     report = {
         "benchmark": "gateway_load", "model": "tiny preset (Llama, vocab 4096)",
         "clients": args.clients, "seconds": args.seconds, "max_new_tokens": 32,
@@ -216,6 +252,9 @@ def main() -> int:
         "target_ratio": 5.0,
         "overhead_batching_on": on["overhead"],
         "overhead_batching_off": off["overhead"],
+        "overload": {"clients": 8 * args.clients, "seconds": 10, "max_queue": 64, **overload,
+                     "peak_rss_ratio_vs_64_clients": round(
+                         overload["peak_rss_mib"] / on["peak_rss_mib"], 2)},
     }
     print(json.dumps(report, indent=1))
     return 0
