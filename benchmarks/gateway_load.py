@@ -37,7 +37,7 @@ PROMPTS = ["The secret of life is", "Computers are", "A fortune for you:", "Neve
            "The best way to predict the future", "Q: What is love? A:"]
 
 
-def build_model(directory: Path) -> Path:
+def build_model(directory: Path, preset: str = "tiny") -> Path:
     from transformers import AutoModelForCausalLM
 
     from lmforge.modeling import llama_config
@@ -47,7 +47,7 @@ def build_model(directory: Path) -> Path:
     prepare_dataset(ROOT / "tests/data/fortunes-sample.txt", "text", "", directory / "ds",
                     PrepConfig(vocab_size=4096, seq_len=128))
     meta = json.loads((directory / "ds" / "dataset.json").read_text())
-    p = PRESETS["tiny"]
+    p = PRESETS[preset]
     import torch
 
     torch.manual_seed(0)
@@ -62,7 +62,8 @@ def build_model(directory: Path) -> Path:
     return out
 
 
-def serve(model_dir: str, batching: bool, max_batch: int, max_queue: int, port_queue) -> None:
+def serve(model_dir: str, batching: bool, max_batch: int, max_queue: int, device: str,
+          port_queue) -> None:
     import torch
 
     from services.inference_gateway.engine import GenerationEngine, default_threads
@@ -75,8 +76,10 @@ def serve(model_dir: str, batching: bool, max_batch: int, max_queue: int, port_q
 
     async def main() -> None:
         # As the gateway service builds them: batching decodes in its own process.
-        engine = (EngineProcess(Path(model_dir), version="bench", max_batch=max_batch)
-                  if batching else GenerationEngine(Path(model_dir), version="bench"))
+        engine = (EngineProcess(Path(model_dir), version="bench", max_batch=max_batch,
+                                device=device)
+                  if batching else GenerationEngine(Path(model_dir), version="bench",
+                                                    device=device))
         registry = ModelRegistry()
         registry.install("bench", engine)
         frontend = GenerationFrontend(registry, Limits(
@@ -172,7 +175,7 @@ def peak_rss_mib(pid: int) -> float:
     return round(total_kib / 1024, 1)
 
 
-async def overhead(port: int, model_dir: Path, rounds: int) -> dict:
+async def overhead(port: int, model_dir: Path, rounds: int, device: str = "cpu") -> dict:
     """Batch-1 latency of a 1-token request through the idle gateway, against the same
     model's forward pass run in this process, interleaved round by round so that both
     see the same machine (the forward pass alone moves by +-50 % between minutes here)."""
@@ -183,8 +186,8 @@ async def overhead(port: int, model_dir: Path, rounds: int) -> dict:
     from services.inference_gateway.engine import GenerationEngine, default_threads
 
     torch.set_num_threads(default_threads())
-    engine = GenerationEngine(model_dir, version="local")
-    ids = torch.tensor([engine.encode_prompt(PROMPTS[0], 1)])
+    engine = GenerationEngine(model_dir, version="local", device=device)
+    ids = torch.tensor([engine.encode_prompt(PROMPTS[0], 1)], device=device)
     request = generate_pb2.GenerateRequest(model="bench", prompt=PROMPTS[0], max_new_tokens=1)
     gateway, local = [], []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -192,7 +195,7 @@ async def overhead(port: int, model_dir: Path, rounds: int) -> dict:
         for _ in range(rounds):
             start = time.perf_counter()
             with torch.inference_mode():
-                engine.model(input_ids=ids, use_cache=True)
+                engine.model(input_ids=ids, use_cache=True).logits[0, -1].cpu()
             local.append(time.perf_counter() - start)
             start = time.perf_counter()
             async for _ in stub.Generate(request):
@@ -213,12 +216,13 @@ def run_config(model_dir: Path, batching: bool, args, *, clients: int | None = N
     ports = ctx.Queue()
     # Not a daemon: the gateway starts its engine process (killed below all the same).
     server = ctx.Process(target=serve, args=(str(model_dir), batching, args.max_batch,
-                                             max_queue, ports))
+                                             max_queue, args.device, ports))
     server.start()
     try:
         port = ports.get(timeout=120)
         # Overhead first, on an idle server: one 1-token request at a time.
-        idle = asyncio.run(overhead(port, model_dir, 300)) if measure_overhead else None
+        idle = (asyncio.run(overhead(port, model_dir, 300, args.device))
+                if measure_overhead else None)
         result = asyncio.run(load(port, clients or args.clients, seconds or args.seconds))
         result["peak_rss_mib"] = peak_rss_mib(server.pid)
         if idle:
@@ -234,9 +238,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--preset", default="tiny", help="model size (scheduler presets)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model(Path(tmp))
+        model_dir = build_model(Path(tmp), args.preset)
         on = run_config(model_dir, True, args)
         off = run_config(model_dir, False, args)
         # Overload: 8x the clients against the service's default queue (64 waiting):
@@ -244,7 +250,8 @@ def main() -> int:
         overload = run_config(model_dir, True, args, clients=8 * args.clients, seconds=10,
                               max_queue=64, measure_overhead=False)
     report = {
-        "benchmark": "gateway_load", "model": "tiny preset (Llama, vocab 4096)",
+        "benchmark": "gateway_load", "model": f"{args.preset} preset (Llama, vocab 4096)",
+        "device": args.device,
         "clients": args.clients, "seconds": args.seconds, "max_new_tokens": 32,
         "batching_on": {k: v for k, v in on.items() if k != "overhead"},
         "batching_off": {k: v for k, v in off.items() if k != "overhead"},

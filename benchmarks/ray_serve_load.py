@@ -109,6 +109,7 @@ def main() -> int:
                         help="torch threads in Ray's replica (default: the gateway's own rule, "
                         "all cores but one; with OMP_WAIT_POLICY=PASSIVE two threads made "
                         "Ray 2-4x slower here)")
+    parser.set_defaults(device="cpu", preset="tiny")
     args = parser.parse_args()
     from lmforge.runtime.nats_server import free_port
     from services.inference_gateway.engine import default_threads

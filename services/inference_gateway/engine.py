@@ -43,6 +43,18 @@ class Piece:
     finish_reason: str = ""
 
 
+def load_serving_model(model_dir: Path, dtype: str, device: str) -> torch.nn.Module:
+    """The model in eval mode on `device` ("cpu", "cuda", "cuda:1") with fp32 or bf16
+    weights; a device that is not there is refused here, before anything is served."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype {dtype!r} must be fp32 or bf16")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    model = load_causal_lm(model_dir,
+                           dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    return model.to(device).eval()
+
+
 def encode_prompt(tokenizer, context_length: int, prompt: str) -> list[int]:
     """The prompt's token ids, refused when empty or when it leaves no room to generate."""
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
@@ -80,7 +92,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     model on a CPU, so rows are only gathered, divided, sorted or arg-maxed when some
     row needs it (the common batch is all rows sampled alike).
     """
-    logits = logits.float()
+    logits = logits.float().cpu()
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if len(sampled) < len(params):
         tokens = torch.argmax(logits, dim=-1)
@@ -130,12 +142,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, rng: random.Random
 
 
 class GenerationEngine:
-    def __init__(self, model_dir: Path, *, version: str, dtype: str = "fp32") -> None:
-        if dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype {dtype!r} must be fp32 or bf16")
+    def __init__(self, model_dir: Path, *, version: str, dtype: str = "fp32",
+                 device: str = "cpu") -> None:
         self.version = version
-        self.model = load_causal_lm(
-            model_dir, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        self.model = load_serving_model(model_dir, dtype, device)
         self.tokenizer = load_tokenizer(model_dir)
         self.eos_token_id = self.model.config.eos_token_id
         self.context_length = self.model.config.max_position_embeddings
@@ -149,7 +159,8 @@ class GenerationEngine:
         generated: list[int] = []
         sent = ""
         cache = None
-        inputs = torch.tensor([prompt_ids])
+        device = self.model.device
+        inputs = torch.tensor([prompt_ids], device=device)
         finish = "length"
         # Generation stops at the context length ("length"), whatever was asked.
         budget = min(params.max_new_tokens, self.context_length - len(prompt_ids))
@@ -167,7 +178,7 @@ class GenerationEngine:
                 finish = "eos"
                 break
             generated.append(token)
-            inputs = torch.tensor([[token]])
+            inputs = torch.tensor([[token]], device=device)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             if text.endswith("\ufffd"):
                 continue  # half a character: wait for the rest of its bytes

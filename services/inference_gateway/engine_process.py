@@ -51,18 +51,17 @@ class EngineUnavailable(RuntimeError):
     """The engine process is gone (and is being restarted)."""
 
 
-def _serve(model_dir: str, dtype: str, max_batch: int, threads: int,
+def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int,
            requests: Connection, pieces: Connection) -> None:
     """The child: load the model, then decode until told to stop or the parent goes."""
     import torch
 
-    from lmforge.modeling import load_causal_lm
     from services.inference_gateway.batching import BatchingLoop, Sequence
+    from services.inference_gateway.engine import load_serving_model
 
     torch.set_num_threads(threads)
     try:
-        model = load_causal_lm(Path(model_dir),
-                               dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        model = load_serving_model(Path(model_dir), dtype, device)
         tokenizer = load_tokenizer(Path(model_dir))
 
         def deliver(items: list, sizes: list[int], waiting: int) -> None:
@@ -109,12 +108,10 @@ class EngineProcess:
     """A batching engine for the PyTorch model in `model_dir`, decoding in a child process."""
 
     def __init__(self, model_dir: Path, *, version: str, dtype: str = "fp32",
-                 max_batch: int = 32, threads: int = 0) -> None:
-        if dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype {dtype!r} must be fp32 or bf16")
+                 device: str = "cpu", max_batch: int = 32, threads: int = 0) -> None:
         self.version = version
         self.model_dir = Path(model_dir)
-        self.dtype, self.max_batch = dtype, max_batch
+        self.dtype, self.device, self.max_batch = dtype, device, max_batch
         self.threads = threads or default_threads()
         self.tokenizer = load_tokenizer(self.model_dir)
         config = json.loads((self.model_dir / "config.json").read_text())
@@ -135,7 +132,7 @@ class EngineProcess:
         pieces_out, pieces_in = ctx.Pipe(duplex=False)
         process = ctx.Process(
             target=_serve, name=f"lmforge-engine-{self.version}", daemon=True,
-            args=(str(self.model_dir), self.dtype, self.max_batch, self.threads,
+            args=(str(self.model_dir), self.dtype, self.device, self.max_batch, self.threads,
                   requests_out, pieces_in))
         process.start()
         requests_out.close()

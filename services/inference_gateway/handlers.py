@@ -55,6 +55,8 @@ class GatewaySettings(ServiceSettings):
     gateway_dtype: str = Field("fp32", pattern="^(fp32|bf16)$",
                                description="Weights of the PyTorch backend (bf16 halves memory; "
                                "fast only where the hardware has bf16).")
+    gateway_device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
+                                description="Where the PyTorch backend runs: cpu, cuda, cuda:N.")
     gateway_batching: bool = Field(True, description="Continuous batching (else one request "
                                    "per slot, MAX_CONCURRENCY slots).")
     gateway_max_batch: int = Field(32, ge=1, description="Sequences per decoding step.")
@@ -96,7 +98,8 @@ class GatewayService(Service):
                         "threads": torch.get_num_threads()}
                        if self.settings.gateway_batching else {})
             engine = await asyncio.to_thread(kind, export_dir / "hf", version=event.version,
-                                             dtype=self.settings.gateway_dtype, **options)
+                                             dtype=self.settings.gateway_dtype,
+                                             device=self.settings.gateway_device, **options)
         self.registry.install(event.model_name, engine)
         await self.server.set_serving(True)
         log.info("serving %s version %s", event.model_name, event.version,

@@ -163,3 +163,11 @@ def test_a_killed_engine_process_fails_its_requests_and_the_next_ones_are_served
     ((_text, last),) = asyncio.run(_together(batching, [("Life is",
                                                          SamplingParams(max_new_tokens=4))]))
     assert last.finish_reason in ("length", "eos")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_a_cuda_device_that_is_not_there_is_refused_before_serving(trained_model):
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        GenerationEngine(trained_model.path, version="c", device="cuda")
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+        EngineProcess(trained_model.path, version="c", device="cuda:0", max_batch=2)

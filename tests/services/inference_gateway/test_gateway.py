@@ -80,7 +80,8 @@ def test_bad_requests_get_the_right_status_and_the_gateway_keeps_serving(engine)
         (dict(model="m", prompt="x" * 5000), grpc.StatusCode.INVALID_ARGUMENT,
          "the limit is 1000"),
         (dict(model="m", prompt="hi", top_p=3), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-        (dict(model="m", prompt="y" * (100 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),  # 100 MB
+        # A 100 MB request against the 1 MB cap.
+        (dict(model="m", prompt="y" * (100 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     ]
 
     async def scenario():
