@@ -94,22 +94,27 @@ def serve(model_dir: str, batching: bool, max_batch: int, max_queue: int, device
     asyncio.run(main())
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+
+def ms(seconds: float | None, digits: int = 1) -> float | None:
+    return None if seconds is None else round(1e3 * seconds, digits)
 
 
 def summarize(latencies: list[float], tokens: int, errors: int, elapsed: float,
               ttfts: list[float] | None = None) -> dict:
-    """The figures both load benchmarks report, from what the clients recorded."""
+    """The figures both load benchmarks report, from what the clients recorded (None where
+    no request finished)."""
     result = {"requests": len(latencies), "errors": errors,
               "requests_per_s": round(len(latencies) / elapsed, 2),
               "generated_tokens_per_s": round(tokens / elapsed, 1)}
     if ttfts is not None:
-        result["ttft_p50_ms"] = round(1e3 * percentile(ttfts, 0.5), 1)
-        result["ttft_p99_ms"] = round(1e3 * percentile(ttfts, 0.99), 1)
-    result["e2e_p50_ms"] = round(1e3 * percentile(latencies, 0.5), 1)
-    result["e2e_p99_ms"] = round(1e3 * percentile(latencies, 0.99), 1)
+        result["ttft_p50_ms"] = ms(percentile(ttfts, 0.5))
+        result["ttft_p99_ms"] = ms(percentile(ttfts, 0.99))
+    result["e2e_p50_ms"] = ms(percentile(latencies, 0.5))
+    result["e2e_p99_ms"] = ms(percentile(latencies, 0.99))
     return result
 
 
@@ -158,8 +163,8 @@ async def load(port: int, clients: int, seconds: float, *, backoff_s: float = 0.
     result = summarize(latencies, tokens, errors, elapsed, ttfts)
     if refusals:
         result["refused"] = len(refusals)
-        result["refusal_p50_ms"] = round(1e3 * percentile(refusals, 0.5), 2)
-        result["refusal_p99_ms"] = round(1e3 * percentile(refusals, 0.99), 2)
+        result["refusal_p50_ms"] = ms(percentile(refusals, 0.5), 2)
+        result["refusal_p99_ms"] = ms(percentile(refusals, 0.99), 2)
     return result
 
 
