@@ -82,13 +82,15 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
                   timeout=660)
     assert "served as model fortune" in run.stderr
 
+    # A model trained for a few steps may sample end-of-text first for a given seed
+    # (a valid, empty answer): a few seeds, and at least one must generate text.
     with grpc.insecure_channel(status["gateway"]) as channel:
         stub = generate_pb2_grpc.GeneratorStub(channel)
-        pieces = list(stub.Generate(generate_pb2.GenerateRequest(
+        answers = [list(stub.Generate(generate_pb2.GenerateRequest(
             model="fortune", prompt="A fortune for you:", max_new_tokens=16,
-            temperature=0.8, top_p=0.95, seed=1), timeout=60))
-    assert pieces[-1].finish_reason in ("length", "eos")
-    assert pieces[-1].completion_tokens >= 1
+            temperature=0.8, top_p=0.95, seed=seed), timeout=60)) for seed in (1, 2, 3)]
+    assert all(pieces[-1].finish_reason in ("length", "eos") for pieces in answers)
+    assert max(pieces[-1].completion_tokens for pieces in answers) >= 1
 
     # The same model through the OpenAI SDK and through tritonclient, unchanged.
     client = openai.OpenAI(base_url=status["openai_base_url"], api_key="unused", max_retries=0)
