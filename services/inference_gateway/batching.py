@@ -1,10 +1,12 @@
 """Continuous batching: new requests join the running batch between decoding steps,
 finished ones leave, every sequence keeps its own KV cache rows.
 
-`BatchingLoop` is the decoding thread's body and knows nothing of transports: it
-takes sequences from `submit`, hands each step's pieces to a `deliver` callback,
-and reads a sequence's `cancelled` flag between steps. It runs inside the engine
-process (engine_process.py), which connects it to the gateway by pipes.
+`BatchingLoop` is the engine's single thread and knows nothing of transports:
+between steps it calls `receive(timeout)` (which calls `submit` / `cancel` for
+whatever arrived, waiting up to `timeout` when there is nothing to decode), and
+hands each step's pieces to `deliver`. It runs inside the engine process
+(engine_process.py), which connects both to the gateway's pipes; one thread
+means no hand-off between a receiving thread and the decoding one.
 
 The running batch lives in a `SlotDecoder`: one preallocated cache row per
 sequence, each at its own length, so a joining request is prefilled (all newly
@@ -17,9 +19,9 @@ never holds the door for short ones.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,7 +42,7 @@ class Sequence:
     id: int
     prompt_ids: list[int]
     params: SamplingParams
-    cancelled: bool = False  # set from another thread; read between steps
+    cancelled: bool = False  # set by `cancel`; read between steps
     rng: random.Random = field(init=False)
     generated: list[int] = field(default_factory=list)
     sent: str = ""
@@ -59,15 +61,16 @@ class BatchingLoop:
     """Continuous batching over a model and its tokenizer."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch: int,
-                 deliver: Delivery) -> None:
+                 deliver: Delivery, receive: Callable[[float], None]) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_id = model.config.eos_token_id
         self.context_length = model.config.max_position_embeddings
         self.max_batch = max_batch
         self.deliver = deliver
+        self.receive = receive
         self.decoder = SlotDecoder(model, max_rows=max_batch)
-        self._waiting: queue.Queue[Sequence | None] = queue.Queue()
+        self._waiting: deque[Sequence] = deque()
         self._by_id: dict[int, Sequence] = {}
         self._active: list[Sequence] = []  # row i of the decoder is _active[i]
         self._outbox: list[tuple[int, Piece | str]] = []
@@ -75,7 +78,7 @@ class BatchingLoop:
 
     def submit(self, seq: Sequence) -> None:
         self._by_id[seq.id] = seq
-        self._waiting.put(seq)
+        self._waiting.append(seq)
 
     def cancel(self, seq_id: int) -> None:
         """The client went away: the sequence leaves the batch at the next step."""
@@ -83,14 +86,10 @@ class BatchingLoop:
         if seq is not None:
             seq.cancelled = True
 
-    def wake(self) -> None:
-        """Unblock an idle loop (to notice a stop)."""
-        self._waiting.put(None)
-
     def run(self, stop: threading.Event, retiring: threading.Event) -> None:
         """Decode until `stop`, or until `retiring` and nothing is left to do."""
         while not stop.is_set():
-            if retiring.is_set() and not self._active and self._waiting.empty():
+            if retiring.is_set() and not self._active and not self._waiting:
                 return
             try:
                 self._admit(block=not self._active)
@@ -106,7 +105,7 @@ class BatchingLoop:
                 if self._outbox:
                     items, sizes = self._outbox, self._step_sizes
                     self._outbox, self._step_sizes = [], []
-                    self.deliver(items, sizes, self._waiting.qsize())
+                    self.deliver(items, sizes, len(self._waiting))
 
     def _emit(self, seq: Sequence, piece: Piece | str) -> None:
         self._outbox.append((seq.id, piece))
@@ -114,15 +113,10 @@ class BatchingLoop:
             self._by_id.pop(seq.id, None)
 
     def _admit(self, *, block: bool) -> None:
+        self.receive(0.05 if block else 0.0)
         admitted: list[Sequence] = []
-        while len(self._active) + len(admitted) < self.max_batch:
-            try:
-                seq = self._waiting.get(timeout=0.05) if block else self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            block = False
-            if seq is None:
-                continue
+        while self._waiting and len(self._active) + len(admitted) < self.max_batch:
+            seq = self._waiting.popleft()
             if seq.cancelled:
                 self._by_id.pop(seq.id, None)
             else:

@@ -68,34 +68,33 @@ def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int
             pieces.send(([(i, p if isinstance(p, str) else astuple(p)) for i, p in items],
                          sizes, waiting))
 
-        loop = BatchingLoop(model, tokenizer, max_batch=max_batch, deliver=deliver)
+        stop, retiring = threading.Event(), threading.Event()
+
+        def receive(timeout: float) -> None:
+            """Act on every message that has arrived, waiting up to `timeout` for one."""
+            while not stop.is_set() and requests.poll(timeout):
+                timeout = 0.0
+                try:
+                    message = requests.recv()
+                except (EOFError, OSError):  # the gateway is gone: so are its clients
+                    message = ("stop",)
+                kind = message[0]
+                if kind == "add":
+                    _, seq_id, prompt_ids, params = message
+                    loop.submit(Sequence(seq_id, prompt_ids, SamplingParams(*params)))
+                elif kind == "cancel":
+                    loop.cancel(message[1])
+                elif kind == "retire":
+                    retiring.set()
+                else:
+                    stop.set()
+
+        loop = BatchingLoop(model, tokenizer, max_batch=max_batch, deliver=deliver,
+                            receive=receive)
     except Exception as exc:
         pieces.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     pieces.send(("ready", None))
-    stop, retiring = threading.Event(), threading.Event()
-
-    def receive() -> None:
-        while True:
-            try:
-                message = requests.recv()
-            except (EOFError, OSError):  # the gateway is gone: so are its clients
-                message = ("stop",)
-            kind = message[0]
-            if kind == "add":
-                _, seq_id, prompt_ids, params = message
-                loop.submit(Sequence(seq_id, prompt_ids, SamplingParams(*params)))
-            elif kind == "cancel":
-                loop.cancel(message[1])
-            elif kind == "retire":
-                retiring.set()
-                loop.wake()
-            else:
-                stop.set()
-                loop.wake()
-                return
-
-    threading.Thread(target=receive, name="engine-requests", daemon=True).start()
     loop.run(stop, retiring)
 
 

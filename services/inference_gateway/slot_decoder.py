@@ -4,9 +4,10 @@ Why not the model's own forward: at serving batch sizes on a CPU a decoding
 step of a small model is mostly Python — Hugging Face builds masks and cache
 objects and grows every layer's K/V with `torch.cat` at every step. Here the
 cache is preallocated, one row ("slot") per running sequence, and a step writes
-one column per row in place; the layers' own modules (projections, norms, MLP,
-rotary embedding) are called directly, so the weights and the arithmetic are
-the model's.
+one column per row in place; the layers' own modules (projections, MLP) are
+called directly, RMSNorm runs as one fused op with the model's weights and
+epsilon, and the rotary cos/sin come from a table the model's own rotary module
+filled once — so the weights and the arithmetic are the model's.
 
 Slots are kept dense: the running sequences own rows 0..n-1, a finished one is
 replaced by the last row (one row copied, nothing shifted), so attention reads
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 SUPPORTED = ("llama", "qwen2")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -57,6 +59,15 @@ class SlotDecoder:
         self.initial_length = min(initial_length, self.context_length)
         parameter = next(model.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
+        # Rotary cos/sin for every position, computed once by the model's own module, when
+        # they do not depend on the sequence length (they do for "dynamic" and "longrope").
+        self._rotary_table = None
+        if getattr(self.rotary, "rope_type", "default") in STATIC_ROPE:
+            with torch.inference_mode():
+                positions = torch.arange(self.context_length, device=self.device)[None]
+                cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device),
+                                       positions)
+            self._rotary_table = (cos[0], sin[0])
         self.rows = 0                                   # sequences holding rows 0..rows-1
         self.lengths = torch.zeros(max_rows, dtype=torch.long)  # tokens cached per row
         self.keys: list[torch.Tensor] = []
@@ -181,18 +192,27 @@ class SlotDecoder:
         ids, positions = ids.to(self.device), positions.to(self.device)
         batch, steps = ids.shape
         hidden = self.model.model.embed_tokens(ids)
-        cos, sin = self.rotary(hidden, positions)
+        if self._rotary_table is not None:
+            cos, sin = (table[positions] for table in self._rotary_table)
+        else:
+            cos, sin = self.rotary(hidden, positions)
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             attention = layer.self_attn
-            x = layer.input_layernorm(hidden)
+            x = _rms_norm(layer.input_layernorm, hidden)
             q = attention.q_proj(x).view(batch, steps, self.heads, self.head_dim)
             k = attention.k_proj(x).view(batch, steps, self.kv_heads, self.head_dim)
             v = attention.v_proj(x).view(batch, steps, self.kv_heads, self.head_dim)
             q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             out = attend(q, k, v.transpose(1, 2), keys, values)
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
         return hidden
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(last_hidden)).float().cpu()
+        return self.model.lm_head(_rms_norm(self.model.model.norm, last_hidden)).float().cpu()
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm as one fused op (its module runs six: a small model's decode
+    step spends more on dispatching them than on the arithmetic)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
