@@ -143,7 +143,8 @@ class EngineProcess:
         try:
             kind, detail = pieces_out.recv()
         except EOFError:
-            kind, detail = "failed", f"exit code {process.join(5) or process.exitcode}"
+            process.join(5)
+            kind, detail = "failed", f"exit code {process.exitcode}"
         if kind != "ready":
             process.join(5)
             raise RuntimeError(f"engine process could not load {self.model_dir}: {detail}")
@@ -158,6 +159,7 @@ class EngineProcess:
             try:
                 items, sizes, waiting = pieces.recv()
             except (EOFError, OSError):
+                pieces.close()
                 break
             for size in sizes:
                 BATCH_SIZE.observe(size)

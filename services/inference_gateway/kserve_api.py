@@ -29,12 +29,8 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from lmforge import __version__
 from services.inference_gateway.engine import RequestError
-from services.inference_gateway.frontend import (
-    CapacityError,
-    GenerationFrontend,
-    GenerationRequest,
-)
-from services.inference_gateway.registry import UnknownModelError
+from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest
+from services.inference_gateway.grpc_status import REFUSALS, abort_refused, refusal_message
 
 KSERVE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 INPUTS = {  # name: (datatype, numpy dtype, config type, required)
@@ -207,12 +203,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         context.add_done_callback(lambda _ctx: cancelled.set())
         try:
             text = "".join([p.text async for p in self._pieces(request, cancelled)])
-        except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except UnknownModelError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
-        except CapacityError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except REFUSALS as exc:
+            await abort_refused(context, exc)
         return text_response(request, request.model_version
                              or self.registry.version(request.model_name) or "", text)
 
@@ -226,6 +218,5 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     yield pb.ModelStreamInferResponse(infer_response=text_response(
                         request, version, piece.text, final=bool(piece.finish_reason),
                         piece=piece))
-            except (RequestError, UnknownModelError, CapacityError) as exc:
-                message = exc.args[0] if isinstance(exc, UnknownModelError) else str(exc)
-                yield pb.ModelStreamInferResponse(error_message=message)
+            except REFUSALS as exc:
+                yield pb.ModelStreamInferResponse(error_message=refusal_message(exc))

@@ -7,13 +7,8 @@ import threading
 import grpc
 
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
-from services.inference_gateway.engine import RequestError
-from services.inference_gateway.frontend import (
-    CapacityError,
-    GenerationFrontend,
-    GenerationRequest,
-)
-from services.inference_gateway.registry import UnknownModelError
+from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest
+from services.inference_gateway.grpc_status import REFUSALS, abort_refused
 
 GENERATOR_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
 
@@ -35,9 +30,5 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                 yield generate_pb2.GenerateResponse(
                     text=piece.text, finish_reason=piece.finish_reason,
                     completion_tokens=piece.completion_tokens, prompt_tokens=piece.prompt_tokens)
-        except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except UnknownModelError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
-        except CapacityError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except REFUSALS as exc:
+            await abort_refused(context, exc)
