@@ -109,7 +109,7 @@ def main() -> int:
                         help="torch threads in Ray's replica (default: the gateway's own rule, "
                         "all cores but one; with OMP_WAIT_POLICY=PASSIVE two threads made "
                         "Ray 2-4x slower here)")
-    parser.set_defaults(device="cpu", preset="tiny")
+    parser.set_defaults(device="cpu")  # run_config serves on this device
     args = parser.parse_args()
     from lmforge.runtime.nats_server import free_port
     from services.inference_gateway.engine import default_threads
