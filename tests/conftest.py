@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from lmforge.runtime.nats_server import NatsServer
+from services.trainer.config import PRESETS, TrainConfig
 
 # Two busy cores make OpenMP spin; every test process and child stays passive.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -32,36 +34,22 @@ def _tracing():
     yield
 
 
-TINY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=160, seq_len=64,
-                  micro_batch=8, learning_rate=3e-3, warmup_steps=2)
+TINY_PRESET = "test-tiny"
+"""The tiny test model, a preset of the trainer's config (services/trainer/config.py)."""
+
+TINY_MODEL: dict[str, int | float] = asdict(PRESETS[TINY_PRESET])
+"""The tiny model's shape and batch by name (hidden_size, seq_len, micro_batch, ...)."""
 
 
-def tiny_train_config(*, max_steps: int, checkpoint_interval: int = 100, precision="fp32",
-                      engine="plain", zero_stage=0, grad_accum=1, world_size=1, seed=1234,
-                      gradient_checkpointing=False):
-    """The tiny test model as a TrainConfig."""
-    from services.trainer.config import (
-        BatchConfig,
-        CheckpointConfig,
-        EngineConfig,
-        ModelSpec,
-        OptimizerConfig,
-        ScheduleConfig,
-        TrainConfig,
-    )
-
-    t = TINY_MODEL
-    return TrainConfig(
-        model=ModelSpec(hidden_size=t["hidden_size"], num_layers=t["num_layers"],
-                        num_heads=t["num_heads"], intermediate_size=t["intermediate_size"]),
-        batch=BatchConfig(seq_len=t["seq_len"], micro_batch=t["micro_batch"],
-                          grad_accum=grad_accum),
-        optimizer=OptimizerConfig(learning_rate=t["learning_rate"]),
-        schedule=ScheduleConfig(max_steps=max_steps, warmup_steps=t["warmup_steps"]),
-        checkpoint=CheckpointConfig(interval=checkpoint_interval),
-        engine=EngineConfig(kind=engine, precision=precision, zero_stage=zero_stage,
-                            gradient_checkpointing=gradient_checkpointing),
-        seed=seed, world_size=world_size)
+def tiny_train_config(*, max_steps: int, checkpoint_interval: int = 100,
+                      precision: str = "fp32", engine: str = "plain", zero_stage: int = 0,
+                      grad_accum: int = 1, world_size: int = 1, seed: int = 1234,
+                      gradient_checkpointing: bool = False) -> TrainConfig:
+    """The tiny test model as a TrainConfig (`TrainConfig.from_preset("test-tiny", ...)`)."""
+    return TrainConfig.from_preset(
+        TINY_PRESET, max_steps=max_steps, checkpoint_interval=checkpoint_interval,
+        precision=precision, engine_kind=engine, zero_stage=zero_stage, grad_accum=grad_accum,
+        world_size=world_size, seed=seed, gradient_checkpointing=gradient_checkpointing)
 
 
 @pytest.fixture(scope="session")

@@ -3,20 +3,28 @@
 The scheduler's `ResourcePlan` fills it (`TrainConfig.from_plan`); every field
 is documented and checked in `__post_init__`, so a bad plan is refused before
 a model is built, with the field, the value and the rule.
+
+Tests and benchmarks start from a named preset instead
+(`TrainConfig.from_preset("small", max_steps=30)`), so they build the same
+config, with the same defaults, as the service does from a plan; and
+`plan_fields()` turns a config back into a plan's fields for a test or a
+benchmark that drives the service over the bus.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from lmforge.failures import BadInput
 
 FAMILIES = ("llama", "qwen2")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENGINES = ("plain", "deepspeed")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A training config that cannot run; the message names the field."""
 
 
@@ -162,6 +170,69 @@ class TrainConfig:
                f"max_steps {self.schedule.max_steps}")
 
     @classmethod
+    def from_preset(cls, name: str, /, **overrides: Any) -> TrainConfig:
+        """The preset `name` (see `PRESETS`) as a config, with `overrides` applied.
+
+        An override names a field, either alone where that is unambiguous
+        (`max_steps=8`, `precision="bf16"`, `world_size=2`) or with its component
+        (`checkpoint_interval=2`, `engine_kind="deepspeed"`). Unless
+        `warmup_steps` is given, the preset's warm-up is cut to `max_steps`.
+        """
+        try:
+            preset = PRESETS[name]
+        except KeyError:
+            raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+        base = cls(
+            model=ModelSpec(hidden_size=preset.hidden_size, num_layers=preset.num_layers,
+                            num_heads=preset.num_heads,
+                            intermediate_size=preset.intermediate_size),
+            batch=BatchConfig(seq_len=preset.seq_len, micro_batch=preset.micro_batch),
+            optimizer=OptimizerConfig(learning_rate=preset.learning_rate),
+            schedule=ScheduleConfig(warmup_steps=preset.warmup_steps),
+        )
+        changes: dict[str, dict[str, Any]] = {}
+        for key, value in overrides.items():
+            if key not in _OVERRIDES:
+                raise ConfigError(
+                    f"unknown override {key!r} for preset {name!r}: give a field of the config "
+                    f"({', '.join(sorted(k for k, (c, f) in _OVERRIDES.items() if k == f))}), "
+                    "or component_field (checkpoint_interval, engine_kind, ...)")
+            component, field_name = _OVERRIDES[key]
+            wanted = changes.setdefault(component, {})
+            _check(field_name not in wanted,
+                   f"override {key!r} sets {component or 'config'}.{field_name} twice")
+            current = getattr(getattr(base, component), field_name) if component else getattr(
+                base, field_name)
+            wanted[field_name] = _same_type(key, current, value)
+        schedule = changes.get("schedule", {})
+        if "max_steps" in schedule and "warmup_steps" not in schedule:
+            schedule["warmup_steps"] = min(preset.warmup_steps, schedule["max_steps"])
+        parts = {component: replace(getattr(base, component), **changes.get(component, {}))
+                 for component in _COMPONENTS}
+        return cls(**parts, **changes.get("", {}))
+
+    def plan_fields(self) -> dict[str, Any]:
+        """This config as `lmforge.v1.ResourcePlan` fields: `from_plan` reads them back.
+
+        Optimizer details, the learning-rate floor, checkpoints kept and a
+        pretrained directory are not part of a plan; `from_plan` gives them their
+        defaults.
+        """
+        m, b, e = self.model, self.batch, self.engine
+        return {
+            "family": m.family, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
+            "num_heads": m.num_heads, "intermediate_size": m.intermediate_size,
+            "seq_len": b.seq_len, "micro_batch": b.micro_batch, "grad_accum": b.grad_accum,
+            "learning_rate": self.optimizer.learning_rate,
+            "max_steps": self.schedule.max_steps, "warmup_steps": self.schedule.warmup_steps,
+            "checkpoint_interval": self.checkpoint.interval,
+            "engine": e.kind, "precision": e.precision, "zero_stage": e.zero_stage,
+            "offload_optimizer": e.offload_optimizer, "offload_params": e.offload_params,
+            "gradient_checkpointing": e.gradient_checkpointing, "compile": e.compile,
+            "seed": self.seed, "world_size": self.world_size,
+        }
+
+    @classmethod
     def from_plan(cls, plan: Any) -> TrainConfig:
         """Build from an `lmforge.v1.ResourcePlan` (or any object with its fields)."""
         return cls(
@@ -182,10 +253,88 @@ class TrainConfig:
                 offload_optimizer=getattr(plan, "offload_optimizer", False),
                 offload_params=getattr(plan, "offload_params", False),
                 gradient_checkpointing=getattr(plan, "gradient_checkpointing", False),
+                compile=getattr(plan, "compile", False),
             ),
             seed=plan.seed,
             world_size=max(1, getattr(plan, "world_size", 1)),
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainPreset:
+    """A named starting point: a model's shape, the peak learning rate it trains
+    well at, and the batch the service gives it by default."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    learning_rate: float
+    seq_len: int = 128
+    """data-prep's default context (LMFORGE_DATAPREP_SEQ_LEN)."""
+    micro_batch: int = 16
+    """The scheduler's default micro-batch (LMFORGE_SCHEDULER_MICRO_BATCH)."""
+    warmup_steps: int = 10
+
+
+PRESETS: dict[str, TrainPreset] = {
+    # The scheduler's model sizes (services/scheduler/planning.py PRESETS; a test
+    # keeps the two tables equal).
+    "tiny": TrainPreset(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352,
+                        learning_rate=3e-3),
+    "small": TrainPreset(hidden_size=256, num_layers=6, num_heads=8, intermediate_size=704,
+                         learning_rate=1.5e-3),
+    "base": TrainPreset(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408,
+                        learning_rate=8e-4),
+    "124m": TrainPreset(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048,
+                        learning_rate=6e-4),
+    "350m": TrainPreset(hidden_size=1024, num_layers=24, num_heads=16,
+                        intermediate_size=2816, learning_rate=3e-4),
+    "1b": TrainPreset(hidden_size=2048, num_layers=16, num_heads=32, intermediate_size=5632,
+                      learning_rate=3e-4),
+    # The test suite's model: small enough that a few steps take a second on a CPU.
+    "test-tiny": TrainPreset(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=160,
+                             learning_rate=3e-3, seq_len=64, micro_batch=8, warmup_steps=2),
+}
+"""Presets by name, for `TrainConfig.from_preset`."""
+
+_COMPONENTS: dict[str, type] = {
+    "model": ModelSpec, "batch": BatchConfig, "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig, "checkpoint": CheckpointConfig, "engine": EngineConfig,
+}
+
+
+def _override_targets() -> dict[str, tuple[str, str]]:
+    """Override name -> (component, field); "" is the config itself. Checked at import:
+    a field name shared by two components must be given with its component."""
+    plain: dict[str, list[tuple[str, str]]] = {}
+    for component, component_type in _COMPONENTS.items():
+        for f in fields(component_type):
+            plain.setdefault(f.name, []).append((component, f.name))
+    for f in fields(TrainConfig):
+        if f.name not in _COMPONENTS:
+            plain.setdefault(f.name, []).append(("", f.name))
+    targets = {name: where[0] for name, where in plain.items() if len(where) == 1}
+    for component, component_type in _COMPONENTS.items():
+        targets.update({f"{component}_{f.name}": (component, f.name)
+                        for f in fields(component_type)})
+    return targets
+
+
+_OVERRIDES = _override_targets()
+
+
+def _same_type(key: str, current: object, value: object) -> object:
+    """`value` if it has the type of the field's current value (ints pass for floats)."""
+    if current is None:
+        return value
+    if type(current) is float and type(value) is int:
+        return float(value)
+    if type(current) is tuple and type(value) is list:
+        value = tuple(value)
+    _check(type(value) is type(current),
+           f"override {key}={value!r} must be of type {type(current).__name__}")
+    return value
 
 
 def config_to_dict(config: TrainConfig) -> dict:
