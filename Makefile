@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test lint proto bench clean
+.PHONY: setup demo test lint typecheck proto bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,10 +20,15 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q --durations=15
 
 lint: setup
 	$(PY) -m ruff check .
+
+# mypy over libs/lmforge and services, configured in pyproject.toml ([tool.mypy]).
+typecheck: setup
+	$(PY) -m mypy
 
 proto: setup
 	$(PY) -m lmforge.contracts.codegen
