@@ -53,11 +53,12 @@ def launch(job_path: Path, nproc: int, *, stop: threading.Event | None = None,
     job = json.loads(job_path.read_text())
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
-    log = log_path.open("ab") if log_path else subprocess.DEVNULL
+    log = log_path.open("ab") if log_path else None
     process = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
          f"--nproc_per_node={nproc}", "-m", "services.trainer.worker", str(job_path)],
-        stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if log is None else log, env=env,
+        text=True)
 
     def watch_stop() -> None:
         while process.poll() is None:
@@ -67,6 +68,7 @@ def launch(job_path: Path, nproc: int, *, stop: threading.Event | None = None,
 
     watcher = threading.Thread(target=watch_stop, daemon=True)
     watcher.start()
+    assert process.stdout is not None  # stdout=PIPE
     for line in process.stdout:
         if not line.startswith(EVENT_PREFIX):
             continue
@@ -76,7 +78,7 @@ def launch(job_path: Path, nproc: int, *, stop: threading.Event | None = None,
         elif message["type"] == "checkpoint" and on_checkpoint:
             on_checkpoint(CheckpointRef(**message["data"]))
     code = process.wait()
-    if log_path:
+    if log is not None:
         log.close()
     result_file = Path(job["result_file"])
     if code != 0 or not result_file.exists():

@@ -13,12 +13,15 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from services.trainer.config import TrainConfig
+
+if TYPE_CHECKING:  # transformers is imported where a model is built, not here
+    from transformers import PreTrainedModel
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -43,7 +46,7 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 class Engine(Protocol):
-    model: torch.nn.Module
+    model: PreTrainedModel
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> float: ...
     def learning_rate(self) -> float: ...
@@ -55,10 +58,15 @@ class Engine(Protocol):
 class PlainEngine:
     """PyTorch: fused/foreach AdamW, autocast, GradScaler for fp16, optional compile."""
 
-    def __init__(self, model: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, model: PreTrainedModel, config: TrainConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        self.model = model.to(device)
+        # Module.to moves the weights in place and returns the module itself. It is
+        # called through the base type: transformers wraps PreTrainedModel.to with
+        # functools.wraps, which type checkers cannot bind to an instance.
+        as_module: torch.nn.Module = model
+        as_module.to(device)
+        self.model = model
         if config.engine.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -109,7 +117,7 @@ class PlainEngine:
         return float(total)
 
     def learning_rate(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     def save(self, directory: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
@@ -157,7 +165,7 @@ def deepspeed_config(config: TrainConfig) -> dict:
 class DeepSpeedEngine:
     """deepspeed.initialize over the same model: ZeRO 1-3, offload, bf16/fp16."""
 
-    def __init__(self, model: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, model: PreTrainedModel, config: TrainConfig, device: torch.device) -> None:
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
@@ -197,7 +205,7 @@ class DeepSpeedEngine:
         return float(total)
 
     def learning_rate(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory), tag="engine")
@@ -221,7 +229,7 @@ class DeepSpeedEngine:
             return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
 
 
-def build_engine(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> Engine:
+def build_engine(model: PreTrainedModel, config: TrainConfig, device: torch.device) -> Engine:
     if config.engine.kind == "deepspeed":
         return DeepSpeedEngine(model, config, device)
     return PlainEngine(model, config, device)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from lmforge.modeling import (
 from services.trainer.checkpoints import CheckpointIndex, CheckpointRef
 from services.trainer.config import TrainConfig
 from services.trainer.engines import Engine, build_engine
+
+if TYPE_CHECKING:  # transformers is imported where a model is built, not here
+    from transformers import PreTrainedModel
 
 
 @dataclass(slots=True)
@@ -81,7 +85,7 @@ def micro_batch(tokens: np.ndarray, config: TrainConfig, step: int, micro: int,
     return torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts]))
 
 
-def build_model(config: TrainConfig, meta: dict, pad_token_id: int) -> torch.nn.Module:
+def build_model(config: TrainConfig, meta: dict, pad_token_id: int) -> PreTrainedModel:
     spec = config.model
     if spec.pretrained_dir is not None:
         from transformers import AutoModelForCausalLM
@@ -243,6 +247,7 @@ class Trainer:
             parameters=self.parameters, resumed_from_step=resumed_from, losses=losses,
             peak_memory_bytes=peak_memory_bytes(self.device))
         if self.rank == 0:
+            assert state is not None, "rank 0 holds the consolidated weights"
             model = self._export_model(state)
             heldout = load_token_stream(self.dataset_dir, "heldout")
             result.heldout_perplexity = perplexity(model, heldout, seq_len=config.batch.seq_len)
@@ -251,14 +256,14 @@ class Trainer:
         self._barrier()
         return result
 
-    def _export_model(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    def _export_model(self, state: dict[str, torch.Tensor]) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(self.hf_config)
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(self.hf_config)
         model.load_state_dict(state)
         return model.eval()
 
-    def _save_hf(self, model: torch.nn.Module) -> Path:
+    def _save_hf(self, model: PreTrainedModel) -> Path:
         """A Hugging Face directory: config, safetensors, tokenizer, generation config."""
         from transformers import GenerationConfig
 
