@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 FORMATS = ("jsonl", "text")
@@ -59,7 +60,7 @@ def resolve_dataset_path(uri: str, roots: list[Path]) -> Path:
     return resolved
 
 
-def _bounded_lines(f, max_bytes: int) -> Iterator[bytes | None]:
+def _bounded_lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes | None]:
     """Yield lines of at most `max_bytes`, and None in place of each longer line
     (skipped without ever holding it whole)."""
     while True:
@@ -127,7 +128,7 @@ def read_text(path: Path, max_bytes: int, stats: ReadStats) -> Iterator[str]:
                 lines, size, oversized = [], 0, False
                 continue
             size += max_bytes + 1 if line is None else len(line)
-            if size > max_bytes:
+            if line is None or size > max_bytes:
                 oversized, lines = True, []
             else:
                 lines.append(line)
