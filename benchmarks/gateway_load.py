@@ -66,11 +66,11 @@ def serve(model_dir: str, batching: bool, max_batch: int, max_queue: int, device
           port_queue) -> None:
     import torch
 
-    from services.inference_gateway.engine import GenerationEngine, default_threads
-    from services.inference_gateway.engine_process import EngineProcess
+    from services.inference_gateway.api.server import GatewayServer
+    from services.inference_gateway.engines.process import EngineProcess
+    from services.inference_gateway.engines.torch import GenerationEngine, default_threads
     from services.inference_gateway.frontend import GenerationFrontend, Limits
     from services.inference_gateway.registry import ModelRegistry
-    from services.inference_gateway.server import GatewayServer
 
     torch.set_num_threads(default_threads())  # as the gateway service sets it
 
@@ -188,7 +188,7 @@ async def overhead(port: int, model_dir: Path, rounds: int, device: str = "cpu")
     import torch
 
     from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
-    from services.inference_gateway.engine import GenerationEngine, default_threads
+    from services.inference_gateway.engines.torch import GenerationEngine, default_threads
 
     torch.set_num_threads(default_threads())
     engine = GenerationEngine(model_dir, version="local", device=device)

@@ -16,8 +16,7 @@ async def in_process_service(service_type: type[Service], nats_url: str, **setti
                              ) -> AsyncIterator[Service]:
     """The service's real handlers on a real bus, in this event loop."""
     config = service_type.Settings(nats_url=nats_url, **settings)
-    bus = EventBus(service_type.name, ack_wait_s=config.ack_wait_s,
-                   max_deliver=config.max_deliver)
+    bus = EventBus(service_type.name)
     await bus.connect(nats_url)
     service = service_type(config, bus)
     await service.start()
@@ -79,8 +78,8 @@ async def start_gateway(registry, *, serving: bool = False, max_new_tokens: int 
                         max_concurrency: int = 2, max_queue: int = 4,
                         max_prompt_chars: int = 1000, max_message_bytes: int = 1 << 20):
     """The real gRPC gateway (Generate, KServe v2, health) on 127.0.0.1, any free port."""
+    from services.inference_gateway.api.server import GatewayServer
     from services.inference_gateway.frontend import GenerationFrontend, Limits
-    from services.inference_gateway.server import GatewayServer
 
     frontend = GenerationFrontend(registry, Limits(
         max_new_tokens=max_new_tokens, max_concurrency=max_concurrency, max_queue=max_queue,

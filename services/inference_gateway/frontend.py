@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.inference_gateway.engine import Piece, RequestError, SamplingParams
+from services.inference_gateway.engines.torch import Piece, RequestError, SamplingParams
 from services.inference_gateway.registry import ModelRegistry, UnknownModelError
 
 REQUESTS = Counter("lmforge_gateway_requests_total", "Requests by model, protocol and code.",

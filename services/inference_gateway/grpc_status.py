@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.inference_gateway.engine import RequestError
+from services.inference_gateway.engines.torch import RequestError
 from services.inference_gateway.frontend import CapacityError
 from services.inference_gateway.registry import UnknownModelError
 

@@ -10,27 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import nats.js.errors
 import torch
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from lmforge.bus import Delivery, ensure_kv
 from lmforge.contracts import subjects
+from lmforge.contracts.names import Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.dispatch import Delivery, subscriber
 from lmforge.service import Service
 from lmforge.settings import ServiceSettings
-from services.inference_gateway.engine import GenerationEngine, default_threads
-from services.inference_gateway.engine_process import EngineProcess
+from services.inference_gateway.api.openai import OpenAIServer
+from services.inference_gateway.api.server import GatewayServer
+from services.inference_gateway.engines.onnx import OnnxEngine
+from services.inference_gateway.engines.process import EngineProcess
+from services.inference_gateway.engines.remote_triton import RemoteTritonEngine
+from services.inference_gateway.engines.torch import GenerationEngine, default_threads
 from services.inference_gateway.frontend import GenerationFrontend, Limits
-from services.inference_gateway.onnx_engine import OnnxEngine
-from services.inference_gateway.openai_api import OpenAIServer
 from services.inference_gateway.registry import ModelRegistry
-from services.inference_gateway.remote_triton import RemoteTritonEngine
-from services.inference_gateway.server import GatewayServer
 
 log = logging.getLogger("lmforge.gateway")
-DEPLOYMENTS_BUCKET = "lmforge_deployments"
 
 
 class GatewaySettings(ServiceSettings):
@@ -64,8 +63,8 @@ class GatewaySettings(ServiceSettings):
                                  "fewer than the usable cores (one is left to gRPC and HTTP).")
 
 
-class GatewayService(Service):
-    name = "inference-gateway"
+class GatewayService(Service[GatewaySettings]):
+    name = ServiceName.INFERENCE_GATEWAY
     Settings = GatewaySettings
 
     def __init__(self, settings, bus) -> None:
@@ -102,30 +101,27 @@ class GatewayService(Service):
                                              device=self.settings.gateway_device, **options)
         self.registry.install(event.model_name, engine)
         await self.server.set_serving(True)
-        log.info("serving %s version %s", event.model_name, event.version,
-                 extra={"run_id": event.run_id})
+        log.info("serving %s version %s", event.model_name, event.version)
 
-    def register(self) -> None:
-        @self.bus.subscriber(subjects.MODEL_EXPORTED,
-                             durable=f"inference-gateway-{self.settings.replica}")
-        async def on_exported(event: ev.ModelExported, delivery: Delivery) -> ev.ModelDeployed:
-            await self._load(event)
-            kv = await ensure_kv(self.bus.js, DEPLOYMENTS_BUCKET)
-            await kv.put(event.model_name, event.SerializeToString())
-            return ev.ModelDeployed(run_id=event.run_id, model_name=event.model_name,
-                                    version=event.version, endpoint=self.endpoint,
-                                    backend=self.settings.gateway_backend)
+    @subscriber(subjects.MODEL_EXPORTED, per_replica=True)
+    async def on_exported(self, event: ev.ModelExported, delivery: Delivery
+                          ) -> ev.ModelDeployed:
+        await self._load(event)
+        await self.bus.key_value(Bucket.DEPLOYMENTS).put(event.model_name,
+                                                         event.SerializeToString())
+        return ev.ModelDeployed(run_id=event.run_id, model_name=event.model_name,
+                                version=event.version, endpoint=self.endpoint,
+                                backend=self.settings.gateway_backend)
 
     async def _restore_deployments(self) -> None:
-        kv = await ensure_kv(self.bus.js, DEPLOYMENTS_BUCKET)
-        try:
-            names = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return
+        kv = self.bus.key_value(Bucket.DEPLOYMENTS)
+        names = await kv.keys()
         for name in names:
             entry = await kv.get(name)
+            if entry is None:
+                continue
             event = ev.ModelExported()
-            event.ParseFromString(entry.value)
+            event.ParseFromString(entry)
             try:
                 await self._load(event)
             except Exception as exc:  # a broken deployment must not stop the others

@@ -28,7 +28,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from lmforge import __version__
-from services.inference_gateway.engine import RequestError
+from services.inference_gateway.engines.torch import RequestError
 from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest
 from services.inference_gateway.grpc_status import REFUSALS, abort_refused, refusal_message
 

@@ -18,7 +18,7 @@ import uuid
 
 from aiohttp import web
 
-from services.inference_gateway.engine import RequestError
+from services.inference_gateway.engines.torch import RequestError
 from services.inference_gateway.frontend import (
     CapacityError,
     GenerationFrontend,

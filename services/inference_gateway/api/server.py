@@ -17,9 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 
 from lmforge.contracts.v1 import generate_pb2_grpc
+from services.inference_gateway.api.kserve import KSERVE_SERVICE, KServeServicer
+from services.inference_gateway.api.native import GENERATOR_SERVICE, GeneratorServicer
 from services.inference_gateway.frontend import GenerationFrontend
-from services.inference_gateway.kserve_api import KSERVE_SERVICE, KServeServicer
-from services.inference_gateway.native_api import GENERATOR_SERVICE, GeneratorServicer
 
 
 class GatewayServer:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.inference_gateway.engine import Piece, SamplingParams, request_rng, sample_rows
-from services.inference_gateway.slot_decoder import SlotDecoder
+from services.inference_gateway.engines.slot_decoder import SlotDecoder
+from services.inference_gateway.engines.torch import Piece, SamplingParams, request_rng, sample_rows
 
 log = logging.getLogger("lmforge.gateway.batching")
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lmforge.modeling import load_tokenizer
-from services.inference_gateway.engine import (
+from services.inference_gateway.engines.torch import (
     Piece,
     SamplingParams,
     encode_prompt,

@@ -32,7 +32,7 @@ from pathlib import Path
 from prometheus_client import Gauge, Histogram
 
 from lmforge.modeling import load_tokenizer
-from services.inference_gateway.engine import (
+from services.inference_gateway.engines.torch import (
     Piece,
     SamplingParams,
     default_threads,
@@ -56,8 +56,8 @@ def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int
     """The child: load the model, then decode until told to stop or the parent goes."""
     import torch
 
-    from services.inference_gateway.batching import BatchingLoop, Sequence
-    from services.inference_gateway.engine import load_serving_model
+    from services.inference_gateway.engines.batching import BatchingLoop, Sequence
+    from services.inference_gateway.engines.torch import load_serving_model
 
     torch.set_num_threads(threads)
     try:

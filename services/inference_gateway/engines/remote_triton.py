@@ -19,7 +19,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from services.inference_gateway.engine import Piece, RequestError, SamplingParams
+from services.inference_gateway.engines.torch import Piece, RequestError, SamplingParams
 
 
 class RemoteTritonEngine:

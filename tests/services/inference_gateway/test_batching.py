@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
-from services.inference_gateway.engine import (
+from services.inference_gateway.engines.process import EngineProcess, EngineUnavailable
+from services.inference_gateway.engines.torch import (
     GenerationEngine,
     SamplingParams,
     request_rng,
     sample_rows,
 )
-from services.inference_gateway.engine_process import EngineProcess, EngineUnavailable
 
 PROMPTS = ["The", "A fortune for the weary traveller:", "Life is short, and",
            "Computers are", "In the beginning there was", "Q: Why? A:"]

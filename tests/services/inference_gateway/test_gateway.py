@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
-from services.inference_gateway.engine import GenerationEngine, SamplingParams
+from services.inference_gateway.engines.torch import GenerationEngine, SamplingParams
 from services.inference_gateway.registry import ModelRegistry
 from tests.helpers import start_gateway
 

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from services.inference_gateway.engine import GenerationEngine
+from services.inference_gateway.engines.torch import GenerationEngine
 from services.inference_gateway.registry import ModelRegistry
 from tests.helpers import start_gateway
 

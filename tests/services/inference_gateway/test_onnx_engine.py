@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 from services.exporter.onnx_export import export_logits_onnx
-from services.inference_gateway.engine import GenerationEngine, SamplingParams
-from services.inference_gateway.onnx_engine import OnnxEngine
+from services.inference_gateway.engines.onnx import OnnxEngine
+from services.inference_gateway.engines.torch import GenerationEngine, SamplingParams
 
 
 def test_onnx_backend_matches_torch_greedy_and_seeded(tmp_path, trained_model):

@@ -10,9 +10,9 @@ import urllib.request
 import openai
 import pytest
 
-from services.inference_gateway.engine_process import EngineProcess
+from services.inference_gateway.api.openai import OpenAIServer
+from services.inference_gateway.engines.process import EngineProcess
 from services.inference_gateway.frontend import GenerationFrontend, Limits
-from services.inference_gateway.openai_api import OpenAIServer
 from services.inference_gateway.registry import ModelRegistry
 
 

@@ -8,9 +8,9 @@ import grpc
 import pytest
 
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
-from services.inference_gateway.engine import GenerationEngine
+from services.inference_gateway.engines.remote_triton import RemoteTritonEngine
+from services.inference_gateway.engines.torch import GenerationEngine
 from services.inference_gateway.registry import ModelRegistry
-from services.inference_gateway.remote_triton import RemoteTritonEngine
 from tests.helpers import start_gateway
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmforge.modeling import llama_config, qwen2_config
-from services.inference_gateway.slot_decoder import SlotDecoder
+from services.inference_gateway.engines.slot_decoder import SlotDecoder
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device here"))]
