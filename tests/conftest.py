@@ -80,3 +80,13 @@ def trained_model(tmp_path_factory, artifact_store, prepared_dataset):
     index = CheckpointIndex(tmp_path_factory.mktemp("ckpt"), "fixture", artifact_store)
     result = Trainer(config, prepared_dataset.path, artifact_store, index).run()
     return artifact_store.put_dir(result.model_dir, move=True)
+
+
+@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.connected)])
+def harness(request, tmp_path: Path):
+    """A handler-test harness on the in-memory bus and, marked `connected`, on NATS."""
+    from tests.buses import MemoryHarness, NatsHarness
+
+    if request.param == "memory":
+        return MemoryHarness()
+    return NatsHarness(request.getfixturevalue("nats_server").url)

@@ -7,6 +7,7 @@ other way, so a publisher only hands over the event.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 
@@ -23,12 +24,17 @@ SCHEMA_VERSION = 1
 """Highest event schema version this build understands (header `Lmforge-Schema`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Subject:
-    name: str
-    message: type[Message]
+M = TypeVar("M", bound=Message, covariant=True)
 
-    def decode(self, data: bytes) -> Message:
+
+@dataclass(frozen=True, slots=True)
+class Subject(Generic[M]):
+    """A subject and the one message type it carries (`Subject[ev.DatasetReady]`)."""
+
+    name: str
+    message: type[M]
+
+    def decode(self, data: bytes) -> M:
         """Parse `data` as this subject's message type (raises DecodeError)."""
         event = self.message()
         event.ParseFromString(data)
@@ -48,7 +54,7 @@ MODEL_DEPLOYED = Subject("lmforge.model.deployed", ev.ModelDeployed)
 STAGE_FAILED = Subject("lmforge.stage.failed", ev.StageFailed)
 SCALING_DECIDED = Subject("lmforge.scaling.decided", ev.ScalingDecided)
 
-ALL: tuple[Subject, ...] = (
+ALL: tuple[Subject[Message], ...] = (
     DATASET_READY,
     DATASET_PREPARED,
     TRAINING_SCHEDULED,
@@ -68,14 +74,14 @@ _BY_MESSAGE = {s.message: s for s in ALL}
 assert len(_BY_MESSAGE) == len(ALL), "one subject, one message type"
 
 
-def by_name(name: str) -> Subject:
+def by_name(name: str) -> Subject[Message]:
     try:
         return _BY_NAME[name]
     except KeyError:
         raise KeyError(f"unknown subject {name!r}; known: {sorted(_BY_NAME)}") from None
 
 
-def for_message(event: Message) -> Subject:
+def for_message(event: Message) -> Subject[Message]:
     try:
         return _BY_MESSAGE[type(event)]
     except KeyError:

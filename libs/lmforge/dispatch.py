@@ -1,0 +1,496 @@
+"""Handling one event, independent of the transport: decode, check, run, settle.
+
+The NATS bus (`bus.py`) and the in-memory bus (`testing.py`) hand every message
+to the same `Dispatcher`, so a handler test on the in-memory bus exercises the
+code that runs in production. The steps, each a short method:
+
+1. decode — a message we cannot read (bad protobuf, a newer schema) is
+   dead-lettered at once with the reason;
+2. already done? — the same payload handled before by this durable consumer
+   (a redelivery or a republish) is acknowledged without work;
+3. cached? — a stage whose inputs (artifact digests, file contents) and config
+   are unchanged replays the outputs it stored for an earlier run, whatever the
+   run id, and says so in a header and a log line;
+4. run — the handler, with a heartbeat so the server does not redeliver;
+5. settle — publish the outputs, record the event, and return an `Outcome`
+   that the transport turns into ack, nak (retry later) or term.
+
+Tracing, metrics and the run id in log lines are middleware around these steps
+(`Middleware`), never code inside handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from lmforge.contracts import subjects
+from lmforge.contracts.names import Bucket, Header
+from lmforge.contracts.subjects import Subject
+from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.failures import BadInput
+from lmforge.run_context import current_run_id
+from lmforge.telemetry import (
+    EVENTS_CONSUMED,
+    HANDLER_SECONDS,
+    extract_context,
+    inject_context,
+    tracer,
+)
+
+log = logging.getLogger("lmforge.bus")
+
+Outputs = Message | Sequence[Message] | None
+M = TypeVar("M", bound=Message)
+Svc = TypeVar("Svc")
+
+
+class KeyValue(Protocol):
+    """A key-value bucket: JetStream KV on NATS, a dict in memory."""
+
+    async def get(self, key: str) -> bytes | None: ...
+    async def put(self, key: str, value: bytes) -> None: ...
+    async def delete(self, key: str) -> None: ...
+    async def keys(self) -> list[str]: ...
+
+
+class Transport(Protocol):
+    """What the dispatcher and handlers need from a bus."""
+
+    service: str
+
+    async def publish(self, event: Message, *, msg_id: str,
+                      headers: Mapping[str, str] | None = None) -> None: ...
+
+    async def publish_dead_letter(self, original: Subject[Message], data: bytes,
+                                  headers: Mapping[str, str]) -> None: ...
+
+    def key_value(self, bucket: Bucket) -> KeyValue: ...
+
+
+class Outcome(StrEnum):
+    """How a message was settled; also the `outcome` label of the consumed-events metric."""
+
+    OK = "ok"
+    DUPLICATE = "duplicate"
+    CACHED = "cached"
+    FAILED = "failed"
+    RETRIED = "retried"
+    DEAD_LETTERED = "dead_lettered"
+
+    @property
+    def acknowledged(self) -> bool:
+        """Done with: the transport acks it (RETRIED naks, DEAD_LETTERED terms)."""
+        return self in (Outcome.OK, Outcome.DUPLICATE, Outcome.CACHED, Outcome.FAILED)
+
+
+def event_headers(event: Message, *, msg_id: str,
+                  extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The headers of a published event: id, schema, run id, trace context, and `extra`."""
+    headers = {
+        str(Header.MSG_ID): msg_id,
+        str(Header.SCHEMA): str(subjects.SCHEMA_VERSION),
+        str(Header.RUN_ID): str(getattr(event, "run_id", "")),
+        **{str(k): v for k, v in (extra or {}).items()},
+    }
+    inject_context(headers)
+    return headers
+
+
+def retry_delay_s(deliveries: int) -> float:
+    """Backoff before the next delivery of an event whose handler raised."""
+    return min(2.0 ** deliveries, 30.0)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What a handler knows about the message it was handed."""
+
+    transport: Transport
+    subject: Subject[Message]
+    run_id: str
+    msg_id: str
+    deliveries: int
+    headers: dict[str, str] = field(default_factory=dict)
+    work_started_ns: int = 0
+
+    @property
+    def cached_from(self) -> str:
+        """The run whose outputs were replayed into this event ('' when it was computed)."""
+        return self.headers.get(Header.CACHED_FROM, "")
+
+    def output_msg_id(self, out: Subject[Message], suffix: str = "") -> str:
+        """A deterministic id for an event caused by this one (same input, same id)."""
+        key = f"{self.msg_id}|{out.name}|{suffix}".encode()
+        return f"{self.run_id}:{out.name.removeprefix('lmforge.')}:" + hashlib.sha256(
+            key
+        ).hexdigest()[:24]
+
+    async def publish(self, event: Message, *, suffix: str = "",
+                      headers: Mapping[str, str] | None = None) -> None:
+        out = subjects.for_message(event)
+        await self.transport.publish(
+            event, msg_id=self.output_msg_id(out, suffix),
+            headers={Header.WORK_STARTED_NS: str(self.work_started_ns), **(headers or {})})
+
+
+BoundHandler = Callable[[Message, Delivery], Awaitable[Outputs]]
+CacheKey = Callable[[Message], Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionOptions:
+    """What `@subscriber(...)` records on a handler method."""
+
+    subject: Subject[Message]
+    ack_wait_s: float | None = None
+    max_deliver: int | None = None
+    idempotent: bool = True
+    per_replica: bool = False
+    """Each replica gets its own durable (work every replica must do) instead of a work queue."""
+    cache_outputs: tuple[type[Message], ...] = ()
+    """Output types that may be replayed for a later run with the same inputs; () = no cache."""
+
+
+_OPTIONS_ATTR = "__lmforge_subscription__"
+
+
+def subscriber(
+    subject: Subject[M], *, ack_wait_s: float | None = None, max_deliver: int | None = None,
+    idempotent: bool = True, per_replica: bool = False,
+    cache_outputs: tuple[type[Message], ...] = (),
+) -> Callable[[Callable[[Svc, M, Delivery], Awaitable[Outputs]]],
+              Callable[[Svc, M, Delivery], Awaitable[Outputs]]]:
+    """Declare a service method as the handler of `subject`.
+
+    The type checker holds the method's event parameter to the subject's message
+    type. The service registers every declared handler when it starts.
+    """
+    options = SubscriptionOptions(subject=subject, ack_wait_s=ack_wait_s,
+                                  max_deliver=max_deliver, idempotent=idempotent,
+                                  per_replica=per_replica, cache_outputs=cache_outputs)
+
+    def declare(method: Callable[[Svc, M, Delivery], Awaitable[Outputs]]
+                ) -> Callable[[Svc, M, Delivery], Awaitable[Outputs]]:
+        setattr(method, _OPTIONS_ATTR, options)
+        return method
+
+    return declare
+
+
+def declared_options(member: object) -> SubscriptionOptions | None:
+    """The options `@subscriber` put on `member`, if any."""
+    options = getattr(member, _OPTIONS_ATTR, None)
+    return options if isinstance(options, SubscriptionOptions) else None
+
+
+@dataclass(slots=True)
+class Subscription:
+    """A handler bound to its service, with the settings it is consumed with."""
+
+    subject: Subject[Message]
+    handler: BoundHandler
+    durable: str
+    ack_wait_s: float
+    max_deliver: int
+    idempotent: bool = True
+    cache_outputs: tuple[type[Message], ...] = ()
+    cache_key: CacheKey | None = None
+
+
+@dataclass(slots=True)
+class RawMessage:
+    """A message as a transport received it."""
+
+    data: bytes
+    headers: dict[str, str]
+    deliveries: int
+    stream_seq: int
+    keep_alive: Callable[[], Awaitable[None]] | None = None
+    """Tells the server the handler is still working (JetStream's in-progress ack)."""
+
+
+@dataclass(slots=True)
+class HandlingContext:
+    """One message on its way through the middleware and the steps."""
+
+    subscription: Subscription
+    message: RawMessage
+    run_id: str
+    failure: str = ""
+    handler_seconds: float | None = None
+
+
+Next = Callable[[], Awaitable[Outcome]]
+Middleware = Callable[[HandlingContext, Next], Awaitable[Outcome]]
+
+
+async def run_context_middleware(ctx: HandlingContext, call_next: Next) -> Outcome:
+    """Every log line written while handling carries the run id (a contextvar)."""
+    token = current_run_id.set(ctx.run_id)
+    try:
+        return await call_next()
+    finally:
+        current_run_id.reset(token)
+
+
+def tracing_middleware(service: str) -> Middleware:
+    """A consumer span per message, child of the publisher's trace context."""
+
+    async def trace_handling(ctx: HandlingContext, call_next: Next) -> Outcome:
+        name = ctx.subscription.subject.name
+        with tracer().start_as_current_span(
+            f"{service} {name.removeprefix('lmforge.')}",
+            context=extract_context(ctx.message.headers), kind=SpanKind.CONSUMER,
+            attributes={"messaging.destination": name, "lmforge.run_id": ctx.run_id,
+                        "lmforge.deliveries": ctx.message.deliveries},
+        ) as span:
+            outcome = await call_next()
+            span.set_attribute("lmforge.run_id", ctx.run_id)
+            span.set_attribute("lmforge.outcome", outcome.value)
+            if ctx.failure:
+                span.set_status(Status(StatusCode.ERROR, ctx.failure))
+            return outcome
+
+    return trace_handling
+
+
+async def metrics_middleware(ctx: HandlingContext, call_next: Next) -> Outcome:
+    """Counts every outcome by subject; times the handler when it ran."""
+    outcome = await call_next()
+    name = ctx.subscription.subject.name
+    EVENTS_CONSUMED.labels(name, outcome.value).inc()
+    if ctx.handler_seconds is not None:
+        HANDLER_SECONDS.labels(name).observe(ctx.handler_seconds)
+    return outcome
+
+
+def payload_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _as_list(outputs: Outputs) -> list[Message]:
+    if outputs is None:
+        return []
+    if isinstance(outputs, Message):
+        return [outputs]
+    return list(outputs)
+
+
+class Dispatcher:
+    """Runs one message through the middleware and the steps; returns how to settle it."""
+
+    def __init__(self, transport: Transport,
+                 middleware: Sequence[Middleware] | None = None) -> None:
+        self.transport = transport
+        self.middleware: list[Middleware] = list(middleware) if middleware is not None else [
+            run_context_middleware, tracing_middleware(transport.service), metrics_middleware]
+
+    async def handle(self, sub: Subscription, message: RawMessage) -> Outcome:
+        ctx = HandlingContext(sub, message, run_id=message.headers.get(Header.RUN_ID, ""))
+
+        async def innermost() -> Outcome:
+            return await self._steps(ctx)
+
+        call: Next = innermost
+        for layer in reversed(self.middleware):
+            call = _bind(layer, ctx, call)
+        return await call()
+
+    async def _steps(self, ctx: HandlingContext) -> Outcome:
+        event = await self._decode(ctx)
+        if event is None:
+            return Outcome.DEAD_LETTERED
+        if await self._already_done(ctx):
+            log.info("duplicate event ignored")
+            return Outcome.DUPLICATE
+        cache_key = await self._cache_key(ctx, event)
+        if cache_key is None:
+            return Outcome.FAILED
+        if cache_key and await self._replay_cached(ctx, event, cache_key):
+            await self._record_done(ctx)
+            return Outcome.CACHED
+        return await self._run(ctx, event, cache_key)
+
+    # -- 1. decode ------------------------------------------------------------------
+
+    async def _decode(self, ctx: HandlingContext) -> Message | None:
+        headers, data = ctx.message.headers, ctx.message.data
+        sub = ctx.subscription
+        try:
+            version = int(headers.get(Header.SCHEMA, "1") or "1")
+        except ValueError:
+            version = -1
+        if not 0 <= version <= subjects.SCHEMA_VERSION:
+            await self._dead_letter(ctx, f"unsupported schema version "
+                                         f"{headers.get(Header.SCHEMA)!r} (this build reads up "
+                                         f"to {subjects.SCHEMA_VERSION})")
+            return None
+        try:
+            event = sub.subject.decode(data)
+        except DecodeError as exc:
+            await self._dead_letter(ctx, f"payload is not a valid {sub.subject.message.__name__}"
+                                         f" ({len(data)} bytes): {exc}")
+            return None
+        ctx.run_id = getattr(event, "run_id", "") or ctx.run_id
+        current_run_id.set(ctx.run_id)
+        return event
+
+    # -- 2. already done? -------------------------------------------------------------
+
+    def _record_key(self, ctx: HandlingContext) -> str:
+        return f"{ctx.subscription.durable}.{payload_digest(ctx.message.data)}"
+
+    async def _already_done(self, ctx: HandlingContext) -> bool:
+        if not ctx.subscription.idempotent:
+            return False
+        records = self.transport.key_value(Bucket.STAGE_RECORDS)
+        return await records.get(self._record_key(ctx)) is not None
+
+    async def _record_done(self, ctx: HandlingContext) -> None:
+        if ctx.subscription.idempotent:
+            await self.transport.key_value(Bucket.STAGE_RECORDS).put(self._record_key(ctx),
+                                                                     b"done")
+
+    # -- 3. cached? -----------------------------------------------------------------
+
+    async def _cache_key(self, ctx: HandlingContext, event: Message) -> str | None:
+        """'' when the stage is not cached, None when computing the key found bad input."""
+        sub = ctx.subscription
+        if not (sub.cache_outputs and sub.cache_key):
+            return ""
+        try:
+            return f"{self.transport.service}.{await sub.cache_key(event)}"
+        except BadInput as exc:
+            await self._fail(ctx, str(exc), dead_lettered=False)
+            await self._record_done(ctx)
+            return None
+
+    async def _replay_cached(self, ctx: HandlingContext, event: Message, key: str) -> bool:
+        stored = await self.transport.key_value(Bucket.STAGE_CACHE).get(key)
+        if stored is None:
+            return False
+        entry = json.loads(stored)
+        source_run = str(entry["run_id"])
+        delivery = self._delivery(ctx)
+        for item in entry["outputs"]:
+            out = subjects.by_name(item["subject"]).decode(base64.b64decode(item["data"]))
+            _retarget(out, event)
+            await delivery.publish(out, headers={Header.CACHED_FROM: source_run})
+        log.info("inputs and config unchanged since run %s: reused its %d output(s) of %s",
+                 source_run, len(entry["outputs"]), ctx.subscription.subject.name)
+        return True
+
+    async def _store_cached(self, ctx: HandlingContext, key: str, outputs: list[Message]) -> None:
+        wanted = ctx.subscription.cache_outputs
+        if not outputs or not all(isinstance(out, wanted) for out in outputs):
+            return  # e.g. a trainer handing back after a preemption: nothing final to reuse
+        entry: dict[str, Any] = {
+            "run_id": ctx.run_id,
+            "outputs": [{"subject": subjects.for_message(out).name,
+                         "data": base64.b64encode(out.SerializeToString()).decode()}
+                        for out in outputs]}
+        await self.transport.key_value(Bucket.STAGE_CACHE).put(key, json.dumps(entry).encode())
+
+    # -- 4. run and 5. settle -------------------------------------------------------------
+
+    def _delivery(self, ctx: HandlingContext) -> Delivery:
+        headers = ctx.message.headers
+        msg_id = headers.get(Header.MSG_ID, f"seq-{ctx.message.stream_seq}")
+        return Delivery(self.transport, ctx.subscription.subject, ctx.run_id, msg_id,
+                        ctx.message.deliveries, headers, time.time_ns())
+
+    async def _run(self, ctx: HandlingContext, event: Message, cache_key: str) -> Outcome:
+        sub = ctx.subscription
+        delivery = self._delivery(ctx)
+        heartbeat = (asyncio.create_task(_keep_alive(ctx.message.keep_alive, sub.ack_wait_s))
+                     if ctx.message.keep_alive else None)
+        started = time.perf_counter()
+        try:
+            outputs = _as_list(await sub.handler(event, delivery))
+            for out in outputs:
+                await delivery.publish(out)
+        except BadInput as exc:
+            await self._fail(ctx, str(exc), dead_lettered=False)
+            await self._record_done(ctx)
+            return Outcome.FAILED
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return await self._retry_or_dead_letter(ctx, exc)
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+            ctx.handler_seconds = time.perf_counter() - started
+        if cache_key:
+            await self._store_cached(ctx, cache_key, outputs)
+        await self._record_done(ctx)
+        return Outcome.OK
+
+    async def _retry_or_dead_letter(self, ctx: HandlingContext, exc: Exception) -> Outcome:
+        sub, deliveries = ctx.subscription, ctx.message.deliveries
+        reason = f"{type(exc).__name__}: {exc}"
+        if deliveries >= sub.max_deliver:
+            await self._dead_letter(ctx, f"failed {deliveries} deliveries; last: {reason}")
+            return Outcome.DEAD_LETTERED
+        ctx.failure = reason
+        log.warning("handler failed (delivery %d of %d); will retry: %s",
+                    deliveries, sub.max_deliver, reason, exc_info=exc)
+        return Outcome.RETRIED
+
+    async def _fail(self, ctx: HandlingContext, reason: str, *, dead_lettered: bool) -> None:
+        sub = ctx.subscription
+        ctx.failure = reason
+        log.error("stage failed: %s", reason, extra={"subject": sub.subject.name,
+                                                     "stage": self.transport.service})
+        failed = ev.StageFailed(run_id=ctx.run_id, stage=self.transport.service,
+                                subject=sub.subject.name, reason=reason,
+                                deliveries=ctx.message.deliveries, dead_lettered=dead_lettered)
+        key = hashlib.sha256(f"{sub.durable}|{ctx.run_id}|{reason}".encode()).hexdigest()[:24]
+        await self.transport.publish(failed, msg_id=f"{ctx.run_id}:stage.failed:{key}")
+
+    async def _dead_letter(self, ctx: HandlingContext, reason: str) -> None:
+        sub = ctx.subscription
+        await self.transport.publish_dead_letter(sub.subject, ctx.message.data, {
+            Header.FAILURE_REASON: reason,
+            Header.ORIGINAL_SUBJECT: sub.subject.name,
+            Header.RUN_ID: ctx.run_id,
+            Header.MSG_ID: f"dead:{sub.durable}:{ctx.message.stream_seq}",
+        })
+        await self._fail(ctx, reason, dead_lettered=True)
+
+
+def _bind(layer: Middleware, ctx: HandlingContext, call_next: Next) -> Next:
+    async def call() -> Outcome:
+        return await layer(ctx, call_next)
+
+    return call
+
+
+def _retarget(out: Message, cause: Message) -> None:
+    """Point a replayed output at the run (and model name) of the event that asked for it."""
+    fields = out.DESCRIPTOR.fields_by_name
+    cause_fields = cause.DESCRIPTOR.fields_by_name
+    for name in ("run_id", "model_name"):
+        if name in fields and name in cause_fields:
+            setattr(out, name, getattr(cause, name))
+
+
+async def _keep_alive(keep_alive: Callable[[], Awaitable[None]] | None, ack_wait_s: float
+                      ) -> None:
+    while keep_alive is not None:
+        await asyncio.sleep(max(ack_wait_s / 3, 0.2))
+        with contextlib.suppress(Exception):
+            await keep_alive()
