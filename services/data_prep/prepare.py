@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.data_prep.cleaning import (
     ExactDeduplicator,
@@ -50,19 +51,28 @@ class PrepConfig:
 
 @dataclass(slots=True)
 class PrepStats:
-    records_read: int = 0
-    records_kept: int = 0
+    """What preparing a dataset counted: the reader's counts plus the cleaning and packing.
+
+    `as_flat_dict()` has the field names of the `DatasetStats` event and of
+    `dataset.json`'s "stats", so neither copies the fields one by one.
+    """
+
+    read: ReadStats = field(default_factory=ReadStats)
     empty_dropped: int = 0
     duplicates_dropped: int = 0
-    invalid_utf8_skipped: int = 0
-    oversized_skipped: int = 0
-    malformed_skipped: int = 0
     train_tokens: int = 0
     heldout_tokens: int = 0
     train_documents: int = 0
     heldout_documents: int = 0
     vocab_size: int = 0
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def records_kept(self) -> int:
+        return self.train_documents + self.heldout_documents
+
+    def as_flat_dict(self) -> dict[str, int]:
+        own = {k: v for k, v in asdict(self).items() if k != "read"}
+        return {**asdict(self.read), **own, "records_kept": self.records_kept}
 
 
 def _spool(path: Path) -> Iterator[str]:
@@ -75,8 +85,8 @@ def prepare_dataset(source: Path, fmt: str, text_field: str, out_dir: Path,
                     config: PrepConfig) -> PrepStats:
     """Build the dataset directory in `out_dir` (which must be empty or absent)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    read_stats = ReadStats()
     stats = PrepStats()
+    read_stats = stats.read
     dedup = ExactDeduplicator()
     spool_dir = out_dir / ".spool"
     spool_dir.mkdir()
@@ -98,18 +108,13 @@ def prepare_dataset(source: Path, fmt: str, text_field: str, out_dir: Path,
             else:
                 train_f.write(json.dumps(text, ensure_ascii=False) + "\n")
                 stats.train_documents += 1
-    stats.records_read = read_stats.records_read
-    stats.invalid_utf8_skipped = read_stats.invalid_utf8_skipped
-    stats.oversized_skipped = read_stats.oversized_skipped
-    stats.malformed_skipped = read_stats.malformed_skipped
-    stats.records_kept = stats.train_documents + stats.heldout_documents
 
     if stats.train_documents == 0:
         raise DatasetInputError(
-            f"dataset {source} has no usable documents (read {stats.records_read} records: "
+            f"dataset {source} has no usable documents (read {read_stats.records_read} records: "
             f"{stats.empty_dropped} empty, {stats.duplicates_dropped} duplicate, "
-            f"{stats.invalid_utf8_skipped} invalid UTF-8, {stats.oversized_skipped} over "
-            f"{config.max_record_bytes} bytes, {stats.malformed_skipped} malformed)"
+            f"{read_stats.invalid_utf8_skipped} invalid UTF-8, {read_stats.oversized_skipped} "
+            f"over {config.max_record_bytes} bytes, {read_stats.malformed_skipped} malformed)"
         )
     if stats.heldout_documents == 0:
         # Tiny datasets: move one training document out so perplexity can be measured.
@@ -125,15 +130,17 @@ def prepare_dataset(source: Path, fmt: str, text_field: str, out_dir: Path,
     save_tokenizer(tokenizer, out_dir / "tokenizer", model_max_length=config.seq_len)
     vocab_size = tokenizer.get_vocab_size()
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    if eos_id is None:
+        raise RuntimeError(f"the trained tokenizer lacks its end-of-text token {EOS_TOKEN!r}")
     dtype = token_dtype(vocab_size)
-    parts = {}
+    parts: dict[str, dict[str, Any]] = {}
     for part, spool in (("train", train_spool), ("heldout", heldout_spool)):
         writer = ShardWriter(out_dir / part, config.shard_tokens, dtype)
         encode_documents(tokenizer, _spool(spool), eos_id, writer)
         writer.close()
         parts[part] = {"shards": writer.shards, "tokens": writer.total_tokens}
-    stats.train_tokens = parts["train"]["tokens"]
-    stats.heldout_tokens = parts["heldout"]["tokens"]
+    stats.train_tokens = int(parts["train"]["tokens"])
+    stats.heldout_tokens = int(parts["heldout"]["tokens"])
     stats.vocab_size = vocab_size
     for spool in (train_spool, heldout_spool):
         spool.unlink()
@@ -146,7 +153,7 @@ def prepare_dataset(source: Path, fmt: str, text_field: str, out_dir: Path,
         "dtype": dtype.name,
         "train": parts["train"],
         "heldout": parts["heldout"],
-        "stats": {k: v for k, v in asdict(stats).items() if k != "extra"},
+        "stats": stats.as_flat_dict(),
     }
     (out_dir / "dataset.json").write_text(json.dumps(metadata, indent=1))
     return stats

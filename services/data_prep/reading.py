@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
+from lmforge.failures import BadInput
+
 FORMATS = ("jsonl", "text")
 
 
-class DatasetInputError(ValueError):
+class DatasetInputError(BadInput, ValueError):
     """The dataset cannot be read as asked; the message says why and what to do."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.failures import BadInput
+
 ONNX_OPSET = 18
 
 
@@ -28,7 +30,7 @@ class LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-class OnnxMismatchError(RuntimeError):
+class OnnxMismatchError(BadInput, RuntimeError):
     pass
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lmforge.failures import BadInput
+
 
 @dataclass(frozen=True, slots=True)
 class ModelPreset:
@@ -147,7 +149,7 @@ def estimate_memory(parameters: int, preset: ModelPreset, *, micro_batch: int, s
     return MemoryEstimate(weights, grads, optimizer, float(activations))
 
 
-class PlanError(ValueError):
+class PlanError(BadInput, ValueError):
     """The request cannot be planned; the message gives the numbers."""
 
 

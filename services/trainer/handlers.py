@@ -1,6 +1,6 @@
 """trainer's bus wiring.
 
-training.scheduled -> Trainer.run (in a worker thread) -> model.trained,
+training.scheduled -> run_training_job (in a worker thread) -> model.trained,
 with training.progress at most once a second and training.checkpointed after
 each checkpoint. SIGTERM (a spot notice) makes the loop checkpoint and stop;
 the handler then publishes training.preempted, which the scheduler turns into
@@ -13,110 +13,94 @@ import asyncio
 import logging
 
 import torch
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from google.protobuf.message import Message
 
-from lmforge.bus import Delivery, StageError
 from lmforge.contracts import subjects
+from lmforge.contracts.names import ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
-from lmforge.service import Service
-from lmforge.settings import ServiceSettings
-from services.trainer.checkpoints import CheckpointIndex, CheckpointRef
-from services.trainer.config import ConfigError, TrainConfig
-from services.trainer.distributed import launch, write_job
-from services.trainer.training import Progress, Trainer
+from lmforge.dispatch import Delivery, subscriber
+from lmforge.service import Bus, Service
+from services.trainer.checkpoints import CheckpointRef
+from services.trainer.config import TrainConfig
+from services.trainer.jobs import TrainingJob, run_training_job
+from services.trainer.settings import TrainerSettings
+from services.trainer.training import Progress, TrainResult
 
 log = logging.getLogger("lmforge.trainer")
 
 
-class TrainerSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="LMFORGE_", extra="ignore", frozen=True)
-
-    trainer_keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept per run.")
-    trainer_threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default.")
-    trainer_peak_tflops: float = Field(
-        0.0, ge=0, description="Device peak for MFU (989 for an H100's dense bf16); 0 = off.")
+def progress_event(run_id: str, p: Progress) -> ev.TrainingProgress:
+    return ev.TrainingProgress(
+        run_id=run_id, step=p.step, total_steps=p.total_steps, loss=p.loss,
+        learning_rate=p.learning_rate, tokens_per_second=p.tokens_per_second,
+        eta_seconds=p.eta_seconds, mfu=p.mfu)
 
 
-def train_config_from_plan(plan: ev.ResourcePlan, keep: int) -> TrainConfig:
-    try:
-        config = TrainConfig.from_plan(plan)
-        config.checkpoint.keep = keep
-        return config
-    except ConfigError as exc:
-        raise StageError(f"training plan rejected: {exc}") from None
+def trained_event(event: ev.TrainingScheduled, result: TrainResult, digest: str, size: int,
+                  device: str, world_size: int) -> ev.ModelTrained:
+    return ev.ModelTrained(
+        run_id=event.run_id, model_name=event.model_name,
+        model=ev.ArtifactRef(digest=digest, size_bytes=size),
+        dataset=event.dataset, heldout_perplexity=result.heldout_perplexity,
+        train_tokens=result.train_tokens, steps=result.step,
+        wall_seconds=result.wall_seconds, parameters=result.parameters,
+        final_loss=result.final_loss, resumed_from_step=result.resumed_from_step,
+        peak_memory_bytes=result.peak_memory_bytes, device=device, world_size=world_size)
 
 
-class TrainerService(Service):
-    name = "trainer"
+class TrainerService(Service[TrainerSettings]):
+    name = ServiceName.TRAINER
     Settings = TrainerSettings
 
-    def register(self) -> None:
-        settings: TrainerSettings = self.settings  # type: ignore[assignment]
+    def __init__(self, settings: TrainerSettings, bus: Bus) -> None:
+        super().__init__(settings, bus)
         if settings.trainer_threads:
             torch.set_num_threads(settings.trainer_threads)
 
-        @self.bus.subscriber(subjects.TRAINING_SCHEDULED)
-        async def on_scheduled(event: ev.TrainingScheduled, delivery: Delivery
-                               ) -> ev.ModelTrained | ev.TrainingPreempted:
-            config = train_config_from_plan(event.plan, settings.trainer_keep_checkpoints)
-            (dataset_dir,) = self.input_dirs(event.run_id, event.dataset)
-            loop = asyncio.get_running_loop()
-            run_id = event.run_id
+    def stage_config(self) -> dict[str, object]:
+        """Threads and checkpoints kept do not change the model; the plan in the event does."""
+        return {"trainer_peak_tflops": self.settings.trainer_peak_tflops}
 
-            def publish_from_thread(message, suffix: str) -> None:
-                asyncio.run_coroutine_threadsafe(
-                    delivery.publish(message, suffix=suffix), loop
-                ).result(timeout=60)
+    async def stage_inputs(self, event: Message) -> bytes:
+        """The plan and dataset, not the attempt: a resumed run's result is the same model."""
+        assert isinstance(event, ev.TrainingScheduled)
+        inputs = ev.TrainingScheduled(dataset=event.dataset, plan=event.plan)
+        return inputs.SerializeToString(deterministic=True)
 
-            def on_progress(p: Progress) -> None:
-                publish_from_thread(ev.TrainingProgress(
-                    run_id=run_id, step=p.step, total_steps=p.total_steps, loss=p.loss,
-                    learning_rate=p.learning_rate, tokens_per_second=p.tokens_per_second,
-                    eta_seconds=p.eta_seconds, mfu=p.mfu), f"step-{p.step}")
+    @subscriber(subjects.TRAINING_SCHEDULED, cache_outputs=(ev.ModelTrained,))
+    async def on_scheduled(self, event: ev.TrainingScheduled, delivery: Delivery
+                           ) -> ev.ModelTrained | ev.TrainingPreempted:
+        config = TrainConfig.from_plan(event.plan)
+        config.checkpoint.keep = self.settings.trainer_keep_checkpoints
+        (dataset_dir,) = self.input_dirs(event.run_id, event.dataset)
+        device = event.plan.device or "cpu"
+        job = TrainingJob(run_id=event.run_id, config=config, dataset_dir=dataset_dir,
+                          store=self.store, home=self.settings.home.resolve(), device=device,
+                          peak_flops=self.settings.trainer_peak_tflops * 1e12)
+        loop = asyncio.get_running_loop()
 
-            def on_checkpoint(ref: CheckpointRef) -> None:
-                publish_from_thread(ev.TrainingCheckpointed(
-                    run_id=run_id, step=ref.step, checkpoint=ev.ArtifactRef(digest=ref.digest)),
-                    f"step-{ref.step}")
+        def publish_from_thread(message: Message, suffix: str) -> None:
+            asyncio.run_coroutine_threadsafe(
+                delivery.publish(message, suffix=suffix), loop).result(timeout=60)
 
-            checkpoint_root = settings.home.resolve() / "checkpoints"
-            device = event.plan.device or "cpu"
-            peak = settings.trainer_peak_tflops * 1e12
+        def on_progress(p: Progress) -> None:
+            publish_from_thread(progress_event(event.run_id, p), f"step-{p.step}")
 
-            def train():
-                if config.world_size > 1:
-                    job = write_job(settings.home.resolve() / "jobs" / run_id, config=config,
-                                    dataset_dir=dataset_dir, store_root=self.store.root,
-                                    checkpoint_root=checkpoint_root, run_id=run_id,
-                                    device=device, peak_flops=peak)
-                    return launch(job, config.world_size, stop=self.stopping,
-                                  on_progress=on_progress, on_checkpoint=on_checkpoint,
-                                  log_path=job.parent / "ranks.log")
-                index = CheckpointIndex(checkpoint_root, run_id, self.store,
-                                        keep=settings.trainer_keep_checkpoints)
-                trainer = Trainer(config, dataset_dir, self.store, index,
-                                  device=torch.device(device), peak_flops=peak)
-                return trainer.run(stop=self.stopping, on_progress=on_progress,
-                                   on_checkpoint=on_checkpoint)
+        def on_checkpoint(ref: CheckpointRef) -> None:
+            publish_from_thread(ev.TrainingCheckpointed(
+                run_id=event.run_id, step=ref.step,
+                checkpoint=ev.ArtifactRef(digest=ref.digest)), f"step-{ref.step}")
 
-            result = await asyncio.to_thread(train)
-            if result.preempted:
-                log.info("preempted at step %d; handing back", result.step,
-                         extra={"run_id": run_id})
-                return ev.TrainingPreempted(
-                    run_id=run_id, step=result.step, reason="SIGTERM (spot notice or shutdown)",
-                    checkpoint=ev.ArtifactRef(digest=result.checkpoint.digest),
-                    scheduled=event,
-                )
-            stored = await asyncio.to_thread(self.store.put_dir, result.model_dir, move=True)
-            return ev.ModelTrained(
-                run_id=run_id, model_name=event.model_name,
-                model=ev.ArtifactRef(digest=stored.digest, size_bytes=stored.size_bytes),
-                dataset=event.dataset, heldout_perplexity=result.heldout_perplexity,
-                train_tokens=result.train_tokens, steps=result.step,
-                wall_seconds=result.wall_seconds, parameters=result.parameters,
-                final_loss=result.final_loss, resumed_from_step=result.resumed_from_step,
-                peak_memory_bytes=result.peak_memory_bytes, device=device,
-                world_size=config.world_size,
-            )
+        result = await asyncio.to_thread(run_training_job, job, stop=self.stopping,
+                                         on_progress=on_progress, on_checkpoint=on_checkpoint)
+        if result.preempted:
+            assert result.checkpoint is not None, "a preempted job has checkpointed"
+            log.info("preempted at step %d; handing back", result.step)
+            return ev.TrainingPreempted(
+                run_id=event.run_id, step=result.step,
+                reason="SIGTERM (spot notice or shutdown)",
+                checkpoint=ev.ArtifactRef(digest=result.checkpoint.digest), scheduled=event)
+        assert result.model_dir is not None, "a finished job has saved its model"
+        stored = await asyncio.to_thread(self.store.put_dir, result.model_dir, move=True)
+        return trained_event(event, result, stored.digest, stored.size_bytes, device,
+                             config.world_size)

@@ -1,25 +1,24 @@
-"""data-prep on a real bus: bad input fails the run once, duplicates make one run."""
+"""data-prep's handler on both buses: bad input fails the run once, a republish is one
+run, and the stage is cached on the dataset's bytes, not its path or mtime."""
 
 from __future__ import annotations
 
 import asyncio
-
-import pytest
+import os
+import shutil
 
 from lmforge.contracts import subjects
+from lmforge.contracts.names import Header
 from lmforge.contracts.v1 import events_pb2 as ev
 from services.data_prep.handlers import DataPrepService
 from tests.conftest import TEST_DATA
-from tests.helpers import count_events, in_process_service, publish, wait_for_events
-
-pytestmark = pytest.mark.connected
 
 
 def _ready(run_id: str, uri: str, fmt: str = "text") -> ev.DatasetReady:
     return ev.DatasetReady(run_id=run_id, dataset_uri=uri, format=fmt, model_name="m")
 
 
-def test_bad_dataset_requests_fail_with_the_path_and_the_rule(nats_server, tmp_path):
+def test_bad_dataset_requests_fail_with_the_path_and_the_rule(harness, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "sub").mkdir()
     cases = {
@@ -31,14 +30,13 @@ def test_bad_dataset_requests_fail_with_the_path_and_the_rule(nats_server, tmp_p
     }
 
     async def scenario():
-        async with in_process_service(DataPrepService, nats_server.url, home=tmp_path / "home",
-                                      data_roots=[tmp_path]):
+        async with harness.service(DataPrepService, home=tmp_path / "home",
+                                   data_roots=[tmp_path]):
             for run_id, (uri, _) in cases.items():
                 fmt = "parquet" if run_id == "format" else "text"
-                await publish(nats_server.url, _ready(run_id, uri, fmt), msg_id=run_id)
-            failed = await wait_for_events(nats_server.url, subjects.STAGE_FAILED, len(cases))
-            await asyncio.sleep(0.3)
-            assert await count_events(nats_server.url, subjects.DATASET_PREPARED) == 0
+                await harness.publish(_ready(run_id, uri, fmt), run_id)
+            failed = await harness.wait_for(subjects.STAGE_FAILED, len(cases))
+            assert await harness.count(subjects.DATASET_PREPARED) == 0
         return {f.run_id: f for f in failed}
 
     failed = asyncio.run(scenario())
@@ -48,22 +46,64 @@ def test_bad_dataset_requests_fail_with_the_path_and_the_rule(nats_server, tmp_p
     assert "'/etc/passwd'" in failed["outside"].reason
 
 
-def test_same_dataset_ready_twice_is_one_run(nats_server, tmp_path):
+def test_same_dataset_ready_twice_is_one_run(harness, tmp_path):
     event = _ready("twice", str(TEST_DATA / "fortunes-sample.txt"))
 
     async def scenario():
-        async with in_process_service(DataPrepService, nats_server.url, home=tmp_path / "home",
-                                      data_roots=[TEST_DATA], dataprep_vocab_size=512):
-            await publish(nats_server.url, event, msg_id="twice:dataset.ready")
-            await publish(nats_server.url, event, msg_id="twice:dataset.ready")
-            (prepared,) = await wait_for_events(nats_server.url, subjects.DATASET_PREPARED, 1)
+        async with harness.service(DataPrepService, home=tmp_path / "home",
+                                   data_roots=[TEST_DATA], dataprep_vocab_size=512):
+            await harness.publish(event, "twice:dataset.ready")
+            await harness.publish(event, "twice:dataset.ready")
+            (prepared,) = await harness.wait_for(subjects.DATASET_PREPARED, 1)
             # Outside the dedup window a republish carries a new msg id: still one run.
-            await publish(nats_server.url, event, msg_id="twice:dataset.ready:later")
-            await asyncio.sleep(1.0)
-            assert await count_events(nats_server.url, subjects.DATASET_PREPARED) == 1
+            await harness.publish(event, "twice:dataset.ready:later")
+            assert await harness.count(subjects.DATASET_PREPARED) == 1
         return prepared
 
     prepared = asyncio.run(scenario())
     assert prepared.stats.records_read == 1429
     assert prepared.stats.train_tokens > 10_000
     assert prepared.dataset.digest.startswith("sha256:")
+
+
+def test_touched_or_copied_data_is_reused_and_one_changed_byte_is_prepared_again(
+        harness, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    original = data / "corpus.txt"
+    shutil.copy(TEST_DATA / "fortunes-sample.txt", original)
+
+    async def prepare(run_id: str, path) -> tuple[ev.DatasetPrepared, dict[str, str]]:
+        await harness.publish(_ready(run_id, str(path)), run_id)
+        (prepared,) = await harness.wait_for(subjects.DATASET_PREPARED, 1, run_id=run_id)
+        (headers,) = await harness.headers(subjects.DATASET_PREPARED, run_id)
+        return prepared, headers
+
+    async def scenario():
+        async with harness.service(DataPrepService, home=tmp_path / "home",
+                                   data_roots=[data], dataprep_vocab_size=512) as service:
+            first, _ = await prepare("first", original)
+            stored = sorted(p.name for p in (service.store.root / "sha256").iterdir())
+            os.utime(original)  # touched: a new mtime, the same bytes
+            touched, touched_h = await prepare("touched", original)
+            copy = data / "elsewhere" / "copy.txt"
+            copy.parent.mkdir()
+            shutil.copy(original, copy)
+            copied, copied_h = await prepare("copied", copy)
+            assert sorted(p.name for p in (service.store.root / "sha256").iterdir()) == stored
+            with original.open("r+b") as f:  # one byte changed
+                f.seek(100)
+                byte = f.read(1)
+                f.seek(100)
+                f.write(b"Q" if byte != b"Q" else b"R")
+            changed, changed_h = await prepare("changed", original)
+            return first, (touched, touched_h), (copied, copied_h), (changed, changed_h)
+
+    first, touched, copied, changed = asyncio.run(scenario())
+    for reused, headers in (touched, copied):
+        assert headers[Header.CACHED_FROM] == "first"
+        assert reused.dataset.digest == first.dataset.digest
+        assert reused.stats == first.stats
+    assert copied[0].run_id == "copied"
+    assert Header.CACHED_FROM not in changed[1]
+    assert changed[0].dataset.digest != first.dataset.digest
