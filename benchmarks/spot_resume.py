@@ -1,7 +1,8 @@
 """Spot notice to resumed training: steps lost and seconds, end to end on the bus.
 
 A real nats-server, the scheduler and trainer services as processes, the demo
-model (the `tiny` preset, sequence 128, micro-batch 16) on the shipped corpus.
+model (`TrainConfig.from_preset("tiny")`: sequence 128, micro-batch 16) on the
+shipped corpus.
 Once training runs, the trainer gets SIGTERM (a spot notice). It checkpoints
 and publishes training.preempted; the scheduler publishes a new
 training.scheduled; a trainer resumes. Two cases:
@@ -35,8 +36,12 @@ from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.runtime.nats_server import NatsServer
 from services.data_prep.prepare import PrepConfig, prepare_dataset
+from services.trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = TrainConfig.from_preset("tiny", max_steps=400, warmup_steps=20,
+                                 checkpoint_interval=1000, seed=1)
+"""The demo model as the scheduler plans it; checkpoints only on the spot notice."""
 
 
 def start(module: str, url: str, home: Path) -> subprocess.Popen:
@@ -51,7 +56,7 @@ async def scenario(warm: bool) -> dict:
         home = Path(tmp) / "home"
         store = ArtifactStore(home / "artifacts")
         prepare_dataset(ROOT / "tests/data/fortunes-sample.txt", "text", "", Path(tmp) / "ds",
-                        PrepConfig(vocab_size=4096, seq_len=128))
+                        PrepConfig(vocab_size=4096, seq_len=CONFIG.batch.seq_len))
         dataset = store.put_dir(Path(tmp) / "ds")
         server = NatsServer(store_dir=Path(tmp) / "nats").start()
         procs = [start("services.scheduler", server.url, home),
@@ -63,11 +68,7 @@ async def scenario(warm: bool) -> dict:
             await asyncio.sleep(4)  # let the first trainer take the consumer
             if warm:
                 procs.append(start("services.trainer", server.url, home))
-            plan = ev.ResourcePlan(hidden_size=128, num_layers=4, num_heads=4,
-                                   intermediate_size=352, seq_len=128, micro_batch=16,
-                                   grad_accum=1, max_steps=400, learning_rate=3e-3,
-                                   warmup_steps=20, checkpoint_interval=1000,
-                                   precision="fp32", device="cpu", seed=1)
+            plan = ev.ResourcePlan(**CONFIG.plan_fields(), device="cpu")
             await bus.publish(ev.TrainingScheduled(
                 run_id="spot", model_name="m", plan=plan,
                 dataset=ev.ArtifactRef(digest=dataset.digest)), msg_id="spot")

@@ -1,6 +1,7 @@
 """Training throughput on the CPU: lmforge's trainer against the Hugging Face Trainer.
 
-Same model (a Llama from the scheduler's preset), same packed data (the shipped
+Same model (a Llama from the trainer's preset: `TrainConfig.from_preset`, the
+config the service runs), same optimizer settings, same packed data (the shipped
 fortunes sample, tokenized by data-prep's own code), same micro-batch, sequence
 length and precision, both timed after warm-up, in one process so the ratio is
 fair. Also peak RSS growth with and without gradient checkpointing at the same
@@ -30,33 +31,19 @@ import torch
 
 from lmforge.artifacts import ArtifactStore
 from services.data_prep.prepare import PrepConfig, prepare_dataset
-from services.scheduler.planning import PRESETS
 from services.trainer.checkpoints import CheckpointIndex
-from services.trainer.config import (
-    BatchConfig,
-    CheckpointConfig,
-    EngineConfig,
-    ModelSpec,
-    OptimizerConfig,
-    ScheduleConfig,
-    TrainConfig,
-)
+from services.trainer.config import PRESETS, TrainConfig
 from services.trainer.training import Trainer, micro_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_config(args, *, compile: bool, checkpointing: bool = False, steps: int) -> TrainConfig:
-    p = PRESETS[args.preset]
-    return TrainConfig(
-        model=ModelSpec(hidden_size=p.hidden_size, num_layers=p.num_layers,
-                        num_heads=p.num_heads, intermediate_size=p.intermediate_size),
-        batch=BatchConfig(seq_len=args.seq_len, micro_batch=args.batch),
-        optimizer=OptimizerConfig(learning_rate=p.learning_rate),
-        schedule=ScheduleConfig(max_steps=steps, warmup_steps=1),
-        checkpoint=CheckpointConfig(interval=10**9),
-        engine=EngineConfig(precision=args.precision, compile=compile,
-                            gradient_checkpointing=checkpointing))
+    """The trainer's own preset, as the service would build it, at the benchmark's batch."""
+    return TrainConfig.from_preset(
+        args.preset, seq_len=args.seq_len, micro_batch=args.batch, max_steps=steps,
+        warmup_steps=1, checkpoint_interval=10**9, precision=args.precision, compile=compile,
+        gradient_checkpointing=checkpointing)
 
 
 def time_ours(args, dataset: Path, store: ArtifactStore, *, compile: bool) -> dict:
@@ -71,7 +58,8 @@ def time_ours(args, dataset: Path, store: ArtifactStore, *, compile: bool) -> di
         engine.train_step([micro_batch(tokens, config, step, 0, 0)])
     elapsed = time.perf_counter() - start
     return {"tokens_per_s": args.steps * args.batch * args.seq_len / elapsed,
-            "step_ms": 1e3 * elapsed / args.steps}
+            "step_ms": 1e3 * elapsed / args.steps,
+            "parameters": sum(p.numel() for p in engine.model.parameters())}
 
 
 def time_hf_trainer(args, dataset: Path, store: ArtifactStore) -> dict:
@@ -104,12 +92,15 @@ def time_hf_trainer(args, dataset: Path, store: ArtifactStore) -> dict:
                 self.end = time.perf_counter()
 
     clock = Clock()
+    opt = config.optimizer
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
             output_dir=out, per_device_train_batch_size=args.batch,
-            max_steps=args.warmup + args.steps, learning_rate=3e-3, weight_decay=0.1,
-            adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, lr_scheduler_type="cosine",
-            warmup_steps=1, logging_strategy="no", save_strategy="no", report_to=[],
+            max_steps=args.warmup + args.steps, learning_rate=opt.learning_rate,
+            weight_decay=opt.weight_decay, adam_beta1=opt.betas[0], adam_beta2=opt.betas[1],
+            adam_epsilon=opt.eps, max_grad_norm=opt.grad_clip, lr_scheduler_type="cosine",
+            warmup_steps=config.schedule.warmup_steps, logging_strategy="no",
+            save_strategy="no", report_to=[],
             bf16=args.precision == "bf16", use_cpu=True, dataloader_num_workers=0,
             optim="adamw_torch", disable_tqdm=True)
         HFTrainer(model=model, args=targs, train_dataset=Windows(),
@@ -191,7 +182,7 @@ def main() -> int:
     p = PRESETS[args.preset]
     from lmforge.modeling import training_flops_per_token
 
-    flops = training_flops_per_token(p.parameters(4096), p.num_layers, p.hidden_size,
+    flops = training_flops_per_token(plain["parameters"], p.num_layers, p.hidden_size,
                                      args.seq_len)
     report = {
         "benchmark": "train_cpu", "preset": args.preset, "batch": args.batch,

@@ -1,9 +1,9 @@
 """Training MFU on one GPU: plain (eager, compiled) and DeepSpeed ZeRO-2/3.
 
-For Llama models of 124M, 350M and 1B parameters (the scheduler's presets,
-vocabulary 32000, sequence 2048), each engine of services/trainer/engines.py
-trains on random tokens; after warm-up (compilation included there) the
-timed steps give tokens/s and
+For Llama models of 124M, 350M and 1B parameters (`TrainConfig.from_preset`,
+the sizes the scheduler plans; vocabulary 32000, sequence 2048), each engine of
+services/trainer/engines.py trains on random tokens; after warm-up (compilation
+included there) the timed steps give tokens/s and
 
     MFU = tokens/s × (6·N + 12·L·H·T) / peak,   peak = 989 TFLOP/s (H100/H200 dense bf16).
 
@@ -31,15 +31,7 @@ from pathlib import Path
 import torch
 
 from lmforge.modeling import llama_config, training_flops_per_token
-from services.scheduler.planning import PRESETS
-from services.trainer.config import (
-    BatchConfig,
-    EngineConfig,
-    ModelSpec,
-    OptimizerConfig,
-    ScheduleConfig,
-    TrainConfig,
-)
+from services.trainer.config import TrainConfig
 from services.trainer.engines import build_engine
 
 PEAK_FLOPS = 989e12
@@ -62,25 +54,20 @@ def init_single_rank() -> None:
 
 def measure(size: str, mode: str, *, device: torch.device, seq_len: int, vocab: int,
             steps: int, warmup: int, micro_batch: int = 0) -> dict:
-    preset = PRESETS[size]
     micro = micro_batch or MICRO_BATCH.get(size, 8)
-    config = TrainConfig(
-        model=ModelSpec(hidden_size=preset.hidden_size, num_layers=preset.num_layers,
-                        num_heads=preset.num_heads, intermediate_size=preset.intermediate_size),
-        batch=BatchConfig(seq_len=seq_len, micro_batch=micro),
-        optimizer=OptimizerConfig(learning_rate=preset.learning_rate),
-        schedule=ScheduleConfig(max_steps=10_000, warmup_steps=10),
-        engine=EngineConfig(
-            kind="deepspeed" if mode.startswith("zero") else "plain",
-            precision="bf16", zero_stage=int(mode[4]) if mode.startswith("zero") else 0,
-            compile=mode.endswith("compiled")))
+    config = TrainConfig.from_preset(
+        size, seq_len=seq_len, micro_batch=micro, max_steps=10_000, warmup_steps=10,
+        engine_kind="deepspeed" if mode.startswith("zero") else "plain", precision="bf16",
+        zero_stage=int(mode[4]) if mode.startswith("zero") else 0,
+        compile=mode.endswith("compiled"))
     if config.engine.kind == "deepspeed":
         init_single_rank()
     from transformers import AutoModelForCausalLM
 
-    hf_config = llama_config(vocab_size=vocab, hidden_size=preset.hidden_size,
-                             num_layers=preset.num_layers, num_heads=preset.num_heads,
-                             intermediate_size=preset.intermediate_size, seq_len=seq_len,
+    spec = config.model
+    hf_config = llama_config(vocab_size=vocab, hidden_size=spec.hidden_size,
+                             num_layers=spec.num_layers, num_heads=spec.num_heads,
+                             intermediate_size=spec.intermediate_size, seq_len=seq_len,
                              eos_token_id=0, pad_token_id=1)
     torch.manual_seed(0)
     with device:
@@ -106,8 +93,7 @@ def measure(size: str, mode: str, *, device: torch.device, seq_len: int, vocab: 
     sync()
     elapsed = time.perf_counter() - t0
     tokens_per_s = steps * micro * seq_len / elapsed
-    flops = training_flops_per_token(parameters, preset.num_layers, preset.hidden_size,
-                                     seq_len)
+    flops = training_flops_per_token(parameters, spec.num_layers, spec.hidden_size, seq_len)
     result = {
         "size": size, "mode": mode, "parameters": parameters, "micro_batch": micro,
         "seq_len": seq_len, "tokens_per_s": round(tokens_per_s, 1),
