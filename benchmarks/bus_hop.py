@@ -31,8 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmforge.bus import HEADER_WORK_STARTED, EventBus
+from lmforge.bus import EventBus
 from lmforge.contracts import subjects
+from lmforge.contracts.names import Header
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.runtime.nats_server import NatsServer
 
@@ -113,7 +114,7 @@ async def read_run(nats_url: str, run_id: str) -> dict[str, tuple[float, dict]]:
         except Exception:
             break
         headers = dict(msg.headers or {})
-        if headers.get("Lmforge-Run-Id") == run_id and msg.subject not in found:
+        if headers.get(Header.RUN_ID) == run_id and msg.subject not in found:
             found[msg.subject] = (msg.metadata.timestamp.timestamp(), headers)
     await nc.close()
     return found
@@ -146,7 +147,7 @@ def orchestration_share(home: Path | None, budget_s: float) -> dict:
     for before, after in itertools.pairwise(CHAIN):
         landed = events[before.name][0]
         finished, headers = events[after.name]
-        started = int(headers[HEADER_WORK_STARTED]) / 1e9
+        started = int(headers[Header.WORK_STARTED_NS]) / 1e9
         waiting += started - landed
         stages[after.name.removeprefix("lmforge.")] = {
             "bus_s": round(started - landed, 4), "work_s": round(finished - started, 3)}

@@ -10,16 +10,22 @@ import urllib.request
 from nats.js import JetStreamContext
 
 from lmforge.contracts import subjects
+from lmforge.contracts.names import ServiceName, consumer_owner
 
 _REQUESTS = re.compile(r'^lmforge_gateway_requests_total\{[^}]*\}\s+([0-9.eE+-]+)$', re.M)
 
 
-async def consumer_backlogs(js: JetStreamContext) -> dict[str, int]:
-    """Pending + unacknowledged events per service (durable names are `service__subject`)."""
-    backlog: dict[str, int] = {}
+async def consumer_backlogs(js: JetStreamContext) -> dict[ServiceName, int]:
+    """Pending + unacknowledged events per service, over its durable consumers.
+
+    The owner of a consumer comes from the name catalog; consumers it does not
+    know (a test's reader, an operator's `nats consumer add`) are no service's load.
+    """
+    backlog: dict[ServiceName, int] = {}
     for info in await js.consumers_info(subjects.STREAM):
-        name = info.name or ""
-        service = name.split("__", 1)[0] if "__" in name else name.rsplit("-", 1)[0]
+        service = consumer_owner(info.name or "")
+        if service is None:
+            continue
         backlog[service] = backlog.get(service, 0) + (info.num_pending or 0) + (
             info.num_ack_pending or 0)
     return backlog

@@ -11,10 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-SERVICES = (
-    "data-prep", "scheduler", "trainer", "quantizer", "exporter", "inference-gateway",
-    "cost-autoscaler",
-)
+from lmforge.contracts.names import SERVICES, ServiceName
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +47,7 @@ class ReactivePolicy:
 
     def desired(self, load: ServiceLoad) -> tuple[int, float, str]:
         c = self.config
-        if load.service == "inference-gateway":
+        if load.service == ServiceName.INFERENCE_GATEWAY:
             want = math.ceil(load.requests_per_second / c.rps_per_replica)
             return want, load.requests_per_second, f"{load.requests_per_second:.1f} req/s"
         want = math.ceil(load.backlog / c.backlog_per_replica)
