@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test lint typecheck proto bench clean
+.PHONY: setup demo test unit lint typecheck proto bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q --durations=15
+
+# The tier without a nats-server, torchrun or the whole pipeline (in-memory bus): < 1 min.
+unit: setup
+	$(PY) -m pytest -q -m "not connected and not e2e and not distributed" -p no:cacheprovider
 
 lint: setup
 	$(PY) -m ruff check .

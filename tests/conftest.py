@@ -18,6 +18,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO_ROOT / "tests" / "data"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts a nats-server is `connected`, marked or not, so `make unit` skips it."""
+    for item in items:
+        if "nats_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.connected)
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path):
     server = NatsServer(store_dir=tmp_path / "nats", log_file=tmp_path / "nats.log").start()
