@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
+import nats
+import nats.errors
 import numpy as np
 import openai
 import pytest
@@ -23,6 +28,34 @@ pytestmark = pytest.mark.e2e
 
 SEVEN = {"data-prep", "scheduler", "trainer", "quantizer", "exporter", "inference-gateway",
          "cost-autoscaler"}
+
+
+STAGE_OUTPUTS = {"lmforge.dataset.prepared", "lmforge.training.scheduled",
+                 "lmforge.model.trained", "lmforge.model.quantized", "lmforge.model.exported"}
+
+
+def tmp_home(env) -> Path:
+    return Path(env["LMFORGE_HOME"])
+
+
+async def run_events(nats_url: str, run_id: str) -> list[tuple[str, dict[str, str]]]:
+    """(subject, headers) of the stage outputs and progress events of `run_id`."""
+    nc = await nats.connect(nats_url)
+    found = []
+    try:
+        for subject in sorted(STAGE_OUTPUTS | {"lmforge.training.progress"}):
+            sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1)
+                except nats.errors.TimeoutError:
+                    break
+                if (msg.headers or {}).get("Lmforge-Run-Id") == run_id:
+                    found.append((msg.subject, dict(msg.headers or {})))
+            await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return found
 
 
 def lmforge(env, *args, timeout=120, check=True):
@@ -50,7 +83,7 @@ def system(tmp_path):
     env = {
         **os.environ,
         "LMFORGE_HOME": str(tmp_path / "home"),
-        "LMFORGE_DATA_ROOTS": str(TEST_DATA),
+        "LMFORGE_DATA_ROOTS": f"{TEST_DATA}{os.pathsep}{tmp_path / 'data'}",
         "LMFORGE_DATAPREP_VOCAB_SIZE": "1024",
         "LMFORGE_DATAPREP_SEQ_LEN": "64",
         "LMFORGE_SCHEDULER_TIME_BUDGET_S": "8",
@@ -109,10 +142,21 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
     (mine,) = [r for r in runs if r["run_id"] == "e2e-run"]
     assert mine["status"] == "served" and mine["perplexity"] > 1
 
-    # Re-running the same data under the same run id is a no-op: nothing is redone.
-    again = lmforge(env, "run", str(TEST_DATA / "fortunes-sample.txt"), "--model-name",
-                    "fortune", "--run-id", "e2e-run", "--follow", "--timeout", "60")
+    # The same bytes under another path and a new run id: every stage replays its
+    # earlier outputs (the stage cache), none runs, nothing new is stored.
+    stored = set((tmp_home(env) / "artifacts" / "sha256").iterdir())
+    copy = tmp_home(env).parent / "data" / "copied.txt"
+    copy.parent.mkdir(exist_ok=True)
+    shutil.copy(TEST_DATA / "fortunes-sample.txt", copy)
+    again = lmforge(env, "run", str(copy), "--model-name", "fortune", "--run-id", "e2e-again",
+                    "--follow", "--timeout", "120")
     assert "served as model fortune" in again.stderr
+    events = asyncio.run(run_events(status["nats_url"], "e2e-again"))
+    outputs = {subject: headers for subject, headers in events if subject in STAGE_OUTPUTS}
+    assert set(outputs) == STAGE_OUTPUTS, sorted(subject for subject, _ in events)
+    assert all(h.get("Lmforge-Cached-From") == "e2e-run" for h in outputs.values()), outputs
+    assert not [s for s, _ in events if s == "lmforge.training.progress"]
+    assert set((tmp_home(env) / "artifacts" / "sha256").iterdir()) == stored
 
     # A service killed with -9 is restarted by the supervisor.
     victim = status["services"]["quantizer"]["pids"][0]
