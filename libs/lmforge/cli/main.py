@@ -19,11 +19,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lmforge.contracts.names import SERVICES, Bucket, ServiceName
 from lmforge.settings import PlatformSettings, load_settings
 
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 3
@@ -72,7 +74,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
-def _print_status(state: dict) -> None:
+def _print_status(state: dict[str, Any]) -> None:
     table = Table(title=f"lmforge — NATS {state['nats_url']} — gateway {state['gateway']}")
     for column in ("service", "state", "replicas", "desired", "pinned", "restarts"):
         table.add_column(column)
@@ -202,7 +204,11 @@ async def follow(nats_url: str, run_id: str, *, timeout_s: float, as_json: bool)
 def cmd_runs(args: argparse.Namespace) -> int:
     from lmforge.cli.runs import collect_runs
 
-    runs = asyncio.run(collect_runs(_nats_url(_settings())))
+    try:
+        runs = asyncio.run(collect_runs(_nats_url(_settings())))
+    except ConnectionError as exc:
+        console.print(f"[red]{exc}[/] (is lmforge up?)")
+        return EXIT_FAILED
     if args.json:
         print(json.dumps([{"run_id": r.run_id, "model_name": r.model_name, "stage": r.stage,
                            "status": r.status, "step": r.step, "total_steps": r.total_steps,
@@ -256,15 +262,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     from lmforge.bus import ensure_kv
-    from lmforge.runtime.supervisor import SERVICE_MODULES
 
-    pins: dict[str, int | None] = {}
+    pins: dict[ServiceName, int | None] = {}
     for item in args.assignments:
-        service, sep, value = item.partition("=")
-        if not sep or service not in SERVICE_MODULES:
+        name, sep, value = item.partition("=")
+        if not sep or name not in SERVICES:
             console.print(f"[red]expected SERVICE=N or SERVICE=auto, SERVICE one of "
-                          f"{sorted(SERVICE_MODULES)}; got {item!r}[/]")
+                          f"{', '.join(SERVICES)}; got {item!r}[/]")
             return EXIT_USAGE
+        service = ServiceName(name)
         if value == "auto":
             pins[service] = None
         elif value.isdigit() and int(value) <= 64:
@@ -274,10 +280,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
             return EXIT_USAGE
 
     async def write() -> None:
-        import nats
+        from lmforge.cli.runs import connect_nats
 
-        nc = await nats.connect(_nats_url(_settings()), connect_timeout=5)
-        kv = await ensure_kv(nc.jetstream(), "lmforge_scale_pins")
+        nc = await connect_nats(_nats_url(_settings()))
+        kv = await ensure_kv(nc.jetstream(), Bucket.SCALE_PINS)
         for service, replicas in pins.items():
             if replicas is None:
                 await kv.delete(service)
@@ -285,7 +291,11 @@ def cmd_scale(args: argparse.Namespace) -> int:
                 await kv.put(service, str(replicas).encode())
         await nc.close()
 
-    asyncio.run(write())
+    try:
+        asyncio.run(write())
+    except ConnectionError as exc:
+        console.print(f"[red]{exc}[/] (is lmforge up?)")
+        return EXIT_FAILED
     for service, replicas in pins.items():
         console.print(f"{service}: {'autoscaled' if replicas is None else f'pinned to {replicas}'}")
     return 0

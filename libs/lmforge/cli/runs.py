@@ -6,36 +6,50 @@ CLI needs no database and shows exactly what the services said.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats
 import nats.errors
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
+from nats.aio.client import Client
 
 from lmforge.contracts import subjects
+from lmforge.contracts.names import Header, ServiceName
+from lmforge.contracts.v1 import events_pb2 as ev
 
-STAGES = ("data-prep", "scheduler", "trainer", "quantizer", "exporter", "inference-gateway")
-STAGE_OF = {
-    subjects.DATASET_READY.name: ("data-prep", "queued"),
-    subjects.DATASET_PREPARED.name: ("data-prep", "done"),
-    subjects.TRAINING_SCHEDULED.name: ("scheduler", "done"),
-    subjects.TRAINING_PROGRESS.name: ("trainer", "running"),
-    subjects.TRAINING_CHECKPOINTED.name: ("trainer", "running"),
-    subjects.TRAINING_PREEMPTED.name: ("trainer", "preempted"),
-    subjects.MODEL_TRAINED.name: ("trainer", "done"),
-    subjects.MODEL_QUANTIZED.name: ("quantizer", "done"),
-    subjects.MODEL_EXPORTED.name: ("exporter", "done"),
-    subjects.MODEL_DEPLOYED.name: ("inference-gateway", "done"),
+STAGES: tuple[ServiceName, ...] = (
+    ServiceName.DATA_PREP, ServiceName.SCHEDULER, ServiceName.TRAINER, ServiceName.QUANTIZER,
+    ServiceName.EXPORTER, ServiceName.INFERENCE_GATEWAY,
+)
+"""The services a run passes through, in order (the autoscaler watches, it is no stage)."""
+
+STAGE_OF: dict[str, tuple[ServiceName, str]] = {
+    subjects.DATASET_READY.name: (ServiceName.DATA_PREP, "queued"),
+    subjects.DATASET_PREPARED.name: (ServiceName.DATA_PREP, "done"),
+    subjects.TRAINING_SCHEDULED.name: (ServiceName.SCHEDULER, "done"),
+    subjects.TRAINING_PROGRESS.name: (ServiceName.TRAINER, "running"),
+    subjects.TRAINING_CHECKPOINTED.name: (ServiceName.TRAINER, "running"),
+    subjects.TRAINING_PREEMPTED.name: (ServiceName.TRAINER, "preempted"),
+    subjects.MODEL_TRAINED.name: (ServiceName.TRAINER, "done"),
+    subjects.MODEL_QUANTIZED.name: (ServiceName.QUANTIZER, "done"),
+    subjects.MODEL_EXPORTED.name: (ServiceName.EXPORTER, "done"),
+    subjects.MODEL_DEPLOYED.name: (ServiceName.INFERENCE_GATEWAY, "done"),
 }
+"""Which stage an event speaks for, and what it says of it."""
+
+log = logging.getLogger("lmforge.cli")
 
 
 @dataclass
 class RunView:
     run_id: str
     model_name: str = ""
-    stage: str = "data-prep"
+    stage: str = ServiceName.DATA_PREP
     status: str = "queued"
     started: float = 0.0
     updated: float = 0.0
@@ -50,25 +64,25 @@ class RunView:
         self.started = self.started or timestamp
         self.updated = timestamp
         self.model_name = getattr(event, "model_name", "") or self.model_name
-        if subject == subjects.STAGE_FAILED.name:
+        if isinstance(event, ev.StageFailed):
             self.status, self.failure = "failed", f"{event.stage}: {event.reason}"
             self.stage = event.stage
             return
         stage, status = STAGE_OF.get(subject, (self.stage, self.status))
         if status == "done":
             self.stage_done_at[stage] = timestamp
-        if subject == subjects.TRAINING_PROGRESS.name:
+        if isinstance(event, ev.TrainingProgress):
             self.step, self.total_steps, self.loss = event.step, event.total_steps, event.loss
-        if subject == subjects.TRAINING_SCHEDULED.name:
+        if isinstance(event, ev.TrainingScheduled):
             self.total_steps = event.plan.max_steps
-        if subject == subjects.MODEL_TRAINED.name:
+        if isinstance(event, ev.ModelTrained):
             self.perplexity = event.heldout_perplexity
             self.step = event.steps
-        if status == "done" and stage != "inference-gateway":
+        if status == "done" and stage != ServiceName.INFERENCE_GATEWAY:
             nxt = STAGES[STAGES.index(stage) + 1]
             self.stage, self.status = nxt, "running"
         else:
-            self.stage, self.status = stage, ("served" if stage == "inference-gateway"
+            self.stage, self.status = stage, ("served" if stage == ServiceName.INFERENCE_GATEWAY
                                               else status)
 
     @property
@@ -76,12 +90,28 @@ class RunView:
         return self.status in ("served", "failed")
 
 
+async def connect_nats(nats_url: str, *, timeout_s: float = 10.0) -> Client:
+    """A connection that keeps reconnecting once made, or ConnectionError after
+    `timeout_s` (instead of nats-py's endless first attempt)."""
+
+    async def on_error(exc: Exception) -> None:
+        log.debug("NATS at %s: %s", nats_url, exc)
+
+    try:
+        return await asyncio.wait_for(
+            nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=-1,
+                         reconnect_time_wait=0.5, error_cb=on_error), timeout_s)
+    except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+        raise ConnectionError(f"cannot reach NATS at {nats_url} within {timeout_s:.0f}s") \
+            from exc
+
+
 async def stream_events(nats_url: str, *, run_id: str | None = None, follow: bool = False,
                         idle_timeout_s: float = 1.0
-                        ) -> AsyncIterator[tuple[str, Message, float]]:
+                        ) -> AsyncGenerator[tuple[str, Message, float], None]:
     """Every event in the stream (optionally one run's), oldest first; with follow,
     keep waiting for new ones."""
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=-1)
+    nc = await connect_nats(nats_url)
     js = nc.jetstream()
     sub = await js.subscribe("lmforge.>", ordered_consumer=True, stream=subjects.STREAM)
     try:
@@ -92,7 +122,7 @@ async def stream_events(nats_url: str, *, run_id: str | None = None, follow: boo
                 if follow:
                     continue
                 return
-            if run_id and (msg.headers or {}).get("Lmforge-Run-Id") != run_id:
+            if run_id and (msg.headers or {}).get(Header.RUN_ID) != run_id:
                 continue
             try:
                 subject = subjects.by_name(msg.subject)
@@ -115,7 +145,7 @@ async def collect_runs(nats_url: str) -> dict[str, RunView]:
     return runs
 
 
-def event_json(subject: str, event: Message, ts: float) -> dict:
+def event_json(subject: str, event: Message, ts: float) -> dict[str, Any]:
     return {"subject": subject, "time": ts,
             "event": MessageToDict(event, preserving_proto_field_name=True)}
 

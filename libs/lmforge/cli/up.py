@@ -1,4 +1,10 @@
-"""`lmforge up` / `lmforge down`: the embedded system on one machine."""
+"""`lmforge up` / `lmforge down`: the embedded system on one machine.
+
+Start-up order: the nats-server, then the JetStream streams, then the state
+file with the NATS URL (what `lmforge status` reads), then the services. A
+client that publishes the moment `status` shows the URL, even with plain core
+NATS, finds its event kept for the services to consume once they start.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from lmforge.runtime.nats_server import NatsServer, free_port
-from lmforge.runtime.supervisor import Supervisor, state_file
+from lmforge.runtime.supervisor import NatsUnreachable, Supervisor, state_file
 
 log = logging.getLogger("lmforge.up")
 
 
-def read_state(home: Path) -> dict | None:
+def read_state(home: Path) -> dict[str, Any] | None:
     """The supervisor's state if it is running, else None."""
     path = state_file(home)
     try:
@@ -46,7 +53,8 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
         (home / "logs").mkdir(parents=True, exist_ok=True)
         server.start()
         nats_url = server.url
-        log.info("embedded nats-server on %s (JetStream store %s)", nats_url, home / "nats")
+        log.info("embedded nats-server listening on %s (JetStream store %s)", nats_url,
+                 home / "nats")
     gateway_port = gateway_port or free_port()
     gateway = f"127.0.0.1:{gateway_port}"
     metrics_base = free_port()
@@ -71,6 +79,9 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
 
     try:
         asyncio.run(main())
+    except NatsUnreachable as exc:
+        log.error("%s", exc)
+        return 1
     finally:
         if server is not None:
             server.stop()
@@ -78,7 +89,7 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
     return 0
 
 
-def start_detached(home: Path, argv: list[str], timeout_s: float = 120.0) -> dict:
+def start_detached(home: Path, argv: list[str], timeout_s: float = 120.0) -> dict[str, Any]:
     """Run `lmforge up` in the background and wait until every service is running."""
     home = home.resolve()
     (home / "logs").mkdir(parents=True, exist_ok=True)

@@ -71,8 +71,10 @@ class NatsServer:
             "--server_name", "lmforge-embedded",
         ]
         out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
+        # Its own process group, so a terminal's Ctrl-C does not stop NATS before the
+        # services that `lmforge up` stops first.
         self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, process_group=0)
         try:
             wait_for_port("127.0.0.1", self.port, timeout_s)
         except TimeoutError:

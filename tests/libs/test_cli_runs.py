@@ -1,0 +1,49 @@
+"""`lmforge runs` / `run --follow`: a run's state folded from its events."""
+
+from __future__ import annotations
+
+from lmforge.cli.runs import STAGES, RunView
+from lmforge.contracts import subjects
+from lmforge.contracts.names import SERVICES, ServiceName
+from lmforge.contracts.v1 import events_pb2 as ev
+
+
+def test_the_stages_are_the_services_a_run_passes_through_in_order():
+    assert tuple(s for s in SERVICES if s is not ServiceName.COST_AUTOSCALER) == STAGES
+
+
+def test_a_run_is_folded_stage_by_stage_until_served():
+    view = RunView("r1")
+    steps = [
+        (subjects.DATASET_READY, ev.DatasetReady(run_id="r1", model_name="m"), "data-prep",
+         "queued"),
+        (subjects.DATASET_PREPARED, ev.DatasetPrepared(run_id="r1"), "scheduler", "running"),
+        (subjects.TRAINING_SCHEDULED,
+         ev.TrainingScheduled(run_id="r1", plan=ev.ResourcePlan(max_steps=40)), "trainer",
+         "running"),
+        (subjects.TRAINING_PROGRESS, ev.TrainingProgress(run_id="r1", step=10, total_steps=40,
+                                                         loss=2.5), "trainer", "running"),
+        (subjects.MODEL_TRAINED, ev.ModelTrained(run_id="r1", heldout_perplexity=12.5,
+                                                 steps=40), "quantizer", "running"),
+        (subjects.MODEL_QUANTIZED, ev.ModelQuantized(run_id="r1"), "exporter", "running"),
+        (subjects.MODEL_EXPORTED, ev.ModelExported(run_id="r1"), "inference-gateway",
+         "running"),
+        (subjects.MODEL_DEPLOYED, ev.ModelDeployed(run_id="r1"), "inference-gateway", "served"),
+    ]
+    for t, (subject, event, stage, status) in enumerate(steps):
+        view.fold(subject.name, event, float(t))
+        assert (view.stage, view.status) == (stage, status), subject.name
+        if subject is subjects.TRAINING_PROGRESS:
+            assert (view.step, view.total_steps, view.loss) == (10, 40, 2.5)
+    assert view.finished and view.model_name == "m"
+    assert (view.perplexity, view.step) == (12.5, 40)
+    assert list(view.stage_done_at) == list(STAGES)
+
+
+def test_a_failed_stage_ends_the_run_with_its_reason():
+    view = RunView("r2")
+    view.fold(subjects.DATASET_READY.name, ev.DatasetReady(run_id="r2"), 1.0)
+    view.fold(subjects.STAGE_FAILED.name,
+              ev.StageFailed(run_id="r2", stage="data-prep", reason="no such file"), 2.0)
+    assert view.finished and view.status == "failed"
+    assert (view.stage, view.failure) == ("data-prep", "data-prep: no such file")
