@@ -179,11 +179,11 @@ async def follow(nats_url: str, run_id: str, *, timeout_s: float, as_json: bool)
                         progress.start_task(task)
                         total = progress.tasks[task].total or 1
                         info = (f"done, perplexity {view.perplexity:.1f}"
-                                if stage == "trainer" and view.perplexity else "done")
+                                if stage == ServiceName.TRAINER and view.perplexity else "done")
                         progress.update(task, completed=total, info=info)
                     elif stage == view.stage and view.status != "failed":
                         progress.start_task(task)
-                        if stage == "trainer" and view.total_steps:
+                        if stage == ServiceName.TRAINER and view.total_steps:
                             progress.update(task, total=view.total_steps, completed=view.step,
                                             info=f"step {view.step}/{view.total_steps} "
                                                  f"loss {view.loss:.3f}")
