@@ -42,9 +42,9 @@ def _tracing():
 
 
 TINY_PRESET = "test-tiny"
-"""The tiny test model, a preset of the trainer's config (services/trainer/config.py)."""
+"""The tiny test model, a preset of the shared table (libs/lmforge/presets.py)."""
 
-TINY_MODEL: dict[str, int | float] = asdict(PRESETS[TINY_PRESET])
+TINY_MODEL: dict[str, object] = asdict(PRESETS[TINY_PRESET])
 """The tiny model's shape and batch by name (hidden_size, seq_len, micro_batch, ...)."""
 
 

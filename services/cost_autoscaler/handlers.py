@@ -17,13 +17,12 @@ import time
 
 from lmforge.bus import EventBus
 from lmforge.contracts import subjects
-from lmforge.contracts.names import Bucket, ServiceName
+from lmforge.contracts.names import SERVICES, Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, KeyValue, subscriber
 from lmforge.service import Service
 from services.cost_autoscaler.observing import RequestRate, consumer_backlogs
 from services.cost_autoscaler.policy import (
-    SERVICES,
     PolicyConfig,
     ReactivePolicy,
     ServiceLoad,
@@ -85,9 +84,10 @@ class AutoscalerService(Service[AutoscalerSettings]):
             try:
                 backlog = await consumer_backlogs(self.bus.js)
                 rps = await rate.sample()
-                loads = {name: ServiceLoad(name, backlog.get(name, 0),
-                                           rps if name == "inference-gateway" else 0.0)
-                         for name in SERVICES}
+                loads: dict[str, ServiceLoad] = {
+                    name: ServiceLoad(name, backlog.get(name, 0),
+                                      rps if name == ServiceName.INFERENCE_GATEWAY else 0.0)
+                    for name in SERVICES}
                 pins = await read_pins(pins_kv)
                 decisions = policy.decide(loads, current, pins)
                 key = [(d.service, d.replicas, d.pinned) for d in decisions]

@@ -12,38 +12,7 @@ import math
 from dataclasses import dataclass
 
 from lmforge.failures import BadInput
-
-
-@dataclass(frozen=True, slots=True)
-class ModelPreset:
-    name: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    learning_rate: float
-
-    def parameters(self, vocab_size: int) -> int:
-        """Llama parameter count with untied embeddings."""
-        h, i, layer_count = self.hidden_size, self.intermediate_size, self.num_layers
-        per_layer = 4 * h * h + 3 * h * i + 2 * h
-        return 2 * vocab_size * h + layer_count * per_layer + h
-
-    def flops_per_token(self, vocab_size: int, seq_len: int) -> float:
-        return 6 * self.parameters(vocab_size) + 12 * self.num_layers * self.hidden_size * seq_len
-
-
-PRESETS: dict[str, ModelPreset] = {
-    p.name: p
-    for p in (
-        ModelPreset("tiny", 128, 4, 4, 352, 3e-3),
-        ModelPreset("small", 256, 6, 8, 704, 1.5e-3),
-        ModelPreset("base", 512, 8, 8, 1408, 8e-4),
-        ModelPreset("124m", 768, 12, 12, 2048, 6e-4),
-        ModelPreset("350m", 1024, 24, 16, 2816, 3e-4),
-        ModelPreset("1b", 2048, 16, 32, 5632, 3e-4),
-    )
-}
+from lmforge.presets import PRESETS, ModelPreset
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

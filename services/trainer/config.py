@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.failures import BadInput
+from lmforge.presets import PRESETS
 
 FAMILIES = ("llama", "qwen2")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -259,44 +260,6 @@ class TrainConfig:
             world_size=max(1, getattr(plan, "world_size", 1)),
         )
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TrainPreset:
-    """A named starting point: a model's shape, the peak learning rate it trains
-    well at, and the batch the service gives it by default."""
-
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    learning_rate: float
-    seq_len: int = 128
-    """data-prep's default context (LMFORGE_DATAPREP_SEQ_LEN)."""
-    micro_batch: int = 16
-    """The scheduler's default micro-batch (LMFORGE_SCHEDULER_MICRO_BATCH)."""
-    warmup_steps: int = 10
-
-
-PRESETS: dict[str, TrainPreset] = {
-    # The scheduler's model sizes (services/scheduler/planning.py PRESETS; a test
-    # keeps the two tables equal).
-    "tiny": TrainPreset(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352,
-                        learning_rate=3e-3),
-    "small": TrainPreset(hidden_size=256, num_layers=6, num_heads=8, intermediate_size=704,
-                         learning_rate=1.5e-3),
-    "base": TrainPreset(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408,
-                        learning_rate=8e-4),
-    "124m": TrainPreset(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048,
-                        learning_rate=6e-4),
-    "350m": TrainPreset(hidden_size=1024, num_layers=24, num_heads=16,
-                        intermediate_size=2816, learning_rate=3e-4),
-    "1b": TrainPreset(hidden_size=2048, num_layers=16, num_heads=32, intermediate_size=5632,
-                      learning_rate=3e-4),
-    # The test suite's model: small enough that a few steps take a second on a CPU.
-    "test-tiny": TrainPreset(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=160,
-                             learning_rate=3e-3, seq_len=64, micro_batch=8, warmup_steps=2),
-}
-"""Presets by name, for `TrainConfig.from_preset`."""
 
 _COMPONENTS: dict[str, type] = {
     "model": ModelSpec, "batch": BatchConfig, "optimizer": OptimizerConfig,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from lmforge.contracts.v1 import events_pb2 as ev
-from services.scheduler.planning import PRESETS as SCHEDULER_PRESETS
 from services.trainer.config import PRESETS, ConfigError, TrainConfig
 
 
@@ -16,15 +15,6 @@ def test_the_test_tiny_preset_is_the_tiny_test_model():
     assert (b.seq_len, b.micro_batch, b.grad_accum) == (64, 8, 1)
     assert config.optimizer.learning_rate == 3e-3
     assert (config.schedule.max_steps, config.schedule.warmup_steps) == (30, 2)
-
-
-@pytest.mark.parametrize("name", sorted(SCHEDULER_PRESETS))
-def test_model_presets_have_the_scheduler_s_sizes(name):
-    planned, preset = SCHEDULER_PRESETS[name], PRESETS[name]
-    assert (preset.hidden_size, preset.num_layers, preset.num_heads, preset.intermediate_size,
-            preset.learning_rate) == (planned.hidden_size, planned.num_layers,
-                                      planned.num_heads, planned.intermediate_size,
-                                      planned.learning_rate)
 
 
 def test_overrides_name_a_field_or_a_component_and_field():

@@ -15,7 +15,8 @@ from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from services.data_prep.prepare import PrepConfig, prepare_dataset
 from services.scheduler.handlers import SchedulerService
-from tests.conftest import TEST_DATA, TINY_MODEL
+from services.trainer.config import TrainConfig
+from tests.conftest import TEST_DATA, TINY_MODEL, TINY_PRESET
 from tests.helpers import count_events, in_process_service, publish, wait_for_events
 
 pytestmark = pytest.mark.connected
@@ -34,12 +35,9 @@ def _scheduled(tmp_path, run_id, steps, interval) -> tuple[ev.TrainingScheduled,
     prepare_dataset(TEST_DATA / "fortunes-sample.txt", "text", "", tmp_path / "ds",
                     PrepConfig(vocab_size=512, seq_len=TINY_MODEL["seq_len"]))
     dataset = store.put_dir(tmp_path / "ds")
-    plan = ev.ResourcePlan(
-        hidden_size=TINY_MODEL["hidden_size"], num_layers=TINY_MODEL["num_layers"],
-        num_heads=TINY_MODEL["num_heads"], intermediate_size=TINY_MODEL["intermediate_size"],
-        seq_len=TINY_MODEL["seq_len"], micro_batch=TINY_MODEL["micro_batch"], grad_accum=1,
-        max_steps=steps, learning_rate=3e-3, warmup_steps=5, checkpoint_interval=interval,
-        precision="fp32", device="cpu", seed=7)
+    plan = ev.ResourcePlan(**TrainConfig.from_preset(
+        TINY_PRESET, max_steps=steps, warmup_steps=5, checkpoint_interval=interval,
+        seed=7).plan_fields(), device="cpu")
     event = ev.TrainingScheduled(run_id=run_id, model_name="m", plan=plan,
                                  dataset=ev.ArtifactRef(digest=dataset.digest))
     return event, home
