@@ -47,3 +47,12 @@ def test_a_failed_stage_ends_the_run_with_its_reason():
               ev.StageFailed(run_id="r2", stage="data-prep", reason="no such file"), 2.0)
     assert view.finished and view.status == "failed"
     assert (view.stage, view.failure) == ("data-prep", "data-prep: no such file")
+
+
+def test_stages_replayed_from_the_cache_say_which_run_they_reused():
+    view = RunView("again")
+    view.fold(subjects.DATASET_READY.name, ev.DatasetReady(run_id="again"), 0.0)
+    view.fold(subjects.DATASET_PREPARED.name, ev.DatasetPrepared(run_id="again"), 1.0,
+              cached_from="first")
+    view.fold(subjects.TRAINING_SCHEDULED.name, ev.TrainingScheduled(run_id="again"), 2.0)
+    assert view.reused_from == {"data-prep": "first"}

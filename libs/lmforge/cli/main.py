@@ -167,12 +167,13 @@ async def follow(nats_url: str, run_id: str, *, timeout_s: float, as_json: bool)
                     console.print(f"[yellow]run {run_id} not finished after {timeout_s:.0f}s[/]")
                     return EXIT_TIMEOUT
                 try:
-                    subject, event, ts = await asyncio.wait_for(anext(events), remaining)
+                    subject, event, ts, cached_from = await asyncio.wait_for(anext(events),
+                                                                             remaining)
                 except TimeoutError:
                     continue
                 if as_json:
                     print(json.dumps(event_json(subject, event, ts)), flush=True)
-                view.fold(subject, event, ts)
+                view.fold(subject, event, ts, cached_from=cached_from)
                 for stage in STAGES:
                     task = tasks[stage]
                     if stage in view.stage_done_at:
@@ -180,6 +181,8 @@ async def follow(nats_url: str, run_id: str, *, timeout_s: float, as_json: bool)
                         total = progress.tasks[task].total or 1
                         info = (f"done, perplexity {view.perplexity:.1f}"
                                 if stage == ServiceName.TRAINER and view.perplexity else "done")
+                        if stage in view.reused_from:
+                            info += f" (inputs unchanged: reused run {view.reused_from[stage]})"
                         progress.update(task, completed=total, info=info)
                     elif stage == view.stage and view.status != "failed":
                         progress.start_task(task)
@@ -196,9 +199,18 @@ async def follow(nats_url: str, run_id: str, *, timeout_s: float, as_json: bool)
     if view.status == "failed":
         console.print(f"[red]run {run_id} failed[/] — {view.failure}")
         return EXIT_FAILED
+    if view.reused_from:
+        sources = sorted(set(view.reused_from.values()))
+        console.print(f"{len(view.reused_from)} stage(s) reused the outputs of run "
+                      f"{', '.join(sources)}: same data and settings "
+                      f"({', '.join(view.reused_from)})")
     console.print(f"run [bold]{run_id}[/] served as model [bold]{view.model_name}[/] "
                   f"(held-out perplexity {view.perplexity:.1f})")
     return 0
+
+
+def _reuse_note(reused_from: dict[str, str]) -> str:
+    return f"reused run {', '.join(sorted(set(reused_from.values())))}" if reused_from else ""
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -213,7 +225,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(json.dumps([{"run_id": r.run_id, "model_name": r.model_name, "stage": r.stage,
                            "status": r.status, "step": r.step, "total_steps": r.total_steps,
                            "perplexity": r.perplexity, "failure": r.failure,
-                           "started": r.started, "stage_done_at": r.stage_done_at}
+                           "started": r.started, "stage_done_at": r.stage_done_at,
+                           "reused_from": r.reused_from}
                           for r in runs.values()]))
         return 0
     table = Table(title="runs")
@@ -222,7 +235,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for r in sorted(runs.values(), key=lambda r: r.started):
         table.add_row(r.run_id, r.model_name, r.stage, r.status,
                       f"{r.step}/{r.total_steps}" if r.total_steps else "",
-                      f"{r.perplexity:.1f}" if r.perplexity else "", r.failure[:80])
+                      f"{r.perplexity:.1f}" if r.perplexity else "",
+                      r.failure[:80] or _reuse_note(r.reused_from))
     Console().print(table)
     return 0
 

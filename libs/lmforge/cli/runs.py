@@ -59,8 +59,12 @@ class RunView:
     perplexity: float = 0.0
     failure: str = ""
     stage_done_at: dict[str, float] = field(default_factory=dict)
+    reused_from: dict[str, str] = field(default_factory=dict)
+    """Stages whose outputs the stage cache replayed, and the run that computed them."""
 
-    def fold(self, subject: str, event: Message, timestamp: float) -> None:
+    def fold(self, subject: str, event: Message, timestamp: float, *,
+             cached_from: str = "") -> None:
+        """Take in one event of this run (`cached_from`: its Lmforge-Cached-From header)."""
         self.started = self.started or timestamp
         self.updated = timestamp
         self.model_name = getattr(event, "model_name", "") or self.model_name
@@ -71,6 +75,8 @@ class RunView:
         stage, status = STAGE_OF.get(subject, (self.stage, self.status))
         if status == "done":
             self.stage_done_at[stage] = timestamp
+            if cached_from:
+                self.reused_from[stage] = cached_from
         if isinstance(event, ev.TrainingProgress):
             self.step, self.total_steps, self.loss = event.step, event.total_steps, event.loss
         if isinstance(event, ev.TrainingScheduled):
@@ -108,9 +114,9 @@ async def connect_nats(nats_url: str, *, timeout_s: float = 10.0) -> Client:
 
 async def stream_events(nats_url: str, *, run_id: str | None = None, follow: bool = False,
                         idle_timeout_s: float = 1.0
-                        ) -> AsyncGenerator[tuple[str, Message, float], None]:
-    """Every event in the stream (optionally one run's), oldest first; with follow,
-    keep waiting for new ones."""
+                        ) -> AsyncGenerator[tuple[str, Message, float, str], None]:
+    """Every event in the stream (optionally one run's), oldest first, as (subject,
+    event, time, the run it was reused from or ''); with follow, keep waiting."""
     nc = await connect_nats(nats_url)
     js = nc.jetstream()
     sub = await js.subscribe("lmforge.>", ordered_consumer=True, stream=subjects.STREAM)
@@ -130,18 +136,19 @@ async def stream_events(nats_url: str, *, run_id: str | None = None, follow: boo
             except (KeyError, DecodeError):
                 continue
             ts = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else 0.0
-            yield msg.subject, event, ts
+            yield msg.subject, event, ts, (msg.headers or {}).get(Header.CACHED_FROM, "")
     finally:
         await nc.close()
 
 
 async def collect_runs(nats_url: str) -> dict[str, RunView]:
     runs: dict[str, RunView] = {}
-    async for subject, event, ts in stream_events(nats_url, idle_timeout_s=0.5):
+    async for subject, event, ts, cached_from in stream_events(nats_url, idle_timeout_s=0.5):
         run_id = getattr(event, "run_id", "")
         if not run_id or subject == subjects.SCALING_DECIDED.name:
             continue
-        runs.setdefault(run_id, RunView(run_id)).fold(subject, event, ts)
+        runs.setdefault(run_id, RunView(run_id)).fold(subject, event, ts,
+                                                      cached_from=cached_from)
     return runs
 
 
