@@ -151,6 +151,7 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
     again = lmforge(env, "run", str(copy), "--model-name", "fortune", "--run-id", "e2e-again",
                     "--follow", "--timeout", "120")
     assert "served as model fortune" in again.stderr
+    assert "5 stage(s) reused the outputs of run e2e-run" in again.stderr, again.stderr
     events = asyncio.run(run_events(status["nats_url"], "e2e-again"))
     outputs = {subject: headers for subject, headers in events if subject in STAGE_OUTPUTS}
     assert set(outputs) == STAGE_OUTPUTS, sorted(subject for subject, _ in events)
