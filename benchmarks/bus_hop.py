@@ -31,10 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from google.protobuf.message import Message
+
 from lmforge.bus import EventBus
 from lmforge.contracts import subjects
 from lmforge.contracts.names import Header
 from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.dispatch import Delivery, Subscription
 from lmforge.runtime.nats_server import NatsServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,17 +55,19 @@ def percentile(values: list[float], q: float) -> float:
 
 def consumer_process(url: str, n: int, ready, results) -> None:
     async def main() -> None:
-        bus = EventBus("bench-consumer", ack_wait_s=30)
+        bus = EventBus("bench-consumer")
         await bus.connect(url)
         latencies: list[float] = []
         done = asyncio.Event()
 
-        @bus.subscriber(subjects.TRAINING_PROGRESS)
-        async def on_progress(event, delivery) -> None:
+        async def on_progress(event: Message, delivery: Delivery) -> None:
             latencies.append((time.time_ns() - int(delivery.headers[SENT])) / 1e6)
             if len(latencies) >= n:
                 done.set()
 
+        # A bare subscription (no service): the full dispatch path, stage records included.
+        bus.subscribe(Subscription(subject=subjects.TRAINING_PROGRESS, handler=on_progress,
+                                   durable="bench-consumer", ack_wait_s=30, max_deliver=5))
         await bus.start()
         ready.set()
         await asyncio.wait_for(done.wait(), timeout=300)
