@@ -20,6 +20,7 @@ from lmforge.contracts.names import Bucket, Header
 from lmforge.contracts.subjects import Subject
 from lmforge.service import Service
 from lmforge.testing import InMemoryBroker
+from tests.helpers import in_process_service
 
 M = TypeVar("M", bound=Message)
 
@@ -105,21 +106,10 @@ class NatsHarness:
     @contextlib.asynccontextmanager
     async def service(self, service_type: type[Service[Any]], **settings: Any
                       ) -> AsyncIterator[Service[Any]]:
-        config = service_type.Settings(nats_url=self.url, **settings)
-        bus = EventBus(service_type.name)
-        await bus.connect(self.url)
-        service = service_type(config, bus)
-        await service.start()
-        stop = asyncio.Event()
-        serving = asyncio.create_task(service.serve(stop))
         try:
-            yield service
+            async with in_process_service(service_type, self.url, **settings) as service:
+                yield service
         finally:
-            stop.set()
-            service.stopping.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(serving, 30)
-            await bus.close(grace_s=30)
             if self._client is not None:
                 await self._client.close()
                 self._client = None
