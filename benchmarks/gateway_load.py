@@ -67,8 +67,9 @@ def serve(model_dir: str, batching: bool, max_batch: int, max_queue: int, device
     import torch
 
     from services.inference_gateway.api.server import GatewayServer
+    from services.inference_gateway.engines.base import default_threads
     from services.inference_gateway.engines.process import EngineProcess
-    from services.inference_gateway.engines.torch import GenerationEngine, default_threads
+    from services.inference_gateway.engines.torch import TorchEngine
     from services.inference_gateway.frontend import GenerationFrontend, Limits
     from services.inference_gateway.registry import ModelRegistry
 
@@ -78,8 +79,8 @@ def serve(model_dir: str, batching: bool, max_batch: int, max_queue: int, device
         # As the gateway service builds them: batching decodes in its own process.
         engine = (EngineProcess(Path(model_dir), version="bench", max_batch=max_batch,
                                 device=device)
-                  if batching else GenerationEngine(Path(model_dir), version="bench",
-                                                    device=device))
+                  if batching else TorchEngine(Path(model_dir), version="bench",
+                                               device=device))
         registry = ModelRegistry()
         registry.install("bench", engine)
         frontend = GenerationFrontend(registry, Limits(
@@ -188,11 +189,12 @@ async def overhead(port: int, model_dir: Path, rounds: int, device: str = "cpu")
     import torch
 
     from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
-    from services.inference_gateway.engines.torch import GenerationEngine, default_threads
+    from services.inference_gateway.engines.base import default_threads
+    from services.inference_gateway.engines.torch import TorchEngine
 
     torch.set_num_threads(default_threads())
-    engine = GenerationEngine(model_dir, version="local", device=device)
-    ids = torch.tensor([engine.encode_prompt(PROMPTS[0], 1)], device=device)
+    engine = TorchEngine(model_dir, version="local", device=device)
+    ids = torch.tensor([engine.encode_prompt(PROMPTS[0]).token_ids], device=device)
     request = generate_pb2.GenerateRequest(model="bench", prompt=PROMPTS[0], max_new_tokens=1)
     gateway, local = [], []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

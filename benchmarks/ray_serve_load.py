@@ -112,7 +112,7 @@ def main() -> int:
     parser.set_defaults(device="cpu")  # run_config serves on this device
     args = parser.parse_args()
     from lmforge.runtime.nats_server import free_port
-    from services.inference_gateway.engines.torch import default_threads
+    from services.inference_gateway.engines.base import default_threads
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp))

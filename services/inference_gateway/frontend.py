@@ -1,44 +1,78 @@
 """What every protocol shares: validation, admission, streaming, metrics.
 
-The native Generate stream and the KServe v2 protocol are thin mappings onto
-`GenerationFrontend.stream`, so the limits, the back-pressure and the numbers
-on the dashboard are the same whichever client calls. Errors are typed;
-each protocol maps them to its status codes.
+The native Generate stream, the KServe v2 protocol and the OpenAI HTTP API are
+thin mappings onto `GenerationFrontend.stream`, so the limits, the
+back-pressure and the numbers on the dashboard are the same whichever client
+calls. It raises only `GatewayError`s (errors.py): an engine's unexpected
+exception becomes `GenerationFailed`. Each protocol runs a request inside
+`counted(...)`, which counts how it ended in
+`lmforge_gateway_requests_total{model,protocol,code}` — refusals, failures
+during generation and cancellations included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.inference_gateway.engines.torch import Piece, RequestError, SamplingParams
-from services.inference_gateway.registry import ModelRegistry, UnknownModelError
+from services.inference_gateway.engines.base import EncodedPrompt, Engine, Piece, SamplingParams
+from services.inference_gateway.errors import (
+    AtCapacity,
+    GatewayError,
+    GenerationFailed,
+    InvalidRequest,
+)
+from services.inference_gateway.registry import ModelRegistry
 
-REQUESTS = Counter("lmforge_gateway_requests_total", "Requests by model, protocol and code.",
-                   ["model", "code"])
+log = logging.getLogger("lmforge.gateway.frontend")
+
+REQUESTS = Counter("lmforge_gateway_requests_total",
+                   "Requests by model, protocol and how they ended (OK or a gRPC code name).",
+                   ["model", "protocol", "code"])
 TOKENS = Counter("lmforge_gateway_generated_tokens_total", "Tokens generated.", ["model"])
 IN_FLIGHT = Gauge("lmforge_gateway_in_flight", "Requests generating or waiting.")
 LATENCY = Histogram("lmforge_gateway_request_seconds", "End-to-end request latency.",
                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 TTFT = Histogram("lmforge_gateway_time_to_first_token_seconds", "Time to the first piece.",
                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
+TPOT = Histogram("lmforge_gateway_time_per_output_token_seconds",
+                 "Time between tokens after the first, per request.",
+                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
 
 
-async def _pieces(engine, prompt_ids, params, cancelled) -> AsyncIterator[Piece]:
-    """An engine's pieces as an async stream: natively (continuous batching), or by
-    stepping a one-request engine's generator in a worker thread."""
-    if hasattr(engine, "astream"):
-        async for piece in engine.astream(prompt_ids, params, cancelled):
-            yield piece
-        return
-    pieces = engine.stream(prompt_ids, params, cancelled)
-    while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-        yield piece
+@dataclass(slots=True)
+class Outcome:
+    """Labels of one request's count; a protocol sets `model` once it has parsed it."""
+
+    protocol: str
+    model: str = ""
+
+
+@contextmanager
+def counted(protocol: str, model: str = "") -> Iterator[Outcome]:
+    """Count the request that runs inside once, by how it ends: OK, the code of the
+    GatewayError that ends it, CANCELLED when the client goes away (a cancelled task,
+    a closed generator, a reset connection), INTERNAL otherwise."""
+    outcome = Outcome(protocol, model)
+    code = "INTERNAL"
+    try:
+        yield outcome
+        code = "OK"
+    except GatewayError as exc:
+        code = exc.code
+        raise
+    except (asyncio.CancelledError, GeneratorExit, ConnectionResetError):
+        code = "CANCELLED"
+        raise
+    finally:
+        REQUESTS.labels(outcome.model, outcome.protocol, code).inc()
 
 
 async def _until_stop(pieces: AsyncIterator[Piece], stops: tuple[str, ...],
@@ -64,13 +98,17 @@ async def _until_stop(pieces: AsyncIterator[Piece], stops: tuple[str, ...],
             sent = safe
 
 
-TPOT = Histogram("lmforge_gateway_time_per_output_token_seconds",
-                 "Time between tokens after the first, per request.",
-                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
-
-
-class CapacityError(RuntimeError):
-    """Too many requests generating or queued: refuse now rather than queue without bound."""
+async def _engine_pieces(engine: Engine, prompt: EncodedPrompt, params: SamplingParams,
+                         cancelled: threading.Event) -> AsyncIterator[Piece]:
+    """The engine's stream, failing only with GatewayErrors."""
+    try:
+        async for piece in engine.astream(prompt, params, cancelled):
+            yield piece
+    except GatewayError:
+        raise
+    except Exception as exc:
+        log.exception("generation failed on engine version %s", engine.version)
+        raise GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +129,9 @@ class GenerationRequest:
     seed: int = 0
     top_k: int = 0
     stop: tuple[str, ...] = ()
+    """Generation ends before the first occurrence of any of these (finish "stop")."""
     version: str = ""
     """A loaded version of the model; "" = the current one."""
-    """Generation ends before the first occurrence of any of these (finish "stop")."""
 
 
 class GenerationFrontend:
@@ -106,71 +144,62 @@ class GenerationFrontend:
     def sampling(self, request: GenerationRequest) -> SamplingParams:
         limits = self.limits
         if not request.prompt:
-            raise RequestError("prompt is empty")
+            raise InvalidRequest("prompt is empty")
         if len(request.prompt) > limits.max_prompt_chars:
-            raise RequestError(f"prompt has {len(request.prompt)} characters; the limit is "
-                               f"{limits.max_prompt_chars} (LMFORGE_GATEWAY_MAX_PROMPT_CHARS)")
+            raise InvalidRequest(f"prompt has {len(request.prompt)} characters; the limit is "
+                                 f"{limits.max_prompt_chars} (LMFORGE_GATEWAY_MAX_PROMPT_CHARS)")
         max_new = request.max_new_tokens or 64
         if not 1 <= max_new <= limits.max_new_tokens:
-            raise RequestError(f"max_new_tokens {request.max_new_tokens} must be in "
-                               f"1..{limits.max_new_tokens}")
+            raise InvalidRequest(f"max_new_tokens {request.max_new_tokens} must be in "
+                                 f"1..{limits.max_new_tokens}")
         if not 0 <= request.temperature <= 10:
-            raise RequestError(f"temperature {request.temperature} must be in 0..10")
+            raise InvalidRequest(f"temperature {request.temperature} must be in 0..10")
         if not 0 <= request.top_p <= 1:
-            raise RequestError(f"top_p {request.top_p} must be in 0..1")
+            raise InvalidRequest(f"top_p {request.top_p} must be in 0..1")
         if request.top_k < 0:
-            raise RequestError(f"top_k {request.top_k} must be >= 0")
+            raise InvalidRequest(f"top_k {request.top_k} must be >= 0")
         if len(request.stop) > 4 or any(not s or len(s) > 256 for s in request.stop):
-            raise RequestError("stop takes at most 4 non-empty strings of up to 256 characters")
+            raise InvalidRequest("stop takes at most 4 non-empty strings of up to 256 "
+                                 "characters")
         return SamplingParams(max_new_tokens=max_new, temperature=request.temperature,
                               top_p=request.top_p or 1.0, seed=request.seed,
                               top_k=request.top_k)
 
     async def stream(self, request: GenerationRequest, cancelled: threading.Event
-                     ) -> AsyncIterator[Piece]:
-        """Validate, admit, then yield pieces; raises RequestError, UnknownModelError,
-        CapacityError before the first piece."""
+                     ) -> AsyncGenerator[Piece, None]:
+        """Validate, admit, then yield pieces. Raises InvalidRequest, UnknownModel or
+        AtCapacity before the first piece; the engine's errors (EngineUnavailable,
+        UpstreamFailed, GenerationFailed, ...) before or after it."""
         started = time.perf_counter()
         model = request.model
-        try:
-            params = self.sampling(request)
-            engine = self.registry.get(model, request.version)
-            prompt_ids = engine.encode_prompt(request.prompt, params.max_new_tokens)
-        except RequestError:
-            REQUESTS.labels(model, "INVALID_ARGUMENT").inc()
-            raise
-        except UnknownModelError:
-            REQUESTS.labels(model, "NOT_FOUND").inc()
-            raise
+        params = self.sampling(request)
+        engine = self.registry.get(model, request.version)
+        prompt = engine.encode_prompt(request.prompt)
         waiting = self.limits.max_concurrency + self.limits.max_queue
         if self._admitted >= waiting:
-            REQUESTS.labels(model, "RESOURCE_EXHAUSTED").inc()
-            raise CapacityError(f"gateway is at capacity ({waiting} requests generating or "
-                                "queued); retry with backoff")
+            raise AtCapacity(f"gateway is at capacity ({waiting} requests generating or "
+                             "queued); retry with backoff")
         self._admitted += 1
         IN_FLIGHT.inc()
-        first, first_at = True, None
+        first_at: float | None = None
         try:
             async with self._slots:
-                pieces = _pieces(engine, prompt_ids, params, cancelled)
+                pieces = _engine_pieces(engine, prompt, params, cancelled)
                 if request.stop:
                     pieces = _until_stop(pieces, request.stop, cancelled)
                 async for piece in pieces:
-                    if first:
+                    if first_at is None:
                         first_at = time.perf_counter()
                         TTFT.observe(first_at - started)
-                        first = False
                     yield piece
                     if piece.finish_reason:
                         TOKENS.labels(model).inc(piece.completion_tokens)
-                        if piece.completion_tokens > 1 and first_at is not None:
+                        if piece.completion_tokens > 1:
                             TPOT.observe((time.perf_counter() - first_at)
                                          / (piece.completion_tokens - 1))
                         break
-            REQUESTS.labels(model, "OK").inc()
         except (asyncio.CancelledError, GeneratorExit):
             cancelled.set()
-            REQUESTS.labels(model, "CANCELLED").inc()
             raise
         finally:
             self._admitted -= 1

@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
-
-class UnknownModelError(KeyError):
-    pass
+from services.inference_gateway.engines.base import Engine
+from services.inference_gateway.errors import UnknownModel
 
 
 @dataclass
 class ModelRegistry:
     keep: int = 2
     """Versions kept loaded per model (the current one included)."""
-    _versions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _versions: dict[str, dict[str, Engine]] = field(default_factory=dict)
     _current: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def install(self, name: str, engine: Any) -> None:
+    def install(self, name: str, engine: Engine) -> None:
         """Make `engine` (whose `.version` names it) the current version of `name`."""
         with self._lock:
             versions = self._versions.setdefault(name, {})
@@ -38,10 +36,9 @@ class ModelRegistry:
                 oldest = next(iter(versions))
                 evicted.append(versions.pop(oldest))
         for old in evicted:
-            if hasattr(old, "retire"):
-                old.retire()
+            old.retire()
 
-    def get(self, name: str, version: str = "") -> Any:
+    def get(self, name: str, version: str = "") -> Engine:
         with self._lock:
             versions = self._versions.get(name, {})
             engine = versions.get(version or self._current.get(name, ""))
@@ -49,9 +46,9 @@ class ModelRegistry:
             loaded = list(versions)
         if engine is None:
             if versions and version:
-                raise UnknownModelError(f"model {name!r} has no version {version!r} loaded; "
-                                        f"loaded: {loaded}")
-            raise UnknownModelError(f"model {name!r} is not served here; serving: {known}")
+                raise UnknownModel(f"model {name!r} has no version {version!r} loaded; "
+                                   f"loaded: {loaded}")
+            raise UnknownModel(f"model {name!r} is not served here; serving: {known}")
         return engine
 
     def names(self) -> list[str]:

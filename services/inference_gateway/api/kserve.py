@@ -10,8 +10,10 @@ unchanged. LLM models follow the convention of Triton's LLM backends:
 
 ModelInfer returns the whole completion; ModelStreamInfer is decoupled: one
 response per new piece of text, the last one carrying the parameter
-`triton_final_response: true` (as Triton does). Errors in a stream are sent
-as `error_message` on that stream, and the stream goes on serving.
+`triton_final_response: true` (as Triton does). A request's GatewayError ends
+ModelInfer with its gRPC status; in a stream it is sent as that request's
+`error_message` (Triton's way: the stream has no per-request status), and the
+stream goes on serving.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import struct
 import threading
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -28,11 +31,12 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from lmforge import __version__
-from services.inference_gateway.engines.torch import RequestError
-from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest
-from services.inference_gateway.grpc_status import REFUSALS, abort_refused, refusal_message
+from services.inference_gateway.engines.base import Piece
+from services.inference_gateway.errors import GatewayError, InvalidRequest, UnknownModel
+from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest, counted
 
 KSERVE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+PROTOCOL = "kserve"
 INPUTS = {  # name: (datatype, numpy dtype, config type, required)
     "text_input": ("BYTES", None, mc.TYPE_STRING, True),
     "max_tokens": ("INT32", "<i4", mc.TYPE_INT32, False),
@@ -55,36 +59,37 @@ def decode_bytes(raw: bytes) -> list[bytes]:
     values, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise RequestError("BYTES tensor is truncated (a length prefix is cut off)")
+            raise InvalidRequest("BYTES tensor is truncated (a length prefix is cut off)")
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise RequestError(f"BYTES element of {length} bytes runs past the tensor's end")
+            raise InvalidRequest(f"BYTES element of {length} bytes runs past the tensor's end")
         values.append(raw[offset : offset + length])
         offset += length
     return values
 
 
 def parse_request(request: pb.ModelInferRequest) -> GenerationRequest:
-    """Check names, datatypes and shapes; raises RequestError saying what was wrong."""
+    """Check names, datatypes and shapes; raises InvalidRequest saying what was wrong."""
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
-        raise RequestError(f"{len(request.raw_input_contents)} raw input contents for "
-                           f"{len(request.inputs)} inputs")
+        raise InvalidRequest(f"{len(request.raw_input_contents)} raw input contents for "
+                             f"{len(request.inputs)} inputs")
     for out in request.outputs:
         if out.name != OUTPUT:
-            raise RequestError(f"unknown output {out.name!r}; this model has {OUTPUT!r}")
-    values: dict[str, object] = {}
+            raise InvalidRequest(f"unknown output {out.name!r}; this model has {OUTPUT!r}")
+    values: dict[str, bytes | int | float] = {}
     for i, tensor in enumerate(request.inputs):
         if tensor.name not in INPUTS:
-            raise RequestError(f"unknown input {tensor.name!r}; expected {sorted(INPUTS)}")
+            raise InvalidRequest(f"unknown input {tensor.name!r}; expected {sorted(INPUTS)}")
         datatype, np_dtype, _, _ = INPUTS[tensor.name]
         if tensor.datatype != datatype:
-            raise RequestError(f"input {tensor.name!r} has datatype {tensor.datatype}; "
-                               f"expected {datatype}")
+            raise InvalidRequest(f"input {tensor.name!r} has datatype {tensor.datatype}; "
+                                 f"expected {datatype}")
         count = int(np.prod(tensor.shape)) if len(tensor.shape) else 0
         if count != 1 or any(d < 0 for d in tensor.shape):
-            raise RequestError(f"input {tensor.name!r} has shape {list(tensor.shape)}; this "
-                               "model takes exactly one element ([1] or [1, 1])")
+            raise InvalidRequest(f"input {tensor.name!r} has shape {list(tensor.shape)}; this "
+                                 "model takes exactly one element ([1] or [1, 1])")
+        items: list[bytes] | list[int | float]
         if request.raw_input_contents:
             raw = request.raw_input_contents[i]
             if datatype == "BYTES":
@@ -92,24 +97,25 @@ def parse_request(request: pb.ModelInferRequest) -> GenerationRequest:
             else:
                 width = np.dtype(np_dtype).itemsize
                 if len(raw) != width:
-                    raise RequestError(f"input {tensor.name!r} carries {len(raw)} bytes; one "
-                                       f"{datatype} is {width}")
+                    raise InvalidRequest(f"input {tensor.name!r} carries {len(raw)} bytes; one "
+                                         f"{datatype} is {width}")
                 items = np.frombuffer(raw, dtype=np_dtype).tolist()
         else:
             items = list(getattr(tensor.contents, CONTENTS_FIELD[datatype]))
         if len(items) != 1:
-            raise RequestError(f"input {tensor.name!r} holds {len(items)} elements for "
-                               "shape [1]")
+            raise InvalidRequest(f"input {tensor.name!r} holds {len(items)} elements for "
+                                 "shape [1]")
         values[tensor.name] = items[0]
-    if "text_input" not in values:
-        raise RequestError("input 'text_input' (BYTES) is required")
+    text_input = values.get("text_input")
+    if not isinstance(text_input, bytes):
+        raise InvalidRequest("input 'text_input' (BYTES) is required")
     try:
-        prompt = values["text_input"].decode("utf-8")
+        prompt = text_input.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RequestError(f"text_input is not valid UTF-8 (byte {exc.start})") from None
+        raise InvalidRequest(f"text_input is not valid UTF-8 (byte {exc.start})") from None
     max_tokens = int(values.get("max_tokens", 0))
     if "max_tokens" in values and max_tokens <= 0:
-        raise RequestError(f"max_tokens {max_tokens} must be positive")
+        raise InvalidRequest(f"max_tokens {max_tokens} must be positive")
     return GenerationRequest(
         model=request.model_name, prompt=prompt, max_new_tokens=max_tokens,
         temperature=float(values.get("temperature", 0.0)),
@@ -118,7 +124,8 @@ def parse_request(request: pb.ModelInferRequest) -> GenerationRequest:
 
 
 def text_response(request: pb.ModelInferRequest, version: str, text: str, *,
-                  final: bool | None = None, piece=None) -> pb.ModelInferResponse:
+                  final: bool | None = None, piece: Piece | None = None
+                  ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=request.model_name, model_version=version, id=request.id,
         outputs=[pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="BYTES",
@@ -134,6 +141,11 @@ def text_response(request: pb.ModelInferRequest, version: str, text: str, *,
     return response
 
 
+async def _abort(context: grpc.aio.ServicerContext, error: GatewayError) -> NoReturn:
+    """End the call with the error's gRPC status and message (raises, as abort does)."""
+    await context.abort(error.grpc_code, error.message)
+
+
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, frontend: GenerationFrontend) -> None:
         self.frontend = frontend
@@ -141,41 +153,45 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- health and metadata ------------------------------------------------------
 
-    async def ServerLive(self, request, context):
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=bool(self.registry.names()))
 
-    async def ModelReady(self, request, context):
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ModelReadyResponse:
         versions = self.registry.versions(request.name)
         return pb.ModelReadyResponse(ready=bool(versions) and request.version in ("", *versions))
 
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="lmforge", version=__version__, extensions=[])
 
-    def _known(self, name: str, version: str) -> list[str] | None:
+    async def _loaded_versions(self, name: str, version: str,
+                               context: grpc.aio.ServicerContext) -> list[str]:
+        """The loaded versions of `name`, newest first; ends the call with NOT_FOUND when
+        `name` (or the `version` asked for) is not loaded."""
         versions = self.registry.versions(name)
         if not versions or version not in ("", *versions):
-            return None
+            await _abort(context, UnknownModel(f"model {name!r} version {version!r} is not "
+                                               f"served; serving: {self.registry.names()}"))
         return versions
 
-    async def ModelMetadata(self, request, context):
-        versions = self._known(request.name, request.version)
-        if versions is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {request.name!r} version {request.version!r} is not "
-                                f"served; serving: {self.registry.names()}")
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        versions = await self._loaded_versions(request.name, request.version, context)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=request.name, versions=versions, platform="lmforge_llm",
             inputs=[tensor(name=n, datatype=spec[0], shape=[1]) for n, spec in INPUTS.items()],
             outputs=[tensor(name=OUTPUT, datatype="BYTES", shape=[1])])
 
-    async def ModelConfig(self, request, context):
-        if self._known(request.name, request.version) is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {request.name!r} is not served")
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        await self._loaded_versions(request.name, request.version, context)
         config = mc.ModelConfig(
             name=request.name, platform="lmforge_llm", backend="lmforge", max_batch_size=0,
             input=[mc.ModelInput(name=n, data_type=spec[2], dims=[1], optional=not spec[3])
@@ -184,7 +200,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True))
         return pb.ModelConfigResponse(config=config)
 
-    async def RepositoryIndex(self, request, context):
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
             index(name=n, version=v, state="READY")
@@ -192,31 +209,41 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ---------------------------------------------------------------
 
-    async def _pieces(self, request: pb.ModelInferRequest, cancelled: threading.Event
-                      ) -> AsyncIterator:
-        wanted = dataclasses.replace(parse_request(request), version=request.model_version)
-        async for piece in self.frontend.stream(wanted, cancelled):
-            yield piece
-
-    async def ModelInfer(self, request, context):
-        cancelled = threading.Event()
-        context.add_done_callback(lambda _ctx: cancelled.set())
+    async def _generate(self, request: pb.ModelInferRequest, cancelled: threading.Event
+                        ) -> AsyncIterator[Piece | GatewayError]:
+        """One request's pieces, or the error that ends it (last); counted either way."""
         try:
-            text = "".join([p.text async for p in self._pieces(request, cancelled)])
-        except REFUSALS as exc:
-            await abort_refused(context, exc)
-        return text_response(request, request.model_version
-                             or self.registry.version(request.model_name) or "", text)
+            with counted(PROTOCOL, request.model_name):
+                wanted = dataclasses.replace(parse_request(request),
+                                             version=request.model_version)
+                async for piece in self.frontend.stream(wanted, cancelled):
+                    yield piece
+        except GatewayError as exc:
+            yield exc
 
-    async def ModelStreamInfer(self, request_iterator, context):
+    def _version(self, request: pb.ModelInferRequest) -> str:
+        return request.model_version or self.registry.version(request.model_name) or ""
+
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         cancelled = threading.Event()
-        context.add_done_callback(lambda _ctx: cancelled.set())
+        text = []
+        async for item in self._generate(request, cancelled):
+            if isinstance(item, GatewayError):
+                await _abort(context, item)
+            text.append(item.text)
+        return text_response(request, self._version(request), "".join(text))
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        cancelled = threading.Event()
         async for request in request_iterator:
-            version = request.model_version or self.registry.version(request.model_name) or ""
-            try:
-                async for piece in self._pieces(request, cancelled):
+            version = self._version(request)
+            async for item in self._generate(request, cancelled):
+                if isinstance(item, GatewayError):
+                    yield pb.ModelStreamInferResponse(error_message=item.message)
+                else:
                     yield pb.ModelStreamInferResponse(infer_response=text_response(
-                        request, version, piece.text, final=bool(piece.finish_reason),
-                        piece=piece))
-            except REFUSALS as exc:
-                yield pb.ModelStreamInferResponse(error_message=refusal_message(exc))
+                        request, version, item.text, final=bool(item.finish_reason),
+                        piece=item))

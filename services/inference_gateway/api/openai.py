@@ -3,8 +3,11 @@
 
 Enough of the API for the OpenAI SDKs and the tools built on them: model,
 prompt or messages, max_tokens, temperature, top_p, seed, stop, stream; usage
-counts; errors as `{"error": {"message", "type", "code"}}` with 400 (bad
-request), 404 (unknown model), 413 (body too large), 429 (at capacity).
+counts. A GatewayError is answered as `{"error": {"message", "type", "code"}}`
+with its HTTP status — 400 bad request, 404 unknown model, 413 body too large,
+429 at capacity, 502 remote server failed, 503 engine restarting (with
+`Retry-After`), 500 generation failed — or, once an event stream has begun,
+as its last event (`data: {"error": ...}`, which the OpenAI SDKs raise).
 Chat messages are rendered as "role: content" lines ending with
 "assistant:" — the models trained here have no chat template.
 """
@@ -15,79 +18,103 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TypeVar
 
 from aiohttp import web
 
-from services.inference_gateway.engines.torch import RequestError
-from services.inference_gateway.frontend import (
-    CapacityError,
-    GenerationFrontend,
-    GenerationRequest,
-)
-from services.inference_gateway.registry import UnknownModelError
+from services.inference_gateway.engines.base import Piece
+from services.inference_gateway.errors import GatewayError, InvalidRequest, RequestTooLarge
+from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest, counted
+
+PROTOCOL = "openai"
+N = TypeVar("N", int, float)
 
 
-def _error(status: int, message: str, kind: str, code: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "code": code}},
-                             status=status)
+def error_body(error: GatewayError) -> dict[str, object]:
+    return {"error": {"message": error.message, "type": error.openai_type,
+                      "code": error.openai_code}}
+
+
+def error_response(error: GatewayError) -> web.Response:
+    """The error as an OpenAI error body with its HTTP status (and Retry-After)."""
+    headers = ({"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None
+               else None)
+    return web.json_response(error_body(error), status=error.http_status, headers=headers)
 
 
 def render_chat(messages: object) -> str:
     if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list of {role, content}")
+        raise InvalidRequest("messages must be a non-empty list of {role, content}")
     lines = []
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
                 m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError("each message needs role system|user|assistant and a "
-                               "string content")
+            raise InvalidRequest("each message needs role system|user|assistant and a "
+                                 "string content")
         lines.append(f"{m['role']}: {m['content']}")
     return "\n".join(lines) + "\nassistant:"
 
 
-def _number(body: dict, names: tuple[str, ...], default, kind):
+def _number(body: Mapping[str, object], names: tuple[str, ...], default: N,
+            kind: Callable[[float], N]) -> N:
     """The first of `names` present and not null, as `kind`; else the default."""
     for name in names:
-        if body.get(name) is not None:
-            value = body[name]
+        value = body.get(name)
+        if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise RequestError(f"{name} must be a number, got {value!r}")
-            return kind(value)
+                raise InvalidRequest(f"{name} must be a number, got {value!r}")
+            try:
+                return kind(value)
+            except (OverflowError, ValueError) as exc:
+                raise InvalidRequest(f"bad numeric field {name}: {exc}") from None
     return default
 
 
-def parse_body(body: dict, *, chat: bool) -> GenerationRequest:
+def parse_body(body: Mapping[str, object], *, chat: bool) -> GenerationRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise RequestError("model is required")
+        raise InvalidRequest("model is required")
     if chat:
         prompt = render_chat(body.get("messages"))
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise RequestError("prompt must be a string (one prompt per request)")
+        given = body.get("prompt")
+        if isinstance(given, list) and len(given) == 1:
+            given = given[0]
+        if not isinstance(given, str):
+            raise InvalidRequest("prompt must be a string (one prompt per request)")
+        prompt = given
     stop = body.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise RequestError("stop must be a string or a list of strings")
-    try:
-        max_tokens = _number(body, ("max_tokens", "max_completion_tokens"), 16, int)
-        temperature = _number(body, ("temperature",), 1.0, float)
-        top_p = _number(body, ("top_p",), 1.0, float)
-        seed = _number(body, ("seed",), 0, int)
-        top_k = _number(body, ("top_k",), 0, int)  # an extension many servers accept
-    except (TypeError, ValueError) as exc:
-        raise RequestError(f"bad numeric field: {exc}") from None
+        raise InvalidRequest("stop must be a string or a list of strings")
+    max_tokens = _number(body, ("max_tokens", "max_completion_tokens"), 16, int)
+    temperature = _number(body, ("temperature",), 1.0, float)
+    top_p = _number(body, ("top_p",), 1.0, float)
+    seed = _number(body, ("seed",), 0, int)
+    top_k = _number(body, ("top_k",), 0, int)  # an extension many servers accept
     if max_tokens <= 0:
-        raise RequestError(f"max_tokens {max_tokens} must be positive")
+        raise InvalidRequest(f"max_tokens {max_tokens} must be positive")
     if seed < 0:
-        raise RequestError(f"seed {seed} must be >= 0")
+        raise InvalidRequest(f"seed {seed} must be >= 0")
     return GenerationRequest(model=model, prompt=prompt, max_new_tokens=max_tokens,
                              temperature=temperature, top_p=top_p, seed=seed,
                              top_k=top_k, stop=tuple(stop))
+
+
+def _finish(piece: Piece) -> str:
+    """OpenAI's finish_reason: "length", or "stop" for every other end."""
+    return "length" if piece.finish_reason == "length" else "stop"
+
+
+def _usage(last: Piece) -> dict[str, int]:
+    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+            "total_tokens": last.prompt_tokens + last.completion_tokens}
+
+
+def _event(data: Mapping[str, object]) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
 
 
 class OpenAIServer:
@@ -107,7 +134,7 @@ class OpenAIServer:
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_port=True)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self.runner.addresses[0][1]
         return self.port
 
     async def stop(self) -> None:
@@ -126,92 +153,93 @@ class OpenAIServer:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=True)
 
-    async def _serve(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+    async def _body(self, request: web.Request) -> dict[str, object]:
         try:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"request body over {self.max_body_bytes} bytes "
-                          "(LMFORGE_GATEWAY_MAX_MESSAGE_BYTES)", "invalid_request_error",
-                          "request_too_large")
+            raise RequestTooLarge(f"request body over {self.max_body_bytes} bytes "
+                                  "(LMFORGE_GATEWAY_MAX_MESSAGE_BYTES)") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "body is not valid JSON", "invalid_request_error", "bad_json")
+            raise InvalidRequest("body is not valid JSON") from None
         if not isinstance(body, dict):
-            return _error(400, "body must be a JSON object", "invalid_request_error",
-                          "bad_json")
-        try:
-            wanted = parse_body(body, chat=chat)
-        except RequestError as exc:
-            return _error(400, str(exc), "invalid_request_error", "invalid_value")
+            raise InvalidRequest("body must be a JSON object")
+        return body
+
+    async def _serve(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        # Sent only for `stream: true`, and only once the first piece is in: a request
+        # refused before it gets an error status, not an event stream.
+        events = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                             "Cache-Control": "no-cache"})
         cancelled = threading.Event()
-        stream = self.frontend.stream(wanted, cancelled)
         try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            first = None
-        except RequestError as exc:
-            return _error(400, str(exc), "invalid_request_error", "invalid_value")
-        except UnknownModelError as exc:
-            return _error(404, str(exc.args[0]), "invalid_request_error", "model_not_found")
-        except CapacityError as exc:
-            return _error(429, str(exc), "rate_limit_error", "at_capacity")
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        try:
-            if body.get("stream"):
-                return await self._sse(request, stream, first, ident, created, wanted, chat)
-            pieces = [first] if first else []
-            pieces += [p async for p in stream]
-            return web.json_response(self._whole(pieces, ident, created, wanted, chat))
-        finally:
-            cancelled.set()
-            await stream.aclose()
+            with counted(PROTOCOL) as outcome:
+                body = await self._body(request)
+                model = body.get("model")
+                outcome.model = model if isinstance(model, str) else ""
+                wanted = parse_body(body, chat=chat)
+                stream = self.frontend.stream(wanted, cancelled)
+                try:
+                    first = await anext(stream, None)
+                    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+                    if body.get("stream"):
+                        await events.prepare(request)
+                        await self._send_events(events, stream, first, ident, wanted.model,
+                                                chat)
+                        return events
+                    pieces = [first] if first else []
+                    pieces += [p async for p in stream]
+                    return web.json_response(self._whole(pieces, ident, wanted.model, chat))
+                finally:
+                    cancelled.set()
+                    await stream.aclose()
+        except GatewayError as exc:
+            if not events.prepared:
+                return error_response(exc)
+            await events.write(_event(error_body(exc)))  # the stream's last event
+            await events.write_eof()
+            return events
 
     @staticmethod
-    def _usage(last) -> dict:
-        return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-                "total_tokens": last.prompt_tokens + last.completion_tokens}
-
-    def _whole(self, pieces, ident, created, wanted, chat) -> dict:
+    def _whole(pieces: list[Piece], ident: str, model: str, chat: bool) -> dict[str, object]:
         text = "".join(p.text for p in pieces)
         last = pieces[-1]
-        finish = "length" if last.finish_reason == "length" else "stop"
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                   "finish_reason": finish} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+        choice: dict[str, object] = (
+            {"index": 0, "message": {"role": "assistant", "content": text},
+             "finish_reason": _finish(last)} if chat else
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(last)})
         return {"id": ident, "object": "chat.completion" if chat else "text_completion",
-                "created": created, "model": wanted.model, "choices": [choice],
-                "usage": self._usage(last)}
+                "created": int(time.time()), "model": model, "choices": [choice],
+                "usage": _usage(last)}
 
-    async def _sse(self, request, stream, first, ident, created, wanted, chat):
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(request)
+    @staticmethod
+    async def _send_events(events: web.StreamResponse, stream: AsyncIterator[Piece],
+                           first: Piece | None, ident: str, model: str, chat: bool) -> None:
         kind = "chat.completion.chunk" if chat else "text_completion"
+        created = int(time.time())
 
-        async def send(piece) -> None:
-            finish = None
-            if piece.finish_reason:
-                finish = "length" if piece.finish_reason == "length" else "stop"
+        def chunk(choice: dict[str, object]) -> dict[str, object]:
+            return {"id": ident, "object": kind, "created": created, "model": model,
+                    "choices": [choice]}
+
+        async def send(piece: Piece) -> None:
+            finish = _finish(piece) if piece.finish_reason else None
+            choice: dict[str, object]
             if chat:
                 choice = {"index": 0, "delta": {"content": piece.text}, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": piece.text, "logprobs": None,
                           "finish_reason": finish}
-            chunk = {"id": ident, "object": kind, "created": created, "model": wanted.model,
-                     "choices": [choice]}
+            data = chunk(choice)
             if finish:
-                chunk["usage"] = self._usage(piece)
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                data["usage"] = _usage(piece)
+            await events.write(_event(data))
 
         if chat:
-            await response.write(("data: " + json.dumps({
-                "id": ident, "object": kind, "created": created, "model": wanted.model,
-                "choices": [{"index": 0, "delta": {"role": "assistant"},
-                             "finish_reason": None}]}) + "\n\n").encode())
+            await events.write(_event(chunk({"index": 0, "delta": {"role": "assistant"},
+                                             "finish_reason": None})))
         if first is not None:
             await send(first)
         async for piece in stream:
             await send(piece)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+        await events.write(b"data: [DONE]\n\n")
+        await events.write_eof()

@@ -1,2 +1,45 @@
-"""The engines that turn a prompt into pieces of text: local PyTorch (one request at a
-time, or continuous batching in an engine process), onnxruntime, a remote Triton."""
+"""The engines that turn a prompt into pieces of text, behind one `Engine` protocol (base.py).
+
+- process.py: continuous batching in an engine process (batching.py is its loop,
+  slot_decoder.py its KV cache): the torch backend with batching on, the default;
+- torch.py: one request at a time on in-process PyTorch
+  (LMFORGE_GATEWAY_BATCHING=false);
+- onnx.py: onnxruntime on the exporter's graph (LMFORGE_GATEWAY_BACKEND=onnx);
+- remote_triton.py: a model of a remote Triton / KServe v2 server
+  (LMFORGE_GATEWAY_REMOTE_MODELS).
+
+All local engines sample with sampling.py and turn tokens into text with
+decoding.py. `build_engine` is the one place that chooses among the local ones;
+a remote engine is built from its own `RemoteTritonConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from services.inference_gateway.engines.base import Engine
+from services.inference_gateway.engines.onnx import OnnxEngine
+from services.inference_gateway.engines.process import EngineProcess
+from services.inference_gateway.engines.remote_triton import RemoteTritonConfig, RemoteTritonEngine
+from services.inference_gateway.engines.torch import TorchEngine
+
+if TYPE_CHECKING:  # settings.py imports the engines' own configs from here
+    from services.inference_gateway.settings import GatewaySettings
+
+__all__ = ["Engine", "RemoteTritonConfig", "RemoteTritonEngine", "build_engine"]
+
+
+def build_engine(settings: GatewaySettings, export_dir: Path, version: str) -> Engine:
+    """The engine that serves the exported model in `export_dir` (its hf/ and onnx/
+    directories) as `version`, as the settings ask. Loads the model: call it off the
+    event loop."""
+    if settings.gateway_backend == "onnx":
+        return OnnxEngine(export_dir, version=version, threads=settings.engine_threads)
+    if settings.gateway_batching:
+        return EngineProcess(export_dir / "hf", version=version, dtype=settings.gateway_dtype,
+                             device=settings.gateway_device, max_batch=settings.gateway_max_batch,
+                             threads=settings.engine_threads)
+    return TorchEngine(export_dir / "hf", version=version, dtype=settings.gateway_dtype,
+                       device=settings.gateway_device)
+

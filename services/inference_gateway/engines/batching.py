@@ -5,8 +5,10 @@ finished ones leave, every sequence keeps its own KV cache rows.
 between steps it calls `receive(timeout)` (which calls `submit` / `cancel` for
 whatever arrived, waiting up to `timeout` when there is nothing to decode), and
 hands each step's pieces to `deliver`. It runs inside the engine process
-(engine_process.py), which connects both to the gateway's pipes; one thread
-means no hand-off between a receiving thread and the decoding one.
+(process.py), which connects both to the gateway's pipes; one thread means no
+hand-off between a receiving thread and the decoding one. Each sequence's
+sampled tokens go through its `Generation` (decoding.py), as in the
+single-request engines: the same budget, finish reasons and incremental text.
 
 The running batch lives in a `SlotDecoder`: one preallocated cache row per
 sequence, each at its own length, so a joining request is prefilled (all newly
@@ -19,16 +21,18 @@ never holds the door for short ones.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
 
+from services.inference_gateway.engines.base import Piece, SamplingParams
+from services.inference_gateway.engines.decoding import Generation, Tokenizer
+from services.inference_gateway.engines.sampling import sample_rows
 from services.inference_gateway.engines.slot_decoder import SlotDecoder
-from services.inference_gateway.engines.torch import Piece, SamplingParams, request_rng, sample_rows
 
 log = logging.getLogger("lmforge.gateway.batching")
 
@@ -41,31 +45,20 @@ with the batch sizes of the steps since the last call and the queue's length."""
 class Sequence:
     id: int
     prompt_ids: list[int]
-    params: SamplingParams
+    generation: Generation
     cancelled: bool = False  # set by `cancel`; read between steps
-    rng: random.Random = field(init=False)
-    generated: list[int] = field(default_factory=list)
-    sent: str = ""
-    # Incremental detokenisation: decode only the tokens since the last clean
-    # character boundary, not the whole generation at every step.
-    prefix_offset: int = 0
-    read_offset: int = 0
-    budget: int = 0          # new tokens still allowed
     next_token: int = -1
-
-    def __post_init__(self) -> None:
-        self.rng = request_rng(self.params.seed)
 
 
 class BatchingLoop:
     """Continuous batching over a model and its tokenizer."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, max_batch: int,
+    def __init__(self, model: PreTrainedModel, tokenizer: Tokenizer, *, max_batch: int,
                  deliver: Delivery, receive: Callable[[float], None]) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.eos_token_id = model.config.eos_token_id
-        self.context_length = model.config.max_position_embeddings
+        self.eos_token_id: int = model.config.eos_token_id
+        self.context_length: int = model.config.max_position_embeddings
         self.max_batch = max_batch
         self.deliver = deliver
         self.receive = receive
@@ -76,7 +69,11 @@ class BatchingLoop:
         self._outbox: list[tuple[int, Piece | str]] = []
         self._step_sizes: list[int] = []
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; it joins the batch at the next step with a free row."""
+        seq = Sequence(seq_id, prompt_ids, Generation(
+            self.tokenizer, params, prompt_tokens=len(prompt_ids),
+            eos_token_id=self.eos_token_id, context_length=self.context_length))
         self._by_id[seq.id] = seq
         self._waiting.append(seq)
 
@@ -126,9 +123,6 @@ class BatchingLoop:
 
     def _prefill(self, group: list[Sequence]) -> None:
         """All newly admitted prompts in one forward pass, into rows after the running ones."""
-        for seq in group:
-            seq.budget = min(seq.params.max_new_tokens,
-                             self.context_length - len(seq.prompt_ids))
         logits = self.decoder.prefill([s.prompt_ids for s in group])
         self._active.extend(group)
         self._advance(logits, first=len(self._active) - len(group))
@@ -141,7 +135,8 @@ class BatchingLoop:
     def _advance(self, logits: torch.Tensor, *, first: int) -> None:
         """Sample the next token of rows first.. from `logits`; free the rows that finish."""
         rows = self._active[first:]
-        tokens = sample_rows(logits, [s.params for s in rows], [s.rng for s in rows])
+        tokens = sample_rows(logits, [s.generation.params for s in rows],
+                             [s.generation.rng for s in rows])
         done = [first + i for i, (seq, token) in enumerate(zip(rows, tokens, strict=True))
                 if not self._finish_or_emit(seq, token)]
         for row in reversed(done):  # highest first: the row moved into a gap is a keeper
@@ -154,27 +149,8 @@ class BatchingLoop:
         if seq.cancelled:
             self._by_id.pop(seq.id, None)
             return False
-        if token == self.eos_token_id:
-            self._final(seq, "eos")
-            return False
-        seq.generated.append(token)
-        seq.budget -= 1
+        piece = seq.generation.add(token)
         seq.next_token = token
-        if seq.budget <= 0:
-            self._final(seq, "length")
-            return False
-        decode = self.tokenizer.decode
-        before = decode(seq.generated[seq.prefix_offset:seq.read_offset],
-                        skip_special_tokens=True)
-        now = decode(seq.generated[seq.prefix_offset:], skip_special_tokens=True)
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            delta = now[len(before):]
-            self._emit(seq, Piece(delta, len(seq.generated), len(seq.prompt_ids)))
-            seq.sent += delta
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.generated)
-        return True
-
-    def _final(self, seq: Sequence, reason: str) -> None:
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        self._emit(seq, Piece(text[len(seq.sent):], len(seq.generated), len(seq.prompt_ids),
-                              reason))
+        if piece is not None:
+            self._emit(seq, piece)
+        return not seq.generation.finish_reason

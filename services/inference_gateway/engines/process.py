@@ -10,9 +10,10 @@ encoded and refused before they cost the engine anything) and the protocols.
 Two pipes connect them. Down: ("add", id, prompt ids, sampling) / ("cancel", id)
 / ("retire",) / ("stop",). Up: one message per decoding step with every
 sequence's new text, so a step costs one pickle and one wake-up however large
-the batch. If the child dies (OOM killer, a crash in a kernel), the requests
-it held fail with a message that says so and a new child is started for the
-ones that follow.
+the batch. If the child dies (OOM killer, a crash in a kernel, kill -9), the
+requests it held fail at once with `EngineUnavailable` (UNAVAILABLE / 503 with
+Retry-After: the client may retry), and a new child is started for the ones
+that follow; until it is ready, new requests get the same answer.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from pathlib import Path
 from prometheus_client import Gauge, Histogram
 
 from lmforge.modeling import load_tokenizer
-from services.inference_gateway.engines.torch import (
+from services.inference_gateway.engines.base import (
+    EncodedPrompt,
     Piece,
     SamplingParams,
     default_threads,
-    encode_prompt,
 )
+from services.inference_gateway.engines.decoding import encode_prompt
+from services.inference_gateway.errors import EngineUnavailable, GatewayError, GenerationFailed
 
 log = logging.getLogger("lmforge.gateway.engine_process")
 
@@ -46,9 +49,8 @@ BATCH_SIZE = Histogram("lmforge_gateway_batch_size", "Sequences per decoding ste
 QUEUE_DEPTH = Gauge("lmforge_gateway_queue_depth", "Requests waiting to join the batch.")
 START_TIMEOUT_S = 600
 
-
-class EngineUnavailable(RuntimeError):
-    """The engine process is gone (and is being restarted)."""
+Mailbox = asyncio.Queue[Piece | GatewayError]
+"""Where one request's pieces (or the error that ends it) wait for its event loop."""
 
 
 def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int,
@@ -56,7 +58,7 @@ def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int
     """The child: load the model, then decode until told to stop or the parent goes."""
     import torch
 
-    from services.inference_gateway.engines.batching import BatchingLoop, Sequence
+    from services.inference_gateway.engines.batching import BatchingLoop
     from services.inference_gateway.engines.torch import load_serving_model
 
     torch.set_num_threads(threads)
@@ -64,7 +66,8 @@ def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int
         model = load_serving_model(Path(model_dir), dtype, device)
         tokenizer = load_tokenizer(Path(model_dir))
 
-        def deliver(items: list, sizes: list[int], waiting: int) -> None:
+        def deliver(items: list[tuple[int, Piece | str]], sizes: list[int],
+                    waiting: int) -> None:
             pieces.send(([(i, p if isinstance(p, str) else astuple(p)) for i, p in items],
                          sizes, waiting))
 
@@ -81,7 +84,7 @@ def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int
                 kind = message[0]
                 if kind == "add":
                     _, seq_id, prompt_ids, params = message
-                    loop.submit(Sequence(seq_id, prompt_ids, SamplingParams(*params)))
+                    loop.submit(seq_id, prompt_ids, SamplingParams(*params))
                 elif kind == "cancel":
                     loop.cancel(message[1])
                 elif kind == "retire":
@@ -98,7 +101,7 @@ def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int
     loop.run(stop, retiring)
 
 
-def _deliver(items: list[tuple[asyncio.Queue, Piece | BaseException]]) -> None:
+def _deliver(items: list[tuple[Mailbox, Piece | GatewayError]]) -> None:
     for out, piece in items:
         out.put_nowait(piece)
 
@@ -114,10 +117,10 @@ class EngineProcess:
         self.threads = threads or default_threads()
         self.tokenizer = load_tokenizer(self.model_dir)
         config = json.loads((self.model_dir / "config.json").read_text())
-        self.eos_token_id = config["eos_token_id"]
-        self.context_length = config["max_position_embeddings"]
+        self.eos_token_id: int = config["eos_token_id"]
+        self.context_length: int = config["max_position_embeddings"]
         self._ids = itertools.count(1)
-        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, Mailbox]] = {}
         self._send_lock = threading.Lock()
         self._closing = self._retiring = False
         self.restarts = 0
@@ -164,13 +167,14 @@ class EngineProcess:
             for size in sizes:
                 BATCH_SIZE.observe(size)
             QUEUE_DEPTH.set(waiting)
-            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Mailbox, Piece | GatewayError]]]
+            by_loop = {}
             for seq_id, item in items:
                 target = self._streams.get(seq_id)
                 if target is None:
                     continue  # cancelled while the step ran
                 loop, out = target
-                piece = Piece(*item) if isinstance(item, tuple) else RuntimeError(item)
+                piece = Piece(*item) if isinstance(item, tuple) else GenerationFailed(item)
                 by_loop.setdefault(loop, []).append((out, piece))
             for loop, batch in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there
@@ -184,9 +188,9 @@ class EngineProcess:
         code = self.process.exitcode
         log.error("engine process for %s exited (code %s); failing %d requests, restarting",
                   self.version, code, len(self._streams))
-        error = EngineUnavailable(f"the engine process exited (code {code}) during "
-                                  "generation; it is being restarted, retry the request")
         for loop, out in list(self._streams.values()):
+            error = EngineUnavailable(f"the engine process exited (code {code}) during "
+                                      "generation; it is being restarted, retry the request")
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(out.put_nowait, error)
         with self._send_lock:
@@ -197,7 +201,7 @@ class EngineProcess:
         except Exception:
             log.exception("engine process for %s could not be restarted", self.version)
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: tuple[object, ...]) -> None:
         with self._send_lock:
             try:
                 self._requests.send(message)
@@ -222,32 +226,32 @@ class EngineProcess:
 
     # -- what the frontend calls --------------------------------------------------------
 
-    def encode_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
+    def encode_prompt(self, prompt: str) -> EncodedPrompt:
         return encode_prompt(self.tokenizer, self.context_length, prompt)
 
-    async def astream(self, prompt_ids: list[int], params: SamplingParams,
+    async def astream(self, prompt: EncodedPrompt, params: SamplingParams,
                       cancelled: threading.Event) -> AsyncIterator[Piece]:
         seq_id = next(self._ids)
-        out: asyncio.Queue = asyncio.Queue()
+        out: Mailbox = asyncio.Queue()
         self._streams[seq_id] = (asyncio.get_running_loop(), out)
         finished = False
         try:
-            self._send(("add", seq_id, list(prompt_ids), astuple(params)))
+            self._send(("add", seq_id, list(prompt.token_ids), astuple(params)))
             while True:
                 item = await out.get()
                 # When the client side falls behind, pieces queue up: send them as one
                 # (fewer messages is what lets the loop catch up).
-                while not isinstance(item, BaseException) and not item.finish_reason:
+                while isinstance(item, Piece) and not item.finish_reason:
                     try:
                         following = out.get_nowait()
                     except asyncio.QueueEmpty:
                         break
-                    if isinstance(following, BaseException):
+                    if isinstance(following, GatewayError):
                         item = following
                         break
                     item = Piece(item.text + following.text, following.completion_tokens,
                                  following.prompt_tokens, following.finish_reason)
-                if isinstance(item, BaseException):
+                if isinstance(item, GatewayError):
                     finished = True
                     raise item
                 if item.finish_reason:

@@ -7,59 +7,123 @@ tokens come from the remote model's decoupled `ModelStreamInfer`, speaking
 the LLM convention (text_input/max_tokens/temperature/top_p/seed ->
 text_output). Tested against a second lmforge gateway, which speaks the same
 protocol.
+
+Failures say whose they are. A server that cannot be reached (down, refused,
+timed out) or that answers with an error is `UpstreamFailed` (UNAVAILABLE /
+502). A remote error in the stream carries only a message, so before calling
+it a failure the engine asks the server whether the model is there: a missing
+remote model is `UnknownModel` (NOT_FOUND / 404), like a missing local one.
+That check runs only on the error path; a served request costs no extra call.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import grpc
 import numpy as np
+import numpy.typing as npt
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from services.inference_gateway.engines.torch import Piece, RequestError, SamplingParams
+from services.inference_gateway.engines.base import EncodedPrompt, Piece, SamplingParams
+from services.inference_gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    UnknownModel,
+    UpstreamFailed,
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RemoteTritonConfig:
+    """One model that a remote Triton / KServe v2 gRPC server serves through this gateway."""
+
+    name: str
+    """The model's name here: what clients ask for."""
+    url: str
+    """host:port of the remote server's gRPC endpoint."""
+    remote_model: str
+    """The model's name on the remote server."""
+    version: str = "remote"
+    """The version this gateway reports for it."""
+
+    @classmethod
+    def parse(cls, item: str) -> RemoteTritonConfig:
+        """One `name=host:port/remote_model` item; raises ValueError saying what is wrong."""
+        name, sep, target = item.strip().partition("=")
+        url, slash, remote_model = target.partition("/")
+        if not (sep and slash and name and url and remote_model):
+            raise ValueError(f"item {item!r} is not name=host:port/remote_model")
+        return cls(name=name, url=url, remote_model=remote_model)
+
+
+def _tensor(name: str, datatype: str, value: object, dtype: npt.DTypeLike) -> InferInput:
+    tensor = InferInput(name, [1], datatype)
+    tensor.set_data_from_numpy(np.array([value], dtype=dtype))
+    return tensor
 
 
 class RemoteTritonEngine:
-    def __init__(self, url: str, remote_model: str, *, version: str = "remote") -> None:
-        self.url = url
-        self.remote_model = remote_model
-        self.version = version
+    """The model `config.remote_model` of the server at `config.url`."""
 
-    def encode_prompt(self, prompt: str, max_new_tokens: int) -> str:
+    def __init__(self, config: RemoteTritonConfig) -> None:
+        self.config = config
+        self.version = config.version
+
+    def encode_prompt(self, prompt: str) -> EncodedPrompt:
         """The remote side tokenizes; the prompt travels as text."""
         if not prompt:
-            raise RequestError("prompt is empty")
-        return prompt
+            raise InvalidRequest("prompt is empty")
+        return EncodedPrompt(prompt)
 
     @staticmethod
     def _inputs(prompt: str, params: SamplingParams) -> list[InferInput]:
-        def tensor(name, datatype, value, dtype):
-            t = InferInput(name, [1], datatype)
-            t.set_data_from_numpy(np.array([value], dtype=dtype))
-            return t
+        return [_tensor("text_input", "BYTES", prompt.encode(), np.object_),
+                _tensor("max_tokens", "INT32", params.max_new_tokens, np.int32),
+                _tensor("temperature", "FP32", params.temperature, np.float32),
+                _tensor("top_p", "FP32", params.top_p, np.float32),
+                _tensor("seed", "UINT64", params.seed, np.uint64)]
 
-        return [tensor("text_input", "BYTES", prompt.encode(), np.object_),
-                tensor("max_tokens", "INT32", params.max_new_tokens, np.int32),
-                tensor("temperature", "FP32", params.temperature, np.float32),
-                tensor("top_p", "FP32", params.top_p, np.float32),
-                tensor("seed", "UINT64", params.seed, np.uint64)]
+    def _where(self) -> str:
+        return f"remote model {self.config.remote_model!r} at {self.config.url}"
 
-    async def astream(self, prompt: str, params: SamplingParams, cancelled: threading.Event
-                      ) -> AsyncIterator[Piece]:
-        client = triton_aio.InferenceServerClient(self.url)
+    async def _answered_error(self, client: triton_aio.InferenceServerClient,
+                              message: str) -> GatewayError:
+        """What an error the remote sent in the stream means: a model it does not have,
+        or a failure of the model it has."""
+        try:
+            ready = await client.is_model_ready(self.config.remote_model)
+        except (InferenceServerException, grpc.RpcError):
+            ready = True  # cannot tell: report the error as it came
+        if not ready:
+            return UnknownModel(f"model {self.config.name!r} is served by {self.config.url}, "
+                                f"which has no model {self.config.remote_model!r} ready: "
+                                f"{message}")
+        return UpstreamFailed(f"{self._where()} failed: {message}")
 
-        async def requests():
-            yield {"model_name": self.remote_model, "inputs": self._inputs(prompt, params)}
+    def _call_error(self, code: str, details: str) -> GatewayError:
+        """A failed call to the remote server (gRPC status `code`)."""
+        if code == grpc.StatusCode.NOT_FOUND.name:
+            return UnknownModel(f"{self._where()}: {details}")
+        return UpstreamFailed(f"{self._where()} is unreachable or failed ({code}): {details}")
+
+    async def astream(self, prompt: EncodedPrompt, params: SamplingParams,
+                      cancelled: threading.Event) -> AsyncIterator[Piece]:
+        client = triton_aio.InferenceServerClient(self.config.url)
+
+        async def requests() -> AsyncIterator[dict[str, object]]:
+            yield {"model_name": self.config.remote_model,
+                   "inputs": self._inputs(prompt.text, params)}
 
         count = 0
         try:
             async for result, error in client.stream_infer(requests()):
                 if error is not None:
-                    raise RequestError(f"remote model {self.remote_model!r} at {self.url}: "
-                                       f"{error}")
+                    raise await self._answered_error(client, error.message())
                 if cancelled.is_set():
                     return
                 count += 1
@@ -76,8 +140,13 @@ class RemoteTritonEngine:
                 yield Piece(text, int(tokens), int(prompt_tokens), finish if final else "")
                 if final:
                     return
+        except grpc.aio.AioRpcError as exc:  # the stream itself failed: refused, reset, ...
+            raise self._call_error(exc.code().name, exc.details() or "") from None
         except InferenceServerException as exc:
-            raise RequestError(f"remote model {self.remote_model!r} at {self.url}: "
-                               f"{exc.message()}") from None
+            status = (exc.status() or "").removeprefix("StatusCode.")
+            raise self._call_error(status or "UNKNOWN", exc.message()) from None
         finally:
             await client.close()
+
+    def retire(self) -> None:
+        """Nothing held here: each request opens and closes its own channel."""

@@ -21,15 +21,65 @@ still multiply them, and uninitialised memory could hold NaNs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast
+
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 SUPPORTED = ("llama", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                  torch.Tensor]
+"""attend(q, k, v, keys, values): store the new K/V in a layer's cache, return the output."""
 
-def supports(model: torch.nn.Module) -> bool:
+
+# The parts of a Llama-family model (LlamaForCausalLM, Qwen2ForCausalLM) called here.
+class _RMSNorm(Protocol):
+    weight: torch.Tensor
+    variance_epsilon: float
+
+
+class _Attention(Protocol):
+    head_dim: int
+    scaling: float
+    q_proj: torch.nn.Linear
+    k_proj: torch.nn.Linear
+    v_proj: torch.nn.Linear
+    o_proj: torch.nn.Linear
+
+
+class _DecoderLayer(Protocol):
+    self_attn: _Attention
+    input_layernorm: _RMSNorm
+    post_attention_layernorm: _RMSNorm
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Rotary(Protocol):
+    rope_type: str
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class _Decoder(Protocol):
+    embed_tokens: torch.nn.Embedding
+    layers: Sequence[_DecoderLayer]
+    norm: _RMSNorm
+    rotary_emb: _Rotary
+
+
+class _CausalLM(Protocol):
+    config: PreTrainedConfig
+    model: _Decoder
+    lm_head: torch.nn.Linear
+
+
+def supports(model: PreTrainedModel) -> bool:
     """Whether `model` is a Llama-family decoder this module can run (no sliding windows)."""
     config = model.config
     if config.model_type not in SUPPORTED:
@@ -40,15 +90,15 @@ def supports(model: torch.nn.Module) -> bool:
 class SlotDecoder:
     """Prefill and decode for up to `max_rows` sequences, one cache row each."""
 
-    def __init__(self, model: torch.nn.Module, *, max_rows: int, initial_length: int = 64
+    def __init__(self, model: PreTrainedModel, *, max_rows: int, initial_length: int = 64
                  ) -> None:
         if not supports(model):
             raise ValueError(f"the slot decoder runs {SUPPORTED} models with full attention, "
                              f"not {model.config.model_type!r}")
         config = model.config
-        self.model = model
-        self.layers = list(model.model.layers)
-        self.rotary = model.model.rotary_emb
+        self.model = cast(_CausalLM, model)  # a Llama-family model, as `supports` checked
+        self.layers = list(self.model.model.layers)
+        self.rotary = self.model.model.rotary_emb
         self.max_rows = max_rows
         self.context_length = config.max_position_embeddings
         attention = self.layers[0].self_attn
@@ -61,7 +111,7 @@ class SlotDecoder:
         self.dtype, self.device = parameter.dtype, parameter.device
         # Rotary cos/sin for every position, computed once by the model's own module, when
         # they do not depend on the sequence length (they do for "dynamic" and "longrope").
-        self._rotary_table = None
+        self._rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None
         if getattr(self.rotary, "rope_type", "default") in STATIC_ROPE:
             with torch.inference_mode():
                 positions = torch.arange(self.context_length, device=self.device)[None]
@@ -186,7 +236,8 @@ class SlotDecoder:
         self.lengths[:n] += 1
         return self._logits(hidden[:, -1])
 
-    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    def _layers(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend
+                ) -> torch.Tensor:
         """Every layer, with the model's own modules; `attend(q, k, v, keys, values)`
         stores the new K/V in the layer's cache and returns the attention output."""
         ids, positions = ids.to(self.device), positions.to(self.device)
@@ -212,7 +263,7 @@ class SlotDecoder:
         return self.model.lm_head(_rms_norm(self.model.model.norm, last_hidden)).float().cpu()
 
 
-def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _rms_norm(norm: _RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm as one fused op (its module runs six: a small model's decode
     step spends more on dispatching them than on the arithmetic)."""
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)

@@ -9,13 +9,11 @@ import time
 import pytest
 import torch
 
-from services.inference_gateway.engines.process import EngineProcess, EngineUnavailable
-from services.inference_gateway.engines.torch import (
-    GenerationEngine,
-    SamplingParams,
-    request_rng,
-    sample_rows,
-)
+from services.inference_gateway.engines.base import SamplingParams
+from services.inference_gateway.engines.process import EngineProcess
+from services.inference_gateway.engines.sampling import request_rng, sample_rows
+from services.inference_gateway.engines.torch import TorchEngine
+from services.inference_gateway.errors import EngineUnavailable
 
 PROMPTS = ["The", "A fortune for the weary traveller:", "Life is short, and",
            "Computers are", "In the beginning there was", "Q: Why? A:"]
@@ -23,14 +21,14 @@ PROMPTS = ["The", "A fortune for the weary traveller:", "Life is short, and",
 
 @pytest.fixture(scope="module")
 def engines(trained_model):
-    base = GenerationEngine(trained_model.path, version="v1")
+    base = TorchEngine(trained_model.path, version="v1")
     batching = EngineProcess(trained_model.path, version="v1", max_batch=4)
     yield base, batching
     batching.close()
 
 
 def _alone(base, prompt, params):
-    ids = base.encode_prompt(prompt, params.max_new_tokens)
+    ids = base.encode_prompt(prompt)
     pieces = list(base.stream(ids, params))
     return "".join(p.text for p in pieces), pieces[-1]
 
@@ -38,7 +36,7 @@ def _alone(base, prompt, params):
 async def _together(batching, jobs, *, stagger_s=0.0):
     async def one(prompt, params, delay):
         await asyncio.sleep(delay)
-        ids = batching.encode_prompt(prompt, params.max_new_tokens)
+        ids = batching.encode_prompt(prompt)
         pieces = [p async for p in batching.astream(ids, params, threading.Event())]
         return "".join(p.text for p in pieces), pieces[-1]
 
@@ -64,7 +62,7 @@ def test_a_cancelled_request_leaves_the_batch_and_others_finish(engines):
 
     async def scenario():
         cancelled = threading.Event()
-        ids = batching.encode_prompt("The", 60)
+        ids = batching.encode_prompt("The")
         stream = batching.astream(ids, SamplingParams(max_new_tokens=60), cancelled)
         await anext(stream)
         cancelled.set()
@@ -147,7 +145,7 @@ def test_a_killed_engine_process_fails_its_requests_and_the_next_ones_are_served
     _base, batching = engines
 
     async def scenario():
-        ids = batching.encode_prompt("The", 60)
+        ids = batching.encode_prompt("The")
         stream = batching.astream(ids, SamplingParams(max_new_tokens=60), threading.Event())
         await anext(stream)
         batching.process.kill()
@@ -168,6 +166,6 @@ def test_a_killed_engine_process_fails_its_requests_and_the_next_ones_are_served
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
 def test_a_cuda_device_that_is_not_there_is_refused_before_serving(trained_model):
     with pytest.raises(ValueError, match="torch sees no CUDA device"):
-        GenerationEngine(trained_model.path, version="c", device="cuda")
+        TorchEngine(trained_model.path, version="c", device="cuda")
     with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
         EngineProcess(trained_model.path, version="c", device="cuda:0", max_batch=2)

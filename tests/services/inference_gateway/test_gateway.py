@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -11,18 +12,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
-from services.inference_gateway.engines.torch import GenerationEngine, SamplingParams
+from services.inference_gateway.engines.base import EncodedPrompt, Piece, SamplingParams
+from services.inference_gateway.engines.torch import TorchEngine
 from services.inference_gateway.registry import ModelRegistry
 from tests.helpers import start_gateway
 
 
 @pytest.fixture(scope="module")
 def engine(trained_model):
-    return GenerationEngine(trained_model.path, version="v1")
+    return TorchEngine(trained_model.path, version="v1")
 
 
 def test_sampling_is_reproducible_with_a_seed_and_greedy_is_deterministic(engine):
-    ids = engine.encode_prompt("The wise man", 20)
+    ids = engine.encode_prompt("The wise man")
 
     def text(params):
         return "".join(p.text for p in engine.stream(ids, params))
@@ -113,19 +115,25 @@ def test_bad_requests_get_the_right_status_and_the_gateway_keeps_serving(engine)
 class GatedEngine:
     """The real engine, but each stream waits at a gate first: holds slots on demand."""
 
-    def __init__(self, engine: GenerationEngine) -> None:
+    def __init__(self, engine: TorchEngine) -> None:
         self.engine = engine
         self.version = engine.version
         self.gate = threading.Event()
 
-    def encode_prompt(self, prompt, max_new_tokens):
-        return self.engine.encode_prompt(prompt, max_new_tokens)
+    def encode_prompt(self, prompt: str) -> EncodedPrompt:
+        return self.engine.encode_prompt(prompt)
 
-    def stream(self, ids, params, cancelled=None):
-        while not self.gate.wait(0.05):
-            if cancelled is not None and cancelled.is_set():
+    async def astream(self, prompt: EncodedPrompt, params: SamplingParams,
+                      cancelled: threading.Event) -> AsyncIterator[Piece]:
+        while not self.gate.is_set():
+            if cancelled.is_set():
                 return
-        yield from self.engine.stream(ids, params, cancelled)
+            await asyncio.sleep(0.05)
+        async for piece in self.engine.astream(prompt, params, cancelled):
+            yield piece
+
+    def retire(self) -> None:
+        pass
 
 
 def test_over_capacity_is_refused_at_once_and_a_cancelled_client_frees_its_slot(engine):

@@ -10,14 +10,14 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from services.inference_gateway.engines.torch import GenerationEngine
+from services.inference_gateway.engines.torch import TorchEngine
 from services.inference_gateway.registry import ModelRegistry
 from tests.helpers import start_gateway
 
 
 @pytest.fixture(scope="module")
 def engine(trained_model):
-    return GenerationEngine(trained_model.path, version="v7")
+    return TorchEngine(trained_model.path, version="v7")
 
 
 def _inputs(prompt=b"A fortune", *, max_tokens=8, seed=5, temperature=0.9):
@@ -134,8 +134,8 @@ def _named(name, datatype, values):
 
 
 def test_versions_are_served_by_name_and_the_oldest_is_retired(engine, trained_model):
-    older = GenerationEngine(trained_model.path, version="v6")
-    newer = GenerationEngine(trained_model.path, version="v8")
+    older = TorchEngine(trained_model.path, version="v6")
+    newer = TorchEngine(trained_model.path, version="v8")
 
     def work(client):
         seen = {}

@@ -1,0 +1,103 @@
+"""Why a request was not served, said the same way by every protocol.
+
+Everything below the protocol layer (the frontend, the registry, the engines)
+raises a `GatewayError`; each type carries its gRPC status code, its HTTP
+status and the OpenAI error type, so each protocol has one `except
+GatewayError` that turns it into its own shape (a gRPC status, a KServe
+stream's `error_message`, an OpenAI error body or server-sent event).
+
+| type | gRPC | HTTP | when |
+| --- | --- | --- | --- |
+| InvalidRequest | INVALID_ARGUMENT | 400 | the request cannot be served as asked |
+| RequestTooLarge | RESOURCE_EXHAUSTED | 413 | the body is over the size limit |
+| UnknownModel | NOT_FOUND | 404 | no such model or version, here or on the remote |
+| AtCapacity | RESOURCE_EXHAUSTED | 429 | too many requests generating or queued |
+| EngineUnavailable | UNAVAILABLE | 503 + Retry-After | the engine process died and restarts |
+| UpstreamFailed | UNAVAILABLE | 502 | a remote Triton is down or answered an error |
+| GenerationFailed | INTERNAL | 500 | the engine failed while generating |
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class GatewayError(Exception):
+    """A request the gateway did not serve; `message` says what was wrong and what to do."""
+
+    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    http_status: ClassVar[int] = 500
+    openai_type: ClassVar[str] = "server_error"
+    openai_code: ClassVar[str] = "internal_error"
+    retry_after_s: ClassVar[int | None] = None
+    """Seconds a client should wait before retrying (HTTP `Retry-After`); None: do not."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def code(self) -> str:
+        """The gRPC code's name, as counted in lmforge_gateway_requests_total."""
+        return self.grpc_code.name
+
+
+class InvalidRequest(GatewayError):
+    """The request cannot be served as asked: a bad field, prompt, tensor or body."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+    openai_type = "invalid_request_error"
+    openai_code = "invalid_value"
+
+
+class RequestTooLarge(GatewayError):
+    """The request is over LMFORGE_GATEWAY_MAX_MESSAGE_BYTES."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+    openai_type = "invalid_request_error"
+    openai_code = "request_too_large"
+
+
+class UnknownModel(GatewayError):
+    """No such model (or version) is served here, or the remote server behind it lacks it."""
+
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+    openai_type = "invalid_request_error"
+    openai_code = "model_not_found"
+
+
+class AtCapacity(GatewayError):
+    """Too many requests generating or queued: refused now rather than queued without bound."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+    openai_type = "rate_limit_error"
+    openai_code = "at_capacity"
+
+
+class EngineUnavailable(GatewayError):
+    """The engine process exited (and is being restarted): retry the request shortly."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    openai_type = "server_error"
+    openai_code = "engine_unavailable"
+    retry_after_s = 5  # a small model's engine process restarts in a few seconds
+
+
+class UpstreamFailed(GatewayError):
+    """The remote Triton (KServe v2) server behind a model is down or answered an error."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 502
+    openai_type = "server_error"
+    openai_code = "upstream_failed"
+
+
+class GenerationFailed(GatewayError):
+    """The engine failed while generating (a bug or a kernel error; it keeps serving)."""
