@@ -4,6 +4,10 @@ grpc.health.v1 and server reflection, on one grpc.aio server.
 `grpc.server.max_pending_requests` is raised far above our own admission bound
 (GenerationFrontend), so grpc.aio never cancels bursts on its own; overload is
 answered deliberately with RESOURCE_EXHAUSTED.
+
+Run it as part of the service: `python -m services.inference_gateway` (handlers.py
+builds settings -> engines -> registry -> frontend -> this server and the HTTP one;
+SIGTERM stops both gracefully). Tests start it alone with `tests.helpers.start_gateway`.
 """
 
 from __future__ import annotations
