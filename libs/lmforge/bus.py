@@ -97,6 +97,40 @@ class NatsKeyValue:
             return []
 
 
+class ConnectionLog:
+    """One log line per change of the connection's state, never a traceback per retry.
+
+    nats-py reports every failed reconnect attempt (twice a second while the
+    server is down); an operator wants to read "lost", then "back".
+    """
+
+    def __init__(self, service: str, url: str) -> None:
+        self.service = service
+        self.url = url
+        self.connected = True
+        self.closing = False
+        self.last_error = ""
+
+    async def on_error(self, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if reason != self.last_error:
+            self.last_error = reason
+            log.warning("NATS at %s: %s", self.url, reason)
+
+    async def on_disconnected(self) -> None:
+        if self.connected and not self.closing:
+            self.connected = False
+            log.warning("lost the connection to NATS at %s; reconnecting (handlers waiting "
+                        "to publish hold their events until it is back)", self.url)
+
+    async def on_reconnected(self) -> None:
+        self.connected, self.last_error = True, ""
+        log.warning("reconnected to NATS at %s", self.url)
+
+    async def on_closed(self) -> None:
+        self.connected = False
+
+
 class EventBus:
     """A service's connection to JetStream, its subscriptions and its publisher."""
 
@@ -110,6 +144,7 @@ class EventBus:
         self._handling: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
         self.dispatcher = Dispatcher(self)
+        self.connection_log = ConnectionLog(service, "")
 
     @property
     def js(self) -> JetStreamContext:
@@ -122,6 +157,7 @@ class EventBus:
     async def connect(self, url: str, *, connect_timeout_s: float = 30.0) -> None:
         """Connect (retrying until `connect_timeout_s`) and make sure the streams exist."""
         deadline = time.monotonic() + connect_timeout_s
+        self.connection_log = ConnectionLog(self.service, url)
         while True:
             try:
                 self.nc = await nats.connect(
@@ -130,6 +166,10 @@ class EventBus:
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
+                    error_cb=self.connection_log.on_error,
+                    disconnected_cb=self.connection_log.on_disconnected,
+                    reconnected_cb=self.connection_log.on_reconnected,
+                    closed_cb=self.connection_log.on_closed,
                 )
                 break
             except (nats.errors.NoServersError, OSError) as exc:
@@ -153,6 +193,7 @@ class EventBus:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self.connection_log.closing = True
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.flush(timeout=2)  # acks are fire-and-forget: send them first
@@ -169,7 +210,13 @@ class EventBus:
     async def publish(self, event: Message, *, msg_id: str,
                       headers: Mapping[str, str] | None = None,
                       retry_for_s: float = 60.0) -> None:
-        """Publish `event` on its catalog subject, retried while the server cannot answer."""
+        """Publish `event` on its catalog subject, retried until the server stores it.
+
+        While the connection is down (a restarting nats-server) this waits for it
+        to come back, however long that takes: the event is the output of work
+        already done, and `Nats-Msg-Id` makes the retries safe. While connected
+        but unanswered (a leader election), it gives up after `retry_for_s`.
+        """
         subject = subjects.for_message(event)
         hdrs = event_headers(event, msg_id=msg_id, extra=headers)
         data = event.SerializeToString()
@@ -180,11 +227,18 @@ class EventBus:
                 EVENTS_PUBLISHED.labels(subject.name).inc()
                 return
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.errors.ConnectionReconnectingError,
+                    nats.errors.OutboundBufferLimitError,
                     nats.js.errors.ServiceUnavailableError) as exc:
-                if time.monotonic() > deadline:
+                if self._server_reachable() and time.monotonic() > deadline:
                     raise ConnectionError(f"publish to {subject.name} failed: {exc}") from exc
+                if not self._server_reachable():
+                    deadline = time.monotonic() + retry_for_s  # the clock runs when it is up
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _server_reachable(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
 
     async def publish_dead_letter(self, original: Subject[Message], data: bytes,
                                   headers: Mapping[str, str]) -> None:
@@ -219,6 +273,7 @@ class EventBus:
 
     async def _fetch_loop(self, sub: Subscription,
                           psub: JetStreamContext.PullSubscription) -> None:
+        failing = ""
         while not self._closing.is_set():
             try:
                 msgs = await psub.fetch(1, timeout=5)
@@ -227,9 +282,15 @@ class EventBus:
             except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
                 return
             except Exception as exc:  # reconnecting, leader election: wait and go on
-                log.warning("fetch on %s failed: %s", sub.subject.name, exc)
+                reason = f"{type(exc).__name__}: {exc}"
+                if reason != failing:  # once per kind of failure, not twice a second
+                    log.warning("fetching %s failed; retrying: %s", sub.subject.name, reason)
+                failing = reason
                 await asyncio.sleep(0.5)
                 continue
+            if failing:
+                log.info("fetching %s again", sub.subject.name)
+                failing = ""
             me = asyncio.current_task()
             assert me is not None
             self._handling.add(me)

@@ -28,12 +28,18 @@ from services.trainer.training import Progress, TrainResult
 
 log = logging.getLogger("lmforge.trainer")
 
+TRAINING_ACK_WAIT_S = 6.0
+"""A training job's ack wait. The handler sends in-progress heartbeats every third
+of it while it trains, so a live trainer keeps its job; a killed one's job goes to
+the restarted (or another) trainer within seconds, not after the default 30 s."""
 
-def progress_event(run_id: str, p: Progress) -> ev.TrainingProgress:
+
+def progress_event(event: ev.TrainingScheduled, delivery: int, p: Progress
+                   ) -> ev.TrainingProgress:
     return ev.TrainingProgress(
-        run_id=run_id, step=p.step, total_steps=p.total_steps, loss=p.loss,
+        run_id=event.run_id, step=p.step, total_steps=p.total_steps, loss=p.loss,
         learning_rate=p.learning_rate, tokens_per_second=p.tokens_per_second,
-        eta_seconds=p.eta_seconds, mfu=p.mfu)
+        eta_seconds=p.eta_seconds, mfu=p.mfu, attempt=event.attempt, delivery=delivery)
 
 
 def trained_event(event: ev.TrainingScheduled, result: TrainResult, digest: str, size: int,
@@ -67,7 +73,8 @@ class TrainerService(Service[TrainerSettings]):
         inputs = ev.TrainingScheduled(dataset=event.dataset, plan=event.plan)
         return inputs.SerializeToString(deterministic=True)
 
-    @subscriber(subjects.TRAINING_SCHEDULED, cache_outputs=(ev.ModelTrained,))
+    @subscriber(subjects.TRAINING_SCHEDULED, cache_outputs=(ev.ModelTrained,),
+                ack_wait_s=TRAINING_ACK_WAIT_S)
     async def on_scheduled(self, event: ev.TrainingScheduled, delivery: Delivery
                            ) -> ev.ModelTrained | ev.TrainingPreempted:
         config = TrainConfig.from_plan(event.plan)
@@ -80,11 +87,15 @@ class TrainerService(Service[TrainerSettings]):
         loop = asyncio.get_running_loop()
 
         def publish_from_thread(message: Message, suffix: str) -> None:
+            # No timeout: while NATS restarts the publish waits for it, and so does
+            # training (the outputs of work done are never dropped).
             asyncio.run_coroutine_threadsafe(
-                delivery.publish(message, suffix=suffix), loop).result(timeout=60)
+                delivery.publish(message, suffix=suffix), loop).result()
 
         def on_progress(p: Progress) -> None:
-            publish_from_thread(progress_event(event.run_id, p), f"step-{p.step}")
+            # A resumed job publishes its steps again under new ids (not deduplicated).
+            publish_from_thread(progress_event(event, delivery.deliveries, p),
+                                f"delivery-{delivery.deliveries}-step-{p.step}")
 
         def on_checkpoint(ref: CheckpointRef) -> None:
             publish_from_thread(ev.TrainingCheckpointed(

@@ -151,3 +151,32 @@ def test_a_handler_for_a_subject_the_catalog_does_not_give_the_service_is_refuse
     service = Confused(ServiceSettings(home=tmp_path), InMemoryBroker().bus("quantizer"))
     with pytest.raises(TypeError, match=r"lmforge\.dataset\.ready"):
         service.subscriptions()
+
+
+@pytest.mark.connected
+def test_a_publish_during_a_nats_restart_waits_for_the_server(nats_server, caplog):
+    """The handler's output is not lost when the server restarts under it (issue 9)."""
+    from lmforge.bus import EventBus
+
+    async def scenario():
+        bus = EventBus("trainer")
+        await bus.connect(nats_server.url)
+        nats_server.kill()
+        await asyncio.sleep(0.5)
+        publishing = asyncio.create_task(bus.publish(
+            ev.TrainingProgress(run_id="outage", step=7), msg_id="outage:7", retry_for_s=1.0))
+        await asyncio.sleep(3.0)  # well past retry_for_s while the server is down
+        assert not publishing.done()
+        nats_server.start()  # the same port and store
+        await asyncio.wait_for(publishing, 30)
+        info = await bus.js.stream_info(subjects.STREAM,
+                                        subjects_filter=subjects.TRAINING_PROGRESS.name)
+        await bus.close()
+        return (info.state.subjects or {}).get(subjects.TRAINING_PROGRESS.name, 0)
+
+    with caplog.at_level(logging.WARNING, logger="lmforge.bus"):
+        assert asyncio.run(scenario()) == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "lmforge.bus"]
+    assert sum("lost the connection" in line for line in lines) == 1
+    assert sum("reconnected" in line for line in lines) == 1
+    assert not any(r.exc_info for r in caplog.records if r.name == "lmforge.bus")

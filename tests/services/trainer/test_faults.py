@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.connected
 
 def _start_trainer(nats_url, home, log):
     env = {**os.environ, "LMFORGE_NATS_URL": nats_url, "LMFORGE_HOME": str(home),
-           "LMFORGE_ACK_WAIT_S": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+           "OMP_WAIT_POLICY": "PASSIVE"}
     return subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
@@ -43,6 +44,19 @@ def _scheduled(tmp_path, run_id, steps, interval) -> tuple[ev.TrainingScheduled,
     return event, home
 
 
+async def _first_progress_of_delivery(nats_url: str, delivery: int, timeout: float = 120
+                                      ) -> ev.TrainingProgress:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        seen = await count_events(nats_url, subjects.TRAINING_PROGRESS)
+        for progress in await wait_for_events(nats_url, subjects.TRAINING_PROGRESS, seen):
+            if progress.delivery >= delivery:
+                return progress
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"no training.progress of delivery {delivery} in {timeout:.0f}s")
+
+
 def test_kill_9_mid_run_then_restart_finishes_from_the_last_checkpoint(nats_server, tmp_path):
     event, home = _scheduled(tmp_path, "killed", steps=300, interval=30)
     log = (tmp_path / "trainer.log").open("ab")
@@ -55,17 +69,25 @@ def test_kill_9_mid_run_then_restart_finishes_from_the_last_checkpoint(nats_serv
                 nats_server.url, subjects.TRAINING_CHECKPOINTED, 1, timeout=120)
             trainer.kill()  # SIGKILL: no checkpoint, no goodbye
             trainer.wait()
+            killed_at = time.monotonic()
             trainer = _start_trainer(nats_server.url, home, log)
+            resumed = await _first_progress_of_delivery(nats_server.url, 2)
+            took_back_s = time.monotonic() - killed_at
             (trained,) = await wait_for_events(nats_server.url, subjects.MODEL_TRAINED, 1,
                                                timeout=240)
             await asyncio.sleep(0.5)
             assert await count_events(nats_server.url, subjects.MODEL_TRAINED) == 1
-            return checkpointed, trained
+            return checkpointed, trained, resumed, took_back_s
         finally:
             trainer.kill()
             trainer.wait()
 
-    checkpointed, trained = asyncio.run(scenario())
+    checkpointed, trained, resumed, took_back_s = asyncio.run(scenario())
+    # The restarted trainer takes the job back within seconds (the ack wait is short,
+    # the live trainer's heartbeats keep it), not after a 30 s ack wait.
+    print(f"trainer kill -9: job taken back after {took_back_s:.1f}s")
+    assert took_back_s < 20, took_back_s
+    assert resumed.step > checkpointed.step and resumed.attempt == 0
     assert trained.steps == 300
     assert trained.resumed_from_step >= checkpointed.step >= 30
     assert trained.heldout_perplexity > 1

@@ -151,7 +151,7 @@ class TrainingScheduled(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., plan: _Optional[_Union[ResourcePlan, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
-    __slots__ = ("run_id", "step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds", "mfu")
+    __slots__ = ("run_id", "step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds", "mfu", "attempt", "delivery")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,8 @@ class TrainingProgress(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MFU_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     total_steps: int
@@ -168,7 +170,9 @@ class TrainingProgress(_message.Message):
     tokens_per_second: float
     eta_seconds: float
     mfu: float
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., mfu: _Optional[float] = ...) -> None: ...
+    attempt: int
+    delivery: int
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., mfu: _Optional[float] = ..., attempt: _Optional[int] = ..., delivery: _Optional[int] = ...) -> None: ...
 
 class TrainingCheckpointed(_message.Message):
     __slots__ = ("run_id", "step", "checkpoint")
