@@ -56,3 +56,18 @@ def test_stages_replayed_from_the_cache_say_which_run_they_reused():
               cached_from="first")
     view.fold(subjects.TRAINING_SCHEDULED.name, ev.TrainingScheduled(run_id="again"), 2.0)
     assert view.reused_from == {"data-prep": "first"}
+
+
+def test_a_resumed_training_shows_a_resume_not_a_step_counter_going_back():
+    view = RunView("r")
+    view.fold(subjects.TRAINING_SCHEDULED.name,
+              ev.TrainingScheduled(run_id="r", plan=ev.ResourcePlan(max_steps=100)), 0.0)
+    view.fold(subjects.TRAINING_PROGRESS.name,
+              ev.TrainingProgress(run_id="r", step=68, total_steps=100, delivery=1), 1.0)
+    # The trainer was killed; its job resumed from the checkpoint at step 50.
+    view.fold(subjects.TRAINING_PROGRESS.name,
+              ev.TrainingProgress(run_id="r", step=51, total_steps=100, delivery=2), 2.0)
+    # A late event of the first delivery does not move the view back.
+    view.fold(subjects.TRAINING_PROGRESS.name,
+              ev.TrainingProgress(run_id="r", step=69, total_steps=100, delivery=1), 3.0)
+    assert (view.step, view.resumes, view.resumed_at_step) == (51, 1, 51)

@@ -74,8 +74,17 @@ def cmd_down(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
+def _nats_line(state: dict[str, Any]) -> str:
+    """`nats://127.0.0.1:4222 running`, with its restarts once it has any."""
+    nats_state = state.get("nats") or {}
+    line = f"{state['nats_url']} {nats_state.get('state', '')}".rstrip()
+    if nats_state.get("restarts"):
+        line += f" (restarted {nats_state['restarts']}x)"
+    return line
+
+
 def _print_status(state: dict[str, Any]) -> None:
-    table = Table(title=f"lmforge — NATS {state['nats_url']} — gateway {state['gateway']}")
+    table = Table(title=f"lmforge — NATS {_nats_line(state)} — gateway {state['gateway']}")
     for column in ("service", "state", "replicas", "desired", "pinned", "restarts"):
         table.add_column(column)
     for name, s in state["services"].items():
@@ -95,8 +104,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print("lmforge is not running (start it with `lmforge up -d`)")
         return EXIT_FAILED
     if args.json:
-        print(json.dumps({k: state.get(k) for k in ("nats_url", "gateway", "openai_base_url",
-                                                     "services", "home")}))
+        print(json.dumps({k: state.get(k) for k in ("nats_url", "nats", "gateway",
+                                                     "openai_base_url", "services", "home")}))
     else:
         _print_status(state)
     return 0
@@ -226,7 +235,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
                            "status": r.status, "step": r.step, "total_steps": r.total_steps,
                            "perplexity": r.perplexity, "failure": r.failure,
                            "started": r.started, "stage_done_at": r.stage_done_at,
-                           "reused_from": r.reused_from}
+                           "reused_from": r.reused_from, "resumes": r.resumes,
+                           "resumed_at_step": r.resumed_at_step}
                           for r in runs.values()]))
         return 0
     table = Table(title="runs")
@@ -236,7 +246,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         table.add_row(r.run_id, r.model_name, r.stage, r.status,
                       f"{r.step}/{r.total_steps}" if r.total_steps else "",
                       f"{r.perplexity:.1f}" if r.perplexity else "",
-                      r.failure[:80] or _reuse_note(r.reused_from))
+                      r.failure[:80] or _reuse_note(r.reused_from) or (
+                          f"resumed {r.resumes}x, last at step {r.resumed_at_step}"
+                          if r.resumes else ""))
     Console().print(table)
     return 0
 

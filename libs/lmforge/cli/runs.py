@@ -7,8 +7,9 @@ CLI needs no database and shows exactly what the services said.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import nats.errors
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from lmforge.contracts import subjects
 from lmforge.contracts.names import Header, ServiceName
@@ -61,6 +63,11 @@ class RunView:
     stage_done_at: dict[str, float] = field(default_factory=dict)
     reused_from: dict[str, str] = field(default_factory=dict)
     """Stages whose outputs the stage cache replayed, and the run that computed them."""
+    attempt: tuple[int, int] = (0, 0)
+    """(scheduling attempt, delivery) of the training progress shown: a resume raises it."""
+    resumes: int = 0
+    """How often training resumed from a checkpoint (a preemption or a crashed trainer)."""
+    resumed_at_step: int = 0
 
     def fold(self, subject: str, event: Message, timestamp: float, *,
              cached_from: str = "") -> None:
@@ -78,6 +85,13 @@ class RunView:
             if cached_from:
                 self.reused_from[stage] = cached_from
         if isinstance(event, ev.TrainingProgress):
+            attempt = (event.attempt, max(1, event.delivery))
+            if attempt < self.attempt:
+                return  # a late event of an attempt that has been resumed since
+            if attempt > self.attempt and self.attempt != (0, 0):
+                self.resumes += 1
+                self.resumed_at_step = event.step
+            self.attempt = attempt
             self.step, self.total_steps, self.loss = event.step, event.total_steps, event.loss
         if isinstance(event, ev.TrainingScheduled):
             self.total_steps = event.plan.max_steps
@@ -96,52 +110,107 @@ class RunView:
         return self.status in ("served", "failed")
 
 
-async def connect_nats(nats_url: str, *, timeout_s: float = 10.0) -> Client:
-    """A connection that keeps reconnecting once made, or ConnectionError after
-    `timeout_s` (instead of nats-py's endless first attempt)."""
+CONNECT_TIMEOUT_S = 5.0
+"""How long a command tries to reach NATS before it says so and exits 1: long enough for
+the supervisor to bring back a crashed server (about a second), short for a dead URL."""
+
+
+async def connect_nats(nats_url: str, *, timeout_s: float = CONNECT_TIMEOUT_S,
+                       reconnect: bool = True) -> Client:
+    """A connection, or ConnectionError after `timeout_s` (nats-py's first attempt
+    retries forever once reconnects are unlimited). Once made, it reconnects by
+    itself unless `reconnect` is False: then it closes when the server goes away,
+    for a caller that finds the server again on its own."""
 
     async def on_error(exc: Exception) -> None:
         log.debug("NATS at %s: %s", nats_url, exc)
 
     try:
         return await asyncio.wait_for(
-            nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=-1,
-                         reconnect_time_wait=0.5, error_cb=on_error), timeout_s)
+            nats.connect(nats_url, connect_timeout=2, allow_reconnect=reconnect,
+                         max_reconnect_attempts=-1 if reconnect else 0,
+                         reconnect_time_wait=0.25, error_cb=on_error), timeout_s)
     except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
         raise ConnectionError(f"cannot reach NATS at {nats_url} within {timeout_s:.0f}s") \
             from exc
 
 
-async def stream_events(nats_url: str, *, run_id: str | None = None, follow: bool = False,
-                        idle_timeout_s: float = 1.0
+NatsUrl = str | Callable[[], str]
+"""A NATS URL, or where to read the current one (the state file of `lmforge up`)."""
+
+
+async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow: bool = False,
+                        idle_timeout_s: float = 1.0,
+                        on_connection: Callable[[str], None] | None = None,
                         ) -> AsyncGenerator[tuple[str, Message, float, str], None]:
     """Every event in the stream (optionally one run's), oldest first, as (subject,
-    event, time, the run it was reused from or ''); with follow, keep waiting."""
-    nc = await connect_nats(nats_url)
-    js = nc.jetstream()
-    sub = await js.subscribe("lmforge.>", ordered_consumer=True, stream=subjects.STREAM)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=idle_timeout_s)
-            except nats.errors.TimeoutError:
-                if follow:
+    event, time, the run it was reused from or '').
+
+    Without `follow`, an unreachable server is a ConnectionError. With `follow`,
+    keep waiting for new events; when the server goes away, read the URL again
+    (it may have moved), reconnect once it answers and go on after the last event
+    seen, so nothing is shown twice or skipped. `on_connection` hears of each
+    loss and return of the server, once each.
+    """
+    current_url = nats_url if callable(nats_url) else (lambda: nats_url)
+    next_seq = 1
+    lost_at = ""
+    while True:
+        url = current_url()
+        try:
+            nc = await connect_nats(url, reconnect=False)
+        except ConnectionError:
+            if not follow:
+                raise
+            if not lost_at and on_connection:
+                on_connection(f"NATS at {url} is not answering; waiting for it")
+            lost_at = lost_at or url
+            await asyncio.sleep(1.0)
+            continue
+        if lost_at and on_connection:
+            on_connection(f"following again on NATS at {url}")
+        lost_at = ""
+        try:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                    opt_start_seq=next_seq)
+            sub = await nc.jetstream().subscribe("lmforge.>", ordered_consumer=True,
+                                                 stream=subjects.STREAM, config=config)
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_timeout_s)
+                except nats.errors.ConnectionClosedError:
+                    break
+                except nats.errors.TimeoutError:
+                    if not nc.is_connected:
+                        break
+                    if follow:
+                        continue
+                    return
+                next_seq = msg.metadata.sequence.stream + 1
+                if run_id and (msg.headers or {}).get(Header.RUN_ID) != run_id:
                     continue
-                return
-            if run_id and (msg.headers or {}).get(Header.RUN_ID) != run_id:
-                continue
-            try:
-                subject = subjects.by_name(msg.subject)
-                event = subject.decode(msg.data)
-            except (KeyError, DecodeError):
-                continue
-            ts = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else 0.0
-            yield msg.subject, event, ts, (msg.headers or {}).get(Header.CACHED_FROM, "")
-    finally:
-        await nc.close()
+                try:
+                    subject = subjects.by_name(msg.subject)
+                    event = subject.decode(msg.data)
+                except (KeyError, DecodeError):
+                    continue
+                ts = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else 0.0
+                yield msg.subject, event, ts, (msg.headers or {}).get(Header.CACHED_FROM, "")
+        except (nats.errors.ConnectionClosedError, nats.errors.TimeoutError,
+                nats.errors.NoRespondersError) as exc:
+            if not follow:
+                raise ConnectionError(f"lost NATS at {url}: {type(exc).__name__}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        if not follow:
+            raise ConnectionError(f"lost NATS at {url} while reading the stream")
+        if on_connection:
+            on_connection(f"lost NATS at {url}; waiting for it")
+        lost_at = url
 
 
-async def collect_runs(nats_url: str) -> dict[str, RunView]:
+async def collect_runs(nats_url: NatsUrl) -> dict[str, RunView]:
     runs: dict[str, RunView] = {}
     async for subject, event, ts, cached_from in stream_events(nats_url, idle_timeout_s=0.5):
         run_id = getattr(event, "run_id", "")
