@@ -74,6 +74,7 @@ class AutoscalerService(Service[AutoscalerSettings]):
         policy = ReactivePolicy(PolicyConfig(
             min_replicas=s.autoscaler_min_replicas, max_replicas=s.autoscaler_max_replicas,
             backlog_per_replica=s.autoscaler_backlog_per_replica,
+            trainer_jobs_per_replica=s.autoscaler_trainer_jobs_per_replica,
             rps_per_replica=s.autoscaler_rps_per_replica))
         rate = RequestRate(s.autoscaler_gateway_metrics)
         pins_kv = self.bus.key_value(Bucket.SCALE_PINS)

@@ -29,6 +29,14 @@ class PolicyConfig:
     backlog_per_replica: int = 4
     rps_per_replica: float = 20.0
     scale_down_after: int = 3
+    trainer_jobs_per_replica: int = 1
+    """A trainer works on one job for minutes: a second queued run wants a second
+    trainer (within max_replicas), not a backlog of four."""
+
+    def backlog_per(self, service: str) -> int:
+        if service == ServiceName.TRAINER:
+            return self.trainer_jobs_per_replica
+        return self.backlog_per_replica
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +58,7 @@ class ReactivePolicy:
         if load.service == ServiceName.INFERENCE_GATEWAY:
             want = math.ceil(load.requests_per_second / c.rps_per_replica)
             return want, load.requests_per_second, f"{load.requests_per_second:.1f} req/s"
-        want = math.ceil(load.backlog / c.backlog_per_replica)
+        want = math.ceil(load.backlog / c.backlog_per(load.service))
         return want, float(load.backlog), f"backlog {load.backlog}"
 
     def decide(self, loads: dict[str, ServiceLoad], current: dict[str, int],

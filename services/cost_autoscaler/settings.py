@@ -17,6 +17,8 @@ class AutoscalerSettings(ServiceSettings):
     autoscaler_min_replicas: int = Field(1, ge=0)
     autoscaler_max_replicas: int = Field(2, ge=1)
     autoscaler_backlog_per_replica: int = Field(4, ge=1)
+    autoscaler_trainer_jobs_per_replica: int = Field(
+        1, ge=1, description="Training jobs (running + queued) one trainer replica takes on.")
     autoscaler_rps_per_replica: float = Field(20.0, gt=0)
     autoscaler_gateway_metrics: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Gateway /metrics URLs, comma separated."

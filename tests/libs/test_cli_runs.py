@@ -20,7 +20,7 @@ def test_a_run_is_folded_stage_by_stage_until_served():
         (subjects.DATASET_PREPARED, ev.DatasetPrepared(run_id="r1"), "scheduler", "running"),
         (subjects.TRAINING_SCHEDULED,
          ev.TrainingScheduled(run_id="r1", plan=ev.ResourcePlan(max_steps=40)), "trainer",
-         "running"),
+         "queued"),
         (subjects.TRAINING_PROGRESS, ev.TrainingProgress(run_id="r1", step=10, total_steps=40,
                                                          loss=2.5), "trainer", "running"),
         (subjects.MODEL_TRAINED, ev.ModelTrained(run_id="r1", heldout_perplexity=12.5,
@@ -71,3 +71,19 @@ def test_a_resumed_training_shows_a_resume_not_a_step_counter_going_back():
     view.fold(subjects.TRAINING_PROGRESS.name,
               ev.TrainingProgress(run_id="r", step=69, total_steps=100, delivery=1), 3.0)
     assert (view.step, view.resumes, view.resumed_at_step) == (51, 1, 51)
+
+
+def test_runs_waiting_for_a_trainer_are_queued_with_their_position():
+    from lmforge.cli.runs import number_queue
+
+    views = []
+    for t, run_id in enumerate(("training", "first-waiting", "second-waiting")):
+        view = RunView(run_id)
+        view.fold(subjects.TRAINING_SCHEDULED.name, ev.TrainingScheduled(run_id=run_id),
+                  float(t))
+        views.append(view)
+    views[0].fold(subjects.TRAINING_PROGRESS.name,
+                  ev.TrainingProgress(run_id="training", step=3, delivery=1), 5.0)
+    number_queue(views)
+    assert [(v.status, v.queue_position) for v in views] == [
+        ("running", 0), ("queued", 1), ("queued", 2)]

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -28,7 +28,12 @@ from rich.table import Table
 from lmforge.contracts.names import SERVICES, Bucket, ServiceName
 from lmforge.settings import PlatformSettings, load_settings
 
+if TYPE_CHECKING:
+    from lmforge.cli.runs import NatsUrl
+
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 3
+PUBLISH_TIMEOUT_S = 30.0
+"""How long `run` waits for NATS to store its dataset.ready once connected."""
 console = Console(stderr=True)
 
 
@@ -37,10 +42,18 @@ def _settings() -> PlatformSettings:
 
 
 def _nats_url(settings: PlatformSettings) -> str:
+    """The URL of the running `lmforge up` (its state file), else LMFORGE_NATS_URL."""
     from lmforge.cli.up import read_state
 
     state = read_state(settings.home)
     return state["nats_url"] if state else settings.nats_url
+
+
+def _unreachable(exc: ConnectionError) -> int:
+    """One line on stderr, exit 1: what could not be reached, and where to look."""
+    console.print(f"[red]{exc}[/] (is lmforge up? `lmforge status` shows NATS)",
+                  soft_wrap=True)
+    return EXIT_FAILED
 
 
 # -- up / down / status --------------------------------------------------------------
@@ -139,26 +152,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     nats_url = _nats_url(settings)
 
     async def publish() -> None:
+        from lmforge.cli.runs import CONNECT_TIMEOUT_S, connect_nats
+
+        # A bounded, quiet first contact: a dead URL is one line and exit 1.
+        await (await connect_nats(nats_url)).close()
         bus = EventBus("cli")
-        await bus.connect(nats_url, connect_timeout_s=10)
-        await bus.publish(event, msg_id=f"{run_id}:dataset.ready")
-        await bus.close()
+        try:
+            await asyncio.wait_for(bus.connect(nats_url, connect_timeout_s=CONNECT_TIMEOUT_S),
+                                   CONNECT_TIMEOUT_S)
+            await asyncio.wait_for(bus.publish(event, msg_id=f"{run_id}:dataset.ready"),
+                                   PUBLISH_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise ConnectionError(f"NATS at {nats_url} did not store dataset.ready within "
+                                  f"{PUBLISH_TIMEOUT_S:.0f}s; run the same command again "
+                                  f"(it is idempotent)") from exc
+        finally:
+            await bus.close()
 
     try:
         asyncio.run(publish())
     except ConnectionError as exc:
-        console.print(f"[red]{exc}[/] (is lmforge up?)")
-        return EXIT_FAILED
+        return _unreachable(exc)
     if args.json and not args.follow:
         print(json.dumps({"run_id": run_id}))
     else:
         console.print(f"run [bold]{run_id}[/]: dataset.ready published for {path}")
     if not args.follow:
         return 0
-    return asyncio.run(follow(nats_url, run_id, timeout_s=args.timeout, as_json=args.json))
+    return asyncio.run(follow(lambda: _nats_url(settings), run_id, timeout_s=args.timeout,
+                              as_json=args.json))
 
 
-async def follow(nats_url: str, run_id: str, *, timeout_s: float, as_json: bool) -> int:
+async def follow(nats_url: NatsUrl, run_id: str, *, timeout_s: float, as_json: bool) -> int:
+    """Show the run's progress until it is served or failed; across restarts of NATS,
+    reading its URL again (`nats_url` as a callable) each time it comes back."""
     from lmforge.cli.runs import STAGES, RunView, event_json, stream_events
 
     view = RunView(run_id)
@@ -168,7 +195,8 @@ async def follow(nats_url: str, run_id: str, *, timeout_s: float, as_json: bool)
                   console=console, disable=as_json) as progress:
         tasks = {stage: progress.add_task(stage, total=1, info="waiting", start=False)
                  for stage in STAGES}
-        events = stream_events(nats_url, run_id=run_id, follow=True)
+        events = stream_events(nats_url, run_id=run_id, follow=True,
+                               on_connection=lambda line: console.print(f"[yellow]{line}[/]"))
         try:
             while True:
                 remaining = timeout_s - (time.monotonic() - started)
@@ -195,12 +223,14 @@ async def follow(nats_url: str, run_id: str, *, timeout_s: float, as_json: bool)
                         progress.update(task, completed=total, info=info)
                     elif stage == view.stage and view.status != "failed":
                         progress.start_task(task)
-                        if stage == ServiceName.TRAINER and view.total_steps:
+                        if view.status == "queued":
+                            progress.update(task, info="queued: waiting for a free trainer")
+                        elif stage == ServiceName.TRAINER and view.total_steps:
                             progress.update(task, total=view.total_steps, completed=view.step,
                                             info=f"step {view.step}/{view.total_steps} "
                                                  f"loss {view.loss:.3f}")
                         else:
-                            progress.update(task, info="running")
+                            progress.update(task, info=view.status)
                 if view.finished:
                     break
         finally:
@@ -228,22 +258,23 @@ def cmd_runs(args: argparse.Namespace) -> int:
     try:
         runs = asyncio.run(collect_runs(_nats_url(_settings())))
     except ConnectionError as exc:
-        console.print(f"[red]{exc}[/] (is lmforge up?)")
-        return EXIT_FAILED
+        return _unreachable(exc)
     if args.json:
         print(json.dumps([{"run_id": r.run_id, "model_name": r.model_name, "stage": r.stage,
                            "status": r.status, "step": r.step, "total_steps": r.total_steps,
                            "perplexity": r.perplexity, "failure": r.failure,
                            "started": r.started, "stage_done_at": r.stage_done_at,
                            "reused_from": r.reused_from, "resumes": r.resumes,
-                           "resumed_at_step": r.resumed_at_step}
+                           "resumed_at_step": r.resumed_at_step,
+                           "queue_position": r.queue_position}
                           for r in runs.values()]))
         return 0
     table = Table(title="runs")
     for column in ("run", "model", "stage", "status", "steps", "perplexity", "detail"):
         table.add_column(column)
     for r in sorted(runs.values(), key=lambda r: r.started):
-        table.add_row(r.run_id, r.model_name, r.stage, r.status,
+        table.add_row(r.run_id, r.model_name, r.stage,
+                      f"queued #{r.queue_position}" if r.queue_position else r.status,
                       f"{r.step}/{r.total_steps}" if r.total_steps else "",
                       f"{r.perplexity:.1f}" if r.perplexity else "",
                       r.failure[:80] or _reuse_note(r.reused_from) or (
@@ -320,8 +351,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     try:
         asyncio.run(write())
     except ConnectionError as exc:
-        console.print(f"[red]{exc}[/] (is lmforge up?)")
-        return EXIT_FAILED
+        return _unreachable(exc)
     for service, replicas in pins.items():
         console.print(f"{service}: {'autoscaled' if replicas is None else f'pinned to {replicas}'}")
     return 0

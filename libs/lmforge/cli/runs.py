@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client
@@ -68,6 +70,10 @@ class RunView:
     resumes: int = 0
     """How often training resumed from a checkpoint (a preemption or a crashed trainer)."""
     resumed_at_step: int = 0
+    queued_at: float = 0.0
+    """When the run's training job was scheduled (it waits for a free trainer)."""
+    queue_position: int = 0
+    """1 = next to train, while `status` is "queued" at the trainer (set by collect_runs)."""
 
     def fold(self, subject: str, event: Message, timestamp: float, *,
              cached_from: str = "") -> None:
@@ -100,7 +106,11 @@ class RunView:
             self.step = event.steps
         if status == "done" and stage != ServiceName.INFERENCE_GATEWAY:
             nxt = STAGES[STAGES.index(stage) + 1]
-            self.stage, self.status = nxt, "running"
+            # A scheduled job waits for a trainer until its first progress event.
+            self.stage, self.status = nxt, ("queued" if nxt == ServiceName.TRAINER
+                                            else "running")
+            if nxt == ServiceName.TRAINER:
+                self.queued_at = timestamp
         else:
             self.stage, self.status = stage, ("served" if stage == ServiceName.INFERENCE_GATEWAY
                                               else status)
@@ -125,14 +135,23 @@ async def connect_nats(nats_url: str, *, timeout_s: float = CONNECT_TIMEOUT_S,
     async def on_error(exc: Exception) -> None:
         log.debug("NATS at %s: %s", nats_url, exc)
 
-    try:
-        return await asyncio.wait_for(
-            nats.connect(nats_url, connect_timeout=2, allow_reconnect=reconnect,
-                         max_reconnect_attempts=-1 if reconnect else 0,
-                         reconnect_time_wait=0.25, error_cb=on_error), timeout_s)
-    except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
-        raise ConnectionError(f"cannot reach NATS at {nats_url} within {timeout_s:.0f}s") \
-            from exc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await asyncio.wait_for(
+                nats.connect(nats_url, connect_timeout=2, allow_reconnect=reconnect,
+                             max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+                             error_cb=on_error),
+                max(0.1, deadline - time.monotonic()))
+        except (nats.errors.NoServersError, OSError) as exc:
+            # Refused at once (only without reconnects): try again until the deadline.
+            if time.monotonic() + 0.25 >= deadline:
+                raise ConnectionError(f"cannot reach NATS at {nats_url} within "
+                                      f"{timeout_s:.0f}s") from exc
+            await asyncio.sleep(0.25)
+        except TimeoutError as exc:
+            raise ConnectionError(f"cannot reach NATS at {nats_url} within "
+                                  f"{timeout_s:.0f}s") from exc
 
 
 NatsUrl = str | Callable[[], str]
@@ -197,7 +216,8 @@ async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow:
                 ts = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else 0.0
                 yield msg.subject, event, ts, (msg.headers or {}).get(Header.CACHED_FROM, "")
         except (nats.errors.ConnectionClosedError, nats.errors.TimeoutError,
-                nats.errors.NoRespondersError) as exc:
+                nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
+            # Gone, or back but JetStream still recovering its store.
             if not follow:
                 raise ConnectionError(f"lost NATS at {url}: {type(exc).__name__}") from exc
         finally:
@@ -208,6 +228,7 @@ async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow:
         if on_connection:
             on_connection(f"lost NATS at {url}; waiting for it")
         lost_at = url
+        await asyncio.sleep(0.5)
 
 
 async def collect_runs(nats_url: NatsUrl) -> dict[str, RunView]:
@@ -218,7 +239,16 @@ async def collect_runs(nats_url: NatsUrl) -> dict[str, RunView]:
             continue
         runs.setdefault(run_id, RunView(run_id)).fold(subject, event, ts,
                                                       cached_from=cached_from)
+    number_queue(runs.values())
     return runs
+
+
+def number_queue(runs: Iterable[RunView]) -> None:
+    """Give the runs waiting for a trainer their place in line, oldest first."""
+    waiting = sorted((r for r in runs if r.stage == ServiceName.TRAINER and r.status == "queued"),
+                     key=lambda r: r.queued_at)
+    for position, run in enumerate(waiting, start=1):
+        run.queue_position = position
 
 
 def event_json(subject: str, event: Message, ts: float) -> dict[str, Any]:
