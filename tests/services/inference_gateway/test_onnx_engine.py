@@ -1,23 +1,37 @@
-"""The onnxruntime backend generates what the PyTorch backend generates."""
+"""The onnxruntime backend generates what the PyTorch backend generates, and
+build_engine serves the backend the settings name."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
+
+import pytest
 
 from services.exporter.onnx_export import export_logits_onnx
-from services.inference_gateway.engines.base import SamplingParams
+from services.inference_gateway.engines import build_engine
+from services.inference_gateway.engines.base import Engine, SamplingParams
 from services.inference_gateway.engines.onnx import OnnxEngine
+from services.inference_gateway.engines.process import EngineProcess
 from services.inference_gateway.engines.torch import TorchEngine
+from services.inference_gateway.settings import GatewaySettings
 
 
-def test_onnx_backend_matches_torch_greedy_and_seeded(tmp_path, trained_model):
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, trained_model):
+    """An exported directory as the exporter writes it: hf/ and onnx/model.onnx."""
     from lmforge.modeling import load_causal_lm
 
-    export = tmp_path / "export"
+    export = tmp_path_factory.mktemp("export")
     shutil.copytree(trained_model.path, export / "hf")
     model = load_causal_lm(trained_model.path)
     export_logits_onnx(model, export / "onnx" / "model.onnx",
                        max_seq_len=model.config.max_position_embeddings)
+    return export
+
+
+def test_onnx_backend_matches_torch_greedy_and_seeded(export):
     torch_engine = TorchEngine(export / "hf", version="t")
     onnx_engine = OnnxEngine(export, version="o")
     for params in (SamplingParams(max_new_tokens=10),
@@ -27,3 +41,26 @@ def test_onnx_backend_matches_torch_greedy_and_seeded(tmp_path, trained_model):
         got = list(onnx_engine.stream(onnx_engine.encode_prompt("A fortune:"), params))
         assert "".join(p.text for p in got) == "".join(p.text for p in want)
         assert got[-1].finish_reason == want[-1].finish_reason
+
+
+@pytest.mark.parametrize(("settings", "kind"), [
+    (dict(gateway_backend="torch", gateway_batching=True, gateway_max_batch=4), EngineProcess),
+    (dict(gateway_backend="torch", gateway_batching=False), TorchEngine),
+    (dict(gateway_backend="onnx"), OnnxEngine),
+], ids=["batching", "single", "onnx"])
+def test_build_engine_serves_the_backend_the_settings_name(export, settings, kind):
+    engine = build_engine(GatewaySettings(**settings), export, "v9")
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=5)
+
+    async def generate(engine: Engine) -> str:
+        prompt = engine.encode_prompt("A fortune:")
+        return "".join([p.text async for p in engine.astream(prompt, params,
+                                                             threading.Event())])
+
+    try:
+        assert isinstance(engine, kind) and engine.version == "v9"
+        reference = TorchEngine(export / "hf", version="r")
+        assert asyncio.run(generate(engine)) == asyncio.run(generate(reference))
+    finally:
+        if isinstance(engine, EngineProcess):
+            engine.close()
