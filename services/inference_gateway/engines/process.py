@@ -117,7 +117,6 @@ class EngineProcess:
         self.threads = threads or default_threads()
         self.tokenizer = load_tokenizer(self.model_dir)
         config = json.loads((self.model_dir / "config.json").read_text())
-        self.eos_token_id: int = config["eos_token_id"]
         self.context_length: int = config["max_position_embeddings"]
         self._ids = itertools.count(1)
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, Mailbox]] = {}
