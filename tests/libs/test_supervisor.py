@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ import pytest
 
 from lmforge.contracts import subjects
 from lmforge.contracts.names import ServiceName
+from lmforge.runtime.nats_server import NatsServer
 from lmforge.runtime.supervisor import NatsUnreachable, Supervisor, service_phase, state_file
 
 # A stand-in service: waits for its go-file, then says it consumes exactly as a
@@ -43,6 +46,17 @@ def test_service_phase(desired, alive, ready, phase):
     assert service_phase(desired=desired, alive=alive, ready=ready) == phase
 
 
+@pytest.mark.parametrize(("desired", "alive", "ready", "phase"), [
+    (1, 1, 1, "disconnected"),  # it consumed, but from a server that is gone
+    (2, 2, 1, "disconnected"),
+    (1, 0, 0, "restarting"),  # its own process is down: that is what to say first
+    (0, 0, 0, "stopped"),
+])
+def test_a_service_whose_processes_run_while_nats_is_down_is_disconnected(
+        desired, alive, ready, phase):
+    assert service_phase(desired=desired, alive=alive, ready=ready, nats_up=False) == phase
+
+
 def _wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 60.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -60,6 +74,7 @@ def test_a_service_is_starting_until_every_replica_consumes(tmp_path):
         gateway="", gateway_metrics_base=0, services=[ServiceName.DATA_PREP], stop_grace_s=10,
         commands={ServiceName.DATA_PREP: [sys.executable, "-c", FAKE_SERVICE]})
     supervisor.services[ServiceName.DATA_PREP].desired = 2
+    supervisor.nats_connected = True  # as run() finds it: phases of the processes alone
 
     def data_prep() -> dict[str, Any]:
         supervisor.reconcile()
@@ -133,3 +148,61 @@ def test_an_unreachable_nats_stops_start_up_before_any_state(tmp_path: Path):
         asyncio.run(supervisor.run(asyncio.Event()))
     assert not state_file(home).exists()
     assert supervisor.services[ServiceName.DATA_PREP].replicas == []  # nothing was started
+
+
+@pytest.mark.connected
+def test_a_killed_nats_server_is_restarted_on_its_port_and_store(tmp_path: Path):
+    """kill -9 of the embedded nats-server: `status` says down, then the supervisor starts
+    it again on the same URL and store (what was stored is still there), counted."""
+    home = tmp_path / "home"
+    server = NatsServer(store_dir=home / "nats", log_file=home / "logs" / "nats.log")
+    supervisor = Supervisor(home=home, nats_server=server, env={}, gateway="",
+                            gateway_metrics_base=0, services=[])
+
+    def nats_state() -> dict[str, Any]:
+        try:
+            return json.loads(state_file(home).read_text())["nats"]
+        except (OSError, ValueError):
+            return {}
+
+    async def stored_subjects(url: str) -> int:
+        nc = await nats.connect(url)
+        try:
+            return (await nc.jetstream().stream_info(subjects.STREAM)).state.messages
+        finally:
+            await nc.close()
+
+    async def publish(url: str) -> None:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().publish(subjects.DATASET_READY.name, b"", timeout=5)
+        finally:
+            await nc.close()
+
+    async def scenario() -> tuple[list[str], dict[str, Any], int]:
+        stop = asyncio.Event()
+        running = asyncio.create_task(supervisor.run(stop))
+        try:
+            while nats_state().get("state") != "running":
+                assert not running.done(), running
+                await asyncio.sleep(0.05)
+            first = nats_state()
+            await publish(server.url)
+            os.kill(first["pid"], signal.SIGKILL)
+            seen: list[str] = []
+            deadline = time.monotonic() + 20
+            while (now := nats_state()).get("state") != "running" or now["pid"] == first["pid"]:
+                assert time.monotonic() < deadline, f"NATS not back after 20s: {seen}"
+                if now.get("state") and (not seen or seen[-1] != now["state"]):
+                    seen.append(now["state"])
+                await asyncio.sleep(0.02)
+            return seen, now, await stored_subjects(now["url"])
+        finally:
+            stop.set()
+            await running
+
+    seen, back, kept = asyncio.run(scenario())
+    assert "down" in seen, seen
+    assert back["url"] == server.url and back["restarts"] == 1 and back["embedded"]
+    assert kept == 1  # the store came back with it
+    assert not server.alive()  # and the supervisor stopped it on the way out

@@ -4,6 +4,12 @@ Start-up order: the nats-server, then the JetStream streams, then the state
 file with the NATS URL (what `lmforge status` reads), then the services. A
 client that publishes the moment `status` shows the URL, even with plain core
 NATS, finds its event kept for the services to consume once they start.
+
+The embedded nats-server keeps its port across `down`/`up` of the same home
+(`nats_server.home_server`). Every process `up` starts is in its own process
+group: a terminal's Ctrl-C reaches only the supervisor, which stops the
+services first (the trainer checkpoints and publishes `training.preempted`)
+and NATS last.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.runtime.nats_server import NatsServer, free_port
+from lmforge.runtime.nats_server import free_port, home_server
 from lmforge.runtime.supervisor import NatsUnreachable, Supervisor, state_file
 
 log = logging.getLogger("lmforge.up")
@@ -47,14 +53,9 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
         print(f"lmforge is already running with home {home}", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    server = None
-    if nats_url is None:
-        server = NatsServer(store_dir=home / "nats", log_file=home / "logs" / "nats.log")
-        (home / "logs").mkdir(parents=True, exist_ok=True)
-        server.start()
-        nats_url = server.url
-        log.info("embedded nats-server listening on %s (JetStream store %s)", nats_url,
-                 home / "nats")
+    # The home's own nats-server, on the ports it had last time (the supervisor starts
+    # it first, restarts it if it dies, and stops it last).
+    server = home_server(home) if nats_url is None else None
     gateway_port = gateway_port or free_port()
     gateway = f"127.0.0.1:{gateway_port}"
     metrics_base = free_port()
@@ -66,8 +67,8 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
             f"http://127.0.0.1:{metrics_base + i}/metrics" for i in range(4)),
         **env,
     }
-    supervisor = Supervisor(home=home, nats_url=nats_url, env=env, gateway=gateway,
-                            gateway_metrics_base=metrics_base,
+    supervisor = Supervisor(home=home, nats_url=nats_url or "", nats_server=server, env=env,
+                            gateway=gateway, gateway_metrics_base=metrics_base,
                             http=f"http://127.0.0.1:{http_port}/v1")
 
     async def main() -> None:

