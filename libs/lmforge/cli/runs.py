@@ -120,7 +120,7 @@ class RunView:
         return self.status in ("served", "failed")
 
 
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 3.0
 """How long a command tries to reach NATS before it says so and exits 1: long enough for
 the supervisor to bring back a crashed server (about a second), short for a dead URL."""
 
