@@ -421,10 +421,12 @@ class Supervisor:
                         await asyncio.wait_for(stop.wait(), timeout=0.5)
             finally:
                 await self.shutdown()
+                self.nats_connected = False  # closing it ourselves is no loss to report
                 with contextlib.suppress(Exception):
                     await nc.close()
         finally:
-            if self.nats is not None:
+            if self.nats is not None and self.nats.server.alive():
+                log.info("services stopped; stopping the nats-server")
                 self.nats.server.stop()
 
     async def shutdown(self) -> None:
