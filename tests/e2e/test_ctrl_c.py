@@ -96,8 +96,14 @@ def test_ctrl_c_mid_training_exits_in_seconds_with_the_job_handed_back(tmp_path:
         took = time.monotonic() - interrupted
     finally:
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
+            # Through the supervisor, which stops its children: a SIGKILL to its group
+            # would orphan them (they live in groups of their own).
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
     log_text = (tmp_path / "up.log").read_text()
     assert took < EXIT_WITHIN_S, f"Ctrl-C took {took:.1f}s\n{log_text[-3000:]}"
     assert code == 0, log_text[-3000:]
