@@ -160,7 +160,9 @@ class EventBus:
         self.connection_log = ConnectionLog(self.service, url)
         while True:
             try:
-                self.nc = await nats.connect(
+                # nats-py's first connect keeps trying while reconnects are unlimited:
+                # the deadline is ours to keep.
+                self.nc = await asyncio.wait_for(nats.connect(
                     url.split(","),
                     name=self.service,
                     connect_timeout=2,
@@ -170,11 +172,12 @@ class EventBus:
                     disconnected_cb=self.connection_log.on_disconnected,
                     reconnected_cb=self.connection_log.on_reconnected,
                     closed_cb=self.connection_log.on_closed,
-                )
+                ), timeout=max(0.1, deadline - time.monotonic()))
                 break
-            except (nats.errors.NoServersError, OSError) as exc:
-                if time.monotonic() > deadline:
-                    raise ConnectionError(f"cannot reach NATS at {url}: {exc}") from exc
+            except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(f"cannot reach NATS at {url} within "
+                                          f"{connect_timeout_s:.0f}s: {exc}") from exc
                 await asyncio.sleep(0.5)
         self._js = self.nc.jetstream()
         await ensure_streams(self._js)

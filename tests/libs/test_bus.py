@@ -180,3 +180,18 @@ def test_a_publish_during_a_nats_restart_waits_for_the_server(nats_server, caplo
     assert sum("lost the connection" in line for line in lines) == 1
     assert sum("reconnected" in line for line in lines) == 1
     assert not any(r.exc_info for r in caplog.records if r.name == "lmforge.bus")
+
+
+def test_connecting_to_a_dead_url_gives_up_at_the_deadline():
+    from lmforge.bus import EventBus
+    from lmforge.runtime.nats_server import free_port
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ConnectionError, match="cannot reach NATS"):
+            await EventBus("trainer").connect(f"nats://127.0.0.1:{free_port()}",
+                                              connect_timeout_s=1.5)
+        return loop.time() - started
+
+    assert asyncio.run(scenario()) < 5
