@@ -33,7 +33,21 @@ class DatasetReady(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., format: _Optional[str] = ..., text_field: _Optional[str] = ..., model_name: _Optional[str] = ..., schema_version: _Optional[int] = ..., time_budget_s: _Optional[float] = ...) -> None: ...
 
 class DatasetStats(_message.Message):
-    __slots__ = ("records_read", "records_kept", "empty_dropped", "duplicates_dropped", "invalid_utf8_skipped", "oversized_skipped", "malformed_skipped", "train_tokens", "heldout_tokens", "train_documents", "heldout_documents")
+    __slots__ = ("records_read", "records_kept", "empty_dropped", "duplicates_dropped", "invalid_utf8_skipped", "oversized_skipped", "malformed_skipped", "train_tokens", "heldout_tokens", "train_documents", "heldout_documents", "dropped", "tallies")
+    class DroppedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class TalliesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     RECORDS_READ_FIELD_NUMBER: _ClassVar[int]
     RECORDS_KEPT_FIELD_NUMBER: _ClassVar[int]
     EMPTY_DROPPED_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +59,8 @@ class DatasetStats(_message.Message):
     HELDOUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     HELDOUT_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TALLIES_FIELD_NUMBER: _ClassVar[int]
     records_read: int
     records_kept: int
     empty_dropped: int
@@ -56,7 +72,9 @@ class DatasetStats(_message.Message):
     heldout_tokens: int
     train_documents: int
     heldout_documents: int
-    def __init__(self, records_read: _Optional[int] = ..., records_kept: _Optional[int] = ..., empty_dropped: _Optional[int] = ..., duplicates_dropped: _Optional[int] = ..., invalid_utf8_skipped: _Optional[int] = ..., oversized_skipped: _Optional[int] = ..., malformed_skipped: _Optional[int] = ..., train_tokens: _Optional[int] = ..., heldout_tokens: _Optional[int] = ..., train_documents: _Optional[int] = ..., heldout_documents: _Optional[int] = ...) -> None: ...
+    dropped: _containers.ScalarMap[str, int]
+    tallies: _containers.ScalarMap[str, int]
+    def __init__(self, records_read: _Optional[int] = ..., records_kept: _Optional[int] = ..., empty_dropped: _Optional[int] = ..., duplicates_dropped: _Optional[int] = ..., invalid_utf8_skipped: _Optional[int] = ..., oversized_skipped: _Optional[int] = ..., malformed_skipped: _Optional[int] = ..., train_tokens: _Optional[int] = ..., heldout_tokens: _Optional[int] = ..., train_documents: _Optional[int] = ..., heldout_documents: _Optional[int] = ..., dropped: _Optional[_Mapping[str, int]] = ..., tallies: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class DatasetPrepared(_message.Message):
     __slots__ = ("run_id", "model_name", "dataset", "vocab_size", "seq_len", "stats", "time_budget_s")
