@@ -72,7 +72,9 @@ def counted(protocol: str, model: str = "") -> Iterator[Outcome]:
         code = "CANCELLED"
         raise
     finally:
-        REQUESTS.labels(outcome.model, outcome.protocol, code).inc()
+        # A client's model name with a lone surrogate would break the /metrics text.
+        model = outcome.model.encode("utf-8", "backslashreplace").decode("utf-8")
+        REQUESTS.labels(model, outcome.protocol, code).inc()
 
 
 async def _until_stop(pieces: AsyncIterator[Piece], stops: tuple[str, ...],
@@ -111,6 +113,23 @@ async def _engine_pieces(engine: Engine, prompt: EncodedPrompt, params: Sampling
         raise GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}") from exc
 
 
+MAX_SEED = 2**64 - 1
+"""Seeds are 64-bit (uint64 in the native and KServe messages)."""
+MAX_TOP_K = 2**31 - 1
+"""top_k is an int32 in the native and KServe messages."""
+
+
+def _check_text(field: str, text: str) -> None:
+    """Text must be encodable as UTF-8: JSON can carry a lone surrogate ("\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{field} is not valid Unicode: a lone surrogate U+{ord(text[exc.start]):04X} at "
+            f"character {exc.start} (send a character outside the BMP as one code point, "
+            "or as a surrogate pair)") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_new_tokens: int
@@ -142,25 +161,32 @@ class GenerationFrontend:
         self._admitted = 0
 
     def sampling(self, request: GenerationRequest) -> SamplingParams:
+        """The request's sampling parameters; raises InvalidRequest for any field out of
+        range (the same ranges over every protocol: those of the native message's types)."""
         limits = self.limits
         if not request.prompt:
             raise InvalidRequest("prompt is empty")
         if len(request.prompt) > limits.max_prompt_chars:
             raise InvalidRequest(f"prompt has {len(request.prompt)} characters; the limit is "
                                  f"{limits.max_prompt_chars} (LMFORGE_GATEWAY_MAX_PROMPT_CHARS)")
+        _check_text("prompt", request.prompt)
         max_new = request.max_new_tokens or 64
         if not 1 <= max_new <= limits.max_new_tokens:
             raise InvalidRequest(f"max_new_tokens {request.max_new_tokens} must be in "
                                  f"1..{limits.max_new_tokens}")
-        if not 0 <= request.temperature <= 10:
+        if not 0 <= request.temperature <= 10:  # NaN fails every comparison
             raise InvalidRequest(f"temperature {request.temperature} must be in 0..10")
         if not 0 <= request.top_p <= 1:
             raise InvalidRequest(f"top_p {request.top_p} must be in 0..1")
-        if request.top_k < 0:
-            raise InvalidRequest(f"top_k {request.top_k} must be >= 0")
+        if not 0 <= request.top_k <= MAX_TOP_K:
+            raise InvalidRequest(f"top_k {request.top_k} must be in 0..{MAX_TOP_K}")
+        if not 0 <= request.seed <= MAX_SEED:
+            raise InvalidRequest(f"seed {request.seed} must be in 0..{MAX_SEED} (64 bits)")
         if len(request.stop) > 4 or any(not s or len(s) > 256 for s in request.stop):
             raise InvalidRequest("stop takes at most 4 non-empty strings of up to 256 "
                                  "characters")
+        for stop in request.stop:
+            _check_text("stop", stop)
         return SamplingParams(max_new_tokens=max_new, temperature=request.temperature,
                               top_p=request.top_p or 1.0, seed=request.seed,
                               top_k=request.top_k)

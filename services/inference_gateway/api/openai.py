@@ -15,11 +15,11 @@ Chat messages are rendered as "role: content" lines ending with
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TypeVar
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
@@ -28,7 +28,7 @@ from services.inference_gateway.errors import GatewayError, InvalidRequest, Requ
 from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest, counted
 
 PROTOCOL = "openai"
-N = TypeVar("N", int, float)
+log = logging.getLogger("lmforge.gateway.openai")
 
 
 def error_body(error: GatewayError) -> dict[str, object]:
@@ -56,19 +56,42 @@ def render_chat(messages: object) -> str:
     return "\n".join(lines) + "\nassistant:"
 
 
-def _number(body: Mapping[str, object], names: tuple[str, ...], default: N,
-            kind: Callable[[float], N]) -> N:
-    """The first of `names` present and not null, as `kind`; else the default."""
+def _given(body: Mapping[str, object], names: tuple[str, ...]
+           ) -> tuple[str, int | float] | None:
+    """The first of `names` present and not null, with its value."""
     for name in names:
         value = body.get(name)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidRequest(f"{name} must be a number, got {value!r}")
-            try:
-                return kind(value)
-            except (OverflowError, ValueError) as exc:
-                raise InvalidRequest(f"bad numeric field {name}: {exc}") from None
-    return default
+            return name, value
+    return None
+
+
+def _integer(body: Mapping[str, object], names: tuple[str, ...], default: int) -> int:
+    """An integer field (JSON 2 and 2.0 alike); 1.5, 1e400 (infinity) and NaN are refused.
+    Its range is checked by the frontend, the same for every protocol."""
+    given = _given(body, names)
+    if given is None:
+        return default
+    name, value = given
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise InvalidRequest(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    return value
+
+
+def _real(body: Mapping[str, object], name: str, default: float) -> float:
+    """A real-valued field; one too large for a double (10**400) is refused here, NaN and
+    infinity by the frontend's range checks."""
+    given = _given(body, (name,))
+    if given is None:
+        return default
+    try:
+        return float(given[1])
+    except OverflowError:
+        raise InvalidRequest(f"{name} {given[1]} is out of range") from None
 
 
 def parse_body(body: Mapping[str, object], *, chat: bool) -> GenerationRequest:
@@ -89,15 +112,15 @@ def parse_body(body: Mapping[str, object], *, chat: bool) -> GenerationRequest:
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise InvalidRequest("stop must be a string or a list of strings")
-    max_tokens = _number(body, ("max_tokens", "max_completion_tokens"), 16, int)
-    temperature = _number(body, ("temperature",), 1.0, float)
-    top_p = _number(body, ("top_p",), 1.0, float)
-    seed = _number(body, ("seed",), 0, int)
-    top_k = _number(body, ("top_k",), 0, int)  # an extension many servers accept
+    max_tokens = _integer(body, ("max_tokens", "max_completion_tokens"), 16)
+    temperature = _real(body, "temperature", 1.0)
+    top_p = _real(body, "top_p", 1.0)
+    seed = _integer(body, ("seed",), 0)
+    top_k = _integer(body, ("top_k",), 0)  # an extension many servers accept
     if max_tokens <= 0:
         raise InvalidRequest(f"max_tokens {max_tokens} must be positive")
-    if seed < 0:
-        raise InvalidRequest(f"seed {seed} must be >= 0")
+    if _integer(body, ("n",), 1) != 1:
+        raise InvalidRequest("n must be 1: this server returns one choice per request")
     return GenerationRequest(model=model, prompt=prompt, max_new_tokens=max_tokens,
                              temperature=temperature, top_p=top_p, seed=seed,
                              top_k=top_k, stop=tuple(stop))
@@ -166,6 +189,17 @@ class OpenAIServer:
         return body
 
     async def _serve(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        try:
+            return await self._answer(request, chat=chat)
+        except ConnectionResetError:
+            # The client went away mid-answer (an event-stream reader that stopped early):
+            # nobody to tell. Its generation was cancelled and counted CANCELLED; one line
+            # here, not aiohttp's traceback at error level.
+            log.info("client %s closed the connection before the answer to %s was complete",
+                     request.remote, request.path)
+            return web.Response(status=499)  # never sent: the connection is gone
+
+    async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         # Sent only for `stream: true`, and only once the first piece is in: a request
         # refused before it gets an error status, not an event stream.
         events = web.StreamResponse(headers={"Content-Type": "text/event-stream",

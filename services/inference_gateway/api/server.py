@@ -5,6 +5,9 @@ grpc.health.v1 and server reflection, on one grpc.aio server.
 (GenerationFrontend), so grpc.aio never cancels bursts on its own; overload is
 answered deliberately with RESOURCE_EXHAUSTED.
 
+A request that does not parse as its message (a string field that is not
+UTF-8, truncated bytes) is INVALID_ARGUMENT, not grpcio's UNKNOWN (api/parsing.py).
+
 Run it as part of the service: `python -m services.inference_gateway` (handlers.py
 builds settings -> engines -> registry -> frontend -> this server and the HTTP one;
 SIGTERM stops both gracefully). Tests start it alone with `tests.helpers.start_gateway`.
@@ -23,6 +26,7 @@ from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 from lmforge.contracts.v1 import generate_pb2_grpc
 from services.inference_gateway.api.kserve import KSERVE_SERVICE, KServeServicer
 from services.inference_gateway.api.native import GENERATOR_SERVICE, GeneratorServicer
+from services.inference_gateway.api.parsing import RefuseUnparsedRequests
 from services.inference_gateway.frontend import GenerationFrontend
 
 
@@ -32,7 +36,7 @@ class GatewayServer:
     def __init__(self, frontend: GenerationFrontend, *, host: str, port: int,
                  max_message_bytes: int) -> None:
         self.frontend = frontend
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(interceptors=[RefuseUnparsedRequests()], options=[
             ("grpc.so_reuseport", 1),  # replicas of the gateway share the port
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.server.max_pending_requests", 100_000),
