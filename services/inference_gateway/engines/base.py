@@ -65,6 +65,11 @@ class Engine(Protocol):
         """A newer version replaced this one: free what it holds once its requests finish."""
         ...
 
+    def close(self) -> None:
+        """The gateway is stopping: free everything now (a child process is stopped and
+        reaped, never restarted)."""
+        ...
+
 
 def default_threads() -> int:
     """Compute threads for a serving process: all usable cores but one, which is left to

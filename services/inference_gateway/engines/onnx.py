@@ -71,3 +71,6 @@ class OnnxEngine:
 
     def retire(self) -> None:
         """Nothing to free early: the session goes when its last request lets go of it."""
+
+    def close(self) -> None:
+        """Nothing of its own to stop: it lives in the gateway's process."""

@@ -14,17 +14,27 @@ the batch. If the child dies (OOM killer, a crash in a kernel, kill -9), the
 requests it held fail at once with `EngineUnavailable` (UNAVAILABLE / 503 with
 Retry-After: the client may retry), and a new child is started for the ones
 that follow; until it is ready, new requests get the same answer.
+
+A child that exits because the gateway asked it to (close() at shutdown,
+retire() after a newer version) is reaped and never restarted; the child
+ignores SIGINT (a Ctrl-C in the terminal reaches the whole process group, and
+the gateway decides when its engines stop) and stops when the gateway's end of
+the pipe closes. An engine still open when the interpreter exits is closed
+first, so multiprocessing's own exit handler cannot make it look crashed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import json
 import logging
 import multiprocessing as mp
+import signal
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import astuple
 from multiprocessing.connection import Connection
@@ -56,6 +66,7 @@ Mailbox = asyncio.Queue[Piece | GatewayError]
 def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int,
            requests: Connection, pieces: Connection) -> None:
     """The child: load the model, then decode until told to stop or the parent goes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     from services.inference_gateway.engines.batching import BatchingLoop
@@ -106,6 +117,18 @@ def _deliver(items: list[tuple[Mailbox, Piece | GatewayError]]) -> None:
         out.put_nowait(piece)
 
 
+_OPEN: weakref.WeakSet[EngineProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    """At interpreter exit, before multiprocessing terminates its daemonic children (its
+    exit handler was registered earlier, so it runs later): a child stopped that way must
+    not look like a crash to be restarted."""
+    for engine in list(_OPEN):
+        engine.close()
+
+
 class EngineProcess:
     """A batching engine for the PyTorch model in `model_dir`, decoding in a child process."""
 
@@ -124,6 +147,7 @@ class EngineProcess:
         self._closing = self._retiring = False
         self.restarts = 0
         self._start()
+        _OPEN.add(self)
 
     # -- the child's lifecycle ----------------------------------------------------------
 
@@ -181,9 +205,9 @@ class EngineProcess:
         self._child_gone()
 
     def _child_gone(self) -> None:
+        self.process.join(5)  # reap it, whyever it went
         if self._closing or self._retiring:
             return
-        self.process.join(5)
         code = self.process.exitcode
         log.error("engine process for %s exited (code %s); failing %d requests, restarting",
                   self.version, code, len(self._streams))
@@ -199,6 +223,9 @@ class EngineProcess:
             self._start()  # meanwhile _send refuses at once: the old pipe is closed
         except Exception:
             log.exception("engine process for %s could not be restarted", self.version)
+            return
+        if self._closing:  # close() came while the new child was starting: stop it too
+            self._stop_child()
 
     def _send(self, message: tuple[object, ...]) -> None:
         with self._send_lock:
@@ -209,7 +236,12 @@ class EngineProcess:
                                         "request") from exc
 
     def close(self) -> None:
+        """Stop the child now and reap it; nothing restarts it (the gateway is stopping)."""
         self._closing = True
+        _OPEN.discard(self)
+        self._stop_child()
+
+    def _stop_child(self) -> None:
         with contextlib.suppress(EngineUnavailable):
             self._send(("stop",))
         self.process.join(5)

@@ -150,3 +150,6 @@ class RemoteTritonEngine:
 
     def retire(self) -> None:
         """Nothing held here: each request opens and closes its own channel."""
+
+    def close(self) -> None:
+        """Nothing held here either."""

@@ -84,3 +84,6 @@ class TorchEngine:
 
     def retire(self) -> None:
         """Nothing to free early: the model goes when its last request lets go of it."""
+
+    def close(self) -> None:
+        """Nothing of its own to stop: it lives in the gateway's process."""
