@@ -1,4 +1,8 @@
-"""Reading raw datasets: JSONL and plain text, safely.
+"""Reading raw datasets: JSONL and plain text, safely (the first reader).
+
+`sources.py` reads every format, directories, globs and s3:// and owns
+`DatasetInputError` and `resolve_dataset_path`; this module stays until the
+pipeline reads through `sources.iter_documents`.
 
 Only paths under the allowed data roots are read, never through a symlink
 that leaves them, and only regular files. Records are read with a byte cap so
@@ -10,20 +14,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import unquote, urlparse
 
-from lmforge.failures import BadInput
+from services.data_prep.sources import DatasetInputError, resolve_dataset_path
+
+__all__ = ["FORMATS", "DatasetInputError", "ReadStats", "read_documents", "resolve_dataset_path"]
 
 FORMATS = ("jsonl", "text")
-
-
-class DatasetInputError(BadInput, ValueError):
-    """The dataset cannot be read as asked; the message says why and what to do."""
 
 
 @dataclass(slots=True)
@@ -32,34 +32,6 @@ class ReadStats:
     invalid_utf8_skipped: int = 0
     oversized_skipped: int = 0
     malformed_skipped: int = 0
-
-
-def resolve_dataset_path(uri: str, roots: list[Path]) -> Path:
-    """Turn `uri` into a regular file under one of `roots`, or explain why not."""
-    if not uri:
-        raise DatasetInputError("dataset_uri is empty; give a path or a file:// URL")
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        raw = unquote(parsed.path) if parsed.scheme == "file" else uri
-    else:
-        raise DatasetInputError(
-            f"dataset URI scheme {parsed.scheme!r} in {uri!r} is not supported; "
-            "use a local path or a file:// URL"
-        )
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        raise DatasetInputError(f"dataset path {raw!r} must be absolute")
-    resolved = path.resolve()
-    joined = os.pathsep.join(str(r) for r in roots)
-    if not any(resolved.is_relative_to(root) for root in roots):
-        raise DatasetInputError(
-            f"dataset path {str(path)!r} is outside the allowed roots (LMFORGE_DATA_ROOTS={joined})"
-        )
-    if not resolved.exists():
-        raise DatasetInputError(f"dataset path {str(path)!r} does not exist")
-    if not resolved.is_file():
-        raise DatasetInputError(f"dataset path {str(path)!r} is not a regular file")
-    return resolved
 
 
 def _bounded_lines(f: BinaryIO, max_bytes: int) -> Iterator[bytes | None]:
