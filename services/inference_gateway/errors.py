@@ -12,6 +12,7 @@ stream's `error_message`, an OpenAI error body or server-sent event).
 | RequestTooLarge | RESOURCE_EXHAUSTED | 413 | the body is over the size limit |
 | UnknownModel | NOT_FOUND | 404 | no such model or version, here or on the remote |
 | AtCapacity | RESOURCE_EXHAUSTED | 429 | too many requests generating or queued |
+| ModelLoading | UNAVAILABLE | 503 + Retry-After | deployed, but not loaded on this replica yet |
 | EngineUnavailable | UNAVAILABLE | 503 + Retry-After | the engine process died and restarts |
 | UpstreamFailed | UNAVAILABLE | 502 | a remote Triton is down or answered an error |
 | GenerationFailed | INTERNAL | 500 | the engine failed while generating |
@@ -78,6 +79,17 @@ class AtCapacity(GatewayError):
     http_status = 429
     openai_type = "rate_limit_error"
     openai_code = "at_capacity"
+
+
+class ModelLoading(GatewayError):
+    """The model is deployed (recorded in the deployments bucket) but this replica has not
+    loaded it yet: it is restoring, loading a new version, or retrying a failed load."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    openai_type = "server_error"
+    openai_code = "model_loading"
+    retry_after_s = 2  # a small model loads in a few seconds; another replica may have it
 
 
 class EngineUnavailable(GatewayError):

@@ -1,13 +1,30 @@
 """inference-gateway's bus wiring and serving loop.
 
 model.exported -> load the exported hf/ directory -> swap it in -> model.deployed.
-What is deployed is also written to the `lmforge_deployments` key-value bucket,
-so a restarted gateway (or a new replica) serves the same models at once.
+
+What is deployed is recorded in the `lmforge_deployments` key-value bucket
+(deployments.py), which makes the replicas of the gateway agree:
+
+- start-up: a replica loads every deployed model, then binds the shared ports
+  (SO_REUSEPORT) and says SERVING on health, then consumes; until it has bound
+  it gets no connections, so a client never hears NOT_FOUND for a served model
+  from a replica that is still loading. A model that failed to load is retried
+  with backoff (a few times before binding, then in the background) and is
+  answered UNAVAILABLE with Retry-After meanwhile;
+- model.exported: every replica loads every model (a durable consumer per
+  replica), but `model.deployed` is published once per run and version: a
+  replica added later replays the stream on its new durable, and what the
+  bucket records as announced is loaded if current, never announced again;
+- while serving, the bucket is read every few seconds, so a model deployed by
+  another replica first is UNAVAILABLE here (not NOT_FOUND) until it is loaded;
+- shutdown: the servers stop, then every engine process is stopped and reaped,
+  and none is restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import torch
@@ -19,12 +36,25 @@ from lmforge.dispatch import Delivery, subscriber
 from lmforge.service import Service
 from services.inference_gateway.api.openai import OpenAIServer
 from services.inference_gateway.api.server import GatewayServer
-from services.inference_gateway.engines import RemoteTritonEngine, build_engine
+from services.inference_gateway.deployments import DeploymentBook, ModelLoader
+from services.inference_gateway.engines import (
+    Engine,
+    RemoteTritonEngine,
+    build_engine,
+    import_engine_modules,
+)
 from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.registry import ModelRegistry
 from services.inference_gateway.settings import GatewaySettings
 
 log = logging.getLogger("lmforge.gateway")
+
+RESTORE_ATTEMPTS = 3
+"""Loads of a deployed model tried at start-up before the replica binds its ports anyway
+(1 + 2 s of backoff); later ones are retried in the background."""
+FOLLOW_S = 2.0
+"""Seconds between reads of the deployments bucket while serving."""
+READ_TIMEOUT_S = 10.0
 
 
 class GatewayService(Service[GatewaySettings]):
@@ -34,6 +64,9 @@ class GatewayService(Service[GatewaySettings]):
     def __init__(self, settings, bus) -> None:
         super().__init__(settings, bus)
         s: GatewaySettings = settings
+        # Before any thread: a lazy import raced by two threads (a restore and a
+        # model.exported) fails with "cannot import name 'PreTrainedTokenizerFast'".
+        import_engine_modules(s)
         torch.set_num_threads(s.engine_threads)
         self.registry = ModelRegistry()
         self.frontend = GenerationFrontend(self.registry, Limits(
@@ -47,38 +80,102 @@ class GatewayService(Service[GatewaySettings]):
                                   port=s.gateway_http_port,
                                   max_body_bytes=s.gateway_max_message_bytes)
                      if s.gateway_http else None)
-        self.endpoint = s.gateway_advertise or f"{s.gateway_host}:{self.server.port}"
+        self.book = DeploymentBook(bus.key_value(Bucket.DEPLOYMENTS))
+        self.loader = ModelLoader(self.registry, self._build)
+        self._deployments_changed = asyncio.Event()
 
-    async def _load(self, event: ev.ModelExported) -> None:
+    @property
+    def endpoint(self) -> str:
+        """host:port written into model.deployed (the bound port once started)."""
+        s = self.settings
+        return s.gateway_advertise or f"{s.gateway_host}:{self.server.port}"
+
+    def _build(self, event: ev.ModelExported) -> Engine:
+        """The engine of an exported model (verifies the artifact, then loads it)."""
         (export_dir,) = self.input_dirs(event.run_id, event.export)
-        engine = await asyncio.to_thread(build_engine, self.settings, export_dir, event.version)
-        self.registry.install(event.model_name, engine)
-        await self.server.set_serving(True)
-        log.info("serving %s version %s", event.model_name, event.version)
+        return build_engine(self.settings, export_dir, event.version)
+
+    async def _say_serving(self) -> None:
+        await self.server.set_serving(bool(self.registry.names()))
+
+    # -- model.exported -------------------------------------------------------------
 
     @subscriber(subjects.MODEL_EXPORTED, per_replica=True)
-    async def on_exported(self, event: ev.ModelExported, delivery: Delivery
-                          ) -> ev.ModelDeployed:
-        await self._load(event)
-        await self.bus.key_value(Bucket.DEPLOYMENTS).put(event.model_name,
-                                                         event.SerializeToString())
-        return ev.ModelDeployed(run_id=event.run_id, model_name=event.model_name,
-                                version=event.version, endpoint=self.endpoint,
-                                backend=self.settings.gateway_backend)
+    async def on_exported(self, event: ev.ModelExported, delivery: Delivery) -> None:
+        if await self.book.announced(event):
+            await self._catch_up_with(event)
+            return
+        self.registry.expect(event.model_name, event.version)
+        try:
+            await self.loader.load(event)
+        except Exception:
+            current = await self.book.current_of(event.model_name)
+            if current is None or current.version != event.version:
+                self.registry.forget(event.model_name, event.version)  # not deployed
+            raise  # retried, then dead-lettered with a stage.failed (dispatch.py)
+        await self._say_serving()
+        await self.book.record_current(event)
+        # Published here so that it is recorded as announced only once it is out: a
+        # replica that dies in between publishes again, under the same message id.
+        await delivery.publish(ev.ModelDeployed(
+            run_id=event.run_id, model_name=event.model_name, version=event.version,
+            endpoint=self.endpoint, backend=self.settings.gateway_backend))
+        await self.book.record_announced(event)
+
+    async def _catch_up_with(self, event: ev.ModelExported) -> None:
+        """An export announced before (a replay on a new replica's durable, a redelivery):
+        loaded here if it is still current, by the follower (with its retries)."""
+        current = await self.book.current_of(event.model_name)
+        if current is not None and current.version == event.version:
+            if self.registry.expect(event.model_name, event.version) is not None:
+                self._deployments_changed.set()
+            return
+        log.info("model.exported of run %s (%s version %s) was deployed before and has "
+                 "been replaced since: not loaded, not announced again", event.run_id,
+                 event.model_name, event.version)
+
+    # -- deployed models ------------------------------------------------------------
 
     async def _restore_deployments(self) -> None:
-        kv = self.bus.key_value(Bucket.DEPLOYMENTS)
-        names = await kv.keys()
-        for name in names:
-            entry = await kv.get(name)
-            if entry is None:
-                continue
-            event = ev.ModelExported()
-            event.ParseFromString(entry)
+        """Load what the bucket says is deployed, trying a failed load RESTORE_ATTEMPTS
+        times; what still fails is retried by `_follow_deployments`."""
+        deployed = await self.book.current()
+        for attempt in range(1, RESTORE_ATTEMPTS + 1):
+            await self.loader.catch_up(deployed)
+            wait = self.loader.next_retry_s()
+            if wait is None or attempt == RESTORE_ATTEMPTS:
+                break
+            await asyncio.sleep(wait)
+        for name, pending in self.registry.pending().items():
+            log.warning("joining the shared ports without model %s: %s", name,
+                        pending.describe())
+
+    async def _follow_deployments(self, stop: asyncio.Event) -> None:
+        """Keep what is loaded here in step with the bucket: models another replica
+        deployed first are UNAVAILABLE (not NOT_FOUND) until loaded; failed loads are
+        retried when their backoff is over."""
+        failing = ""
+        while not stop.is_set():
+            due = self.loader.next_retry_s()
+            wait = FOLLOW_S if due is None else min(FOLLOW_S, due)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._deployments_changed.wait(), wait)
+            self._deployments_changed.clear()
+            mark = self.registry.installs
             try:
-                await self._load(event)
-            except Exception as exc:  # a broken deployment must not stop the others
-                log.error("could not restore %s: %s", name, exc)
+                deployed = await asyncio.wait_for(self.book.current(), READ_TIMEOUT_S)
+            except Exception as exc:  # NATS restarting: the bus logs the connection
+                reason = f"{type(exc).__name__}: {exc}"
+                if reason != failing:
+                    log.warning("cannot read the deployments bucket (%s); trying again",
+                                reason)
+                failing = reason
+                continue
+            if failing:
+                log.info("reading the deployments bucket again")
+                failing = ""
+            await self.loader.catch_up(deployed, read_at=mark)
+            await self._say_serving()
 
     def _install_remote_models(self) -> None:
         for remote in self.settings.gateway_remote_models:
@@ -86,22 +183,31 @@ class GatewayService(Service[GatewaySettings]):
             log.info("serving %s from %s (remote model %s)", remote.name, remote.url,
                      remote.remote_model)
 
+    # -- life cycle -----------------------------------------------------------------
+
     async def start(self) -> None:
+        """Load the deployed models, then bind the shared ports, then consume."""
         self._install_remote_models()
-        await self.server.start()
-        if self.registry.names():
-            await self.server.set_serving(True)
-        log.info("gRPC gateway on %s", self.endpoint)
+        await self._restore_deployments()
+        await self.server.start(serving=bool(self.registry.names()))
+        log.info("gRPC gateway on %s serving %s", self.endpoint, self.registry.names())
         if self.http is not None:
             port = await self.http.start()
             log.info("OpenAI-compatible HTTP on %s:%d/v1", self.settings.gateway_http_host, port)
         await super().start()
 
     async def serve(self, stop: asyncio.Event) -> None:
+        follower = asyncio.create_task(self._follow_deployments(stop))
         try:
-            await self._restore_deployments()
             await stop.wait()
         finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
             if self.http is not None:
                 await self.http.stop()
             await self.server.stop()
+            # Stopped and reaped here, before the interpreter exits: nothing of ours is
+            # left to take a stopping engine process for a crashed one.
+            await asyncio.to_thread(self.registry.close)
+            log.info("engines stopped")

@@ -5,15 +5,41 @@ requests that name no version, while the previous `keep - 1` versions stay
 loaded for requests that ask for them by version (KServe's model_version).
 Requests already running keep the engine they started with; an engine pushed
 out of the kept versions is told to retire once they are done.
+
+A model that is deployed (the deployments bucket says so) but not loaded here
+yet is *pending*: a replica restoring its models, loading a new version or
+retrying a failed load answers it with `ModelLoading` (UNAVAILABLE, retry),
+never `UnknownModel` — another replica, or this one in a moment, serves it.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from services.inference_gateway.engines.base import Engine
-from services.inference_gateway.errors import UnknownModel
+from services.inference_gateway.errors import GatewayError, ModelLoading, UnknownModel
+
+
+@dataclass(slots=True)
+class PendingModel:
+    """A deployed version this replica has not loaded yet, and how its loading goes."""
+
+    version: str
+    since: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    """Failed loads so far."""
+    last_error: str = ""
+    retry_at: float = 0.0
+    """time.monotonic() of the next attempt (0: now)."""
+
+    def describe(self) -> str:
+        if not self.attempts:
+            return f"version {self.version} is loading"
+        wait = max(0.0, self.retry_at - time.monotonic())
+        return (f"version {self.version} failed to load {self.attempts} time(s) "
+                f"({self.last_error}); next attempt in {wait:.0f} s")
 
 
 @dataclass
@@ -22,6 +48,9 @@ class ModelRegistry:
     """Versions kept loaded per model (the current one included)."""
     _versions: dict[str, dict[str, Engine]] = field(default_factory=dict)
     _current: dict[str, str] = field(default_factory=dict)
+    _pending: dict[str, PendingModel] = field(default_factory=dict)
+    _installs: int = 0
+    _installed_at: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def install(self, name: str, engine: Engine) -> None:
@@ -31,6 +60,11 @@ class ModelRegistry:
             replaced = versions.pop(engine.version, None)
             versions[engine.version] = engine  # insertion order = age
             self._current[name] = engine.version
+            self._installs += 1
+            self._installed_at[name] = self._installs
+            if (pending := self._pending.get(name)) is not None and \
+                    pending.version == engine.version:
+                del self._pending[name]
             evicted = [replaced] if replaced is not None and replaced is not engine else []
             while len(versions) > self.keep:
                 oldest = next(iter(versions))
@@ -40,16 +74,75 @@ class ModelRegistry:
 
     def get(self, name: str, version: str = "") -> Engine:
         with self._lock:
-            versions = self._versions.get(name, {})
-            engine = versions.get(version or self._current.get(name, ""))
-            known = sorted(self._current)
-            loaded = list(versions)
+            engine = self._versions.get(name, {}).get(version or self._current.get(name, ""))
         if engine is None:
-            if versions and version:
-                raise UnknownModel(f"model {name!r} has no version {version!r} loaded; "
-                                   f"loaded: {loaded}")
-            raise UnknownModel(f"model {name!r} is not served here; serving: {known}")
+            raise self.missing(name, version)
         return engine
+
+    def missing(self, name: str, version: str = "") -> GatewayError:
+        """Why `name` (at `version`, "" = current) cannot be served here: still loading
+        (ModelLoading), or not deployed (UnknownModel)."""
+        with self._lock:
+            pending = self._pending.get(name)
+            known = sorted(self._current)
+            loaded = list(self._versions.get(name, {}))
+        if pending is not None and version in ("", pending.version):
+            return ModelLoading(f"model {name!r} is deployed but not loaded on this replica "
+                                f"yet: {pending.describe()}; retry shortly")
+        if loaded and version:
+            return UnknownModel(f"model {name!r} has no version {version!r} loaded; "
+                                f"loaded: {loaded}")
+        return UnknownModel(f"model {name!r} is not served here; serving: {known}")
+
+    # -- deployed, not loaded yet ------------------------------------------------------
+
+    def expect(self, name: str, version: str) -> PendingModel | None:
+        """Record that `version` of `name` is deployed and about to be loaded here (unless
+        it is loaded already); returns its pending state, or None when it is loaded."""
+        with self._lock:
+            if version in self._versions.get(name, {}):
+                return None
+            pending = self._pending.get(name)
+            if pending is None or pending.version != version:
+                pending = self._pending[name] = PendingModel(version)
+            return pending
+
+    def forget(self, name: str, version: str) -> None:
+        """`version` of `name` is not deployed after all (its only load failed)."""
+        with self._lock:
+            pending = self._pending.get(name)
+            if pending is not None and pending.version == version:
+                del self._pending[name]
+
+    def pending(self) -> dict[str, PendingModel]:
+        """Deployed models not loaded here yet, by name."""
+        with self._lock:
+            return dict(self._pending)
+
+    @property
+    def installs(self) -> int:
+        """How many installs so far: a mark to compare `installed_since` with."""
+        with self._lock:
+            return self._installs
+
+    def installed_since(self, name: str, mark: int) -> bool:
+        """Whether a version of `name` was installed after `installs` read `mark`."""
+        with self._lock:
+            return self._installed_at.get(name, 0) > mark
+
+    def loaded(self, name: str, version: str) -> bool:
+        with self._lock:
+            return version in self._versions.get(name, {})
+
+    def close(self) -> None:
+        """Shut every engine down now (the gateway is stopping): nothing restarts them."""
+        with self._lock:
+            engines = [e for versions in self._versions.values() for e in versions.values()]
+            self._versions.clear()
+            self._current.clear()
+            self._pending.clear()
+        for engine in engines:
+            engine.close()
 
     def names(self) -> list[str]:
         with self._lock:

@@ -32,7 +32,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from lmforge import __version__
 from services.inference_gateway.engines.base import Piece
-from services.inference_gateway.errors import GatewayError, InvalidRequest, UnknownModel
+from services.inference_gateway.errors import GatewayError, InvalidRequest
 from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest, counted
 
 KSERVE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -172,12 +172,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _loaded_versions(self, name: str, version: str,
                                context: grpc.aio.ServicerContext) -> list[str]:
-        """The loaded versions of `name`, newest first; ends the call with NOT_FOUND when
-        `name` (or the `version` asked for) is not loaded."""
+        """The loaded versions of `name`, newest first; ends the call with UNAVAILABLE when
+        it is deployed but still loading here, NOT_FOUND when `name` (or the `version`
+        asked for) is not served."""
         versions = self.registry.versions(name)
         if not versions or version not in ("", *versions):
-            await _abort(context, UnknownModel(f"model {name!r} version {version!r} is not "
-                                               f"served; serving: {self.registry.names()}"))
+            await _abort(context, self.registry.missing(name, version))
         return versions
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
@@ -203,9 +203,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse.ModelIndex
-        return pb.RepositoryIndexResponse(models=[
-            index(name=n, version=v, state="READY")
-            for n in self.registry.names() for v in self.registry.versions(n)])
+        ready = [index(name=n, version=v, state="READY")
+                 for n in self.registry.names() for v in self.registry.versions(n)]
+        pending = [index(name=n, version=p.version,
+                         state="UNAVAILABLE" if p.attempts else "LOADING", reason=p.describe())
+                   for n, p in sorted(self.registry.pending().items())]
+        return pb.RepositoryIndexResponse(models=ready + pending)
 
     # -- inference ---------------------------------------------------------------
 

@@ -5,6 +5,9 @@ grpc.health.v1 and server reflection, on one grpc.aio server.
 (GenerationFrontend), so grpc.aio never cancels bursts on its own; overload is
 answered deliberately with RESOURCE_EXHAUSTED.
 
+The port is bound in `start()`, not before: replicas share it (SO_REUSEPORT),
+and the kernel hands a listening socket its share of new connections even
+before the server accepts them, so a replica binds only once it can serve.
 A request that does not parse as its message (a string field that is not
 UTF-8, truncated bytes) is INVALID_ARGUMENT, not grpcio's UNKNOWN (api/parsing.py).
 
@@ -51,10 +54,8 @@ class GatewayServer:
             (GENERATOR_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self.server
         )
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind the gateway to {host}:{port}")
-        self.host = host
+        self.host, self.port = host, port
+        """The port asked for; once started, the port bound (port 0 asks for any)."""
 
     async def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -64,8 +65,13 @@ class GatewayServer:
             if asyncio.iscoroutine(result):
                 await result
 
-    async def start(self) -> None:
-        await self.set_serving(False)
+    async def start(self, *, serving: bool = False) -> None:
+        """Bind the port and serve; health says SERVING when `serving`."""
+        await self.set_serving(serving)
+        bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        if bound == 0:
+            raise OSError(f"cannot bind the gateway to {self.host}:{self.port}")
+        self.port = bound
         await self.server.start()
 
     async def stop(self, grace_s: float = 5.0) -> None:

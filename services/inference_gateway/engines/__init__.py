@@ -27,7 +27,30 @@ from services.inference_gateway.engines.torch import TorchEngine
 if TYPE_CHECKING:  # settings.py imports the engines' own configs from here
     from services.inference_gateway.settings import GatewaySettings
 
-__all__ = ["Engine", "RemoteTritonConfig", "RemoteTritonEngine", "build_engine"]
+__all__ = ["Engine", "RemoteTritonConfig", "RemoteTritonEngine", "build_engine",
+           "import_engine_modules"]
+
+
+def import_engine_modules(settings: GatewaySettings) -> None:
+    """Import, once and on the calling thread, what `build_engine` would import lazily.
+
+    transformers resolves its classes on first use, and that lazy import is not safe in
+    two threads at once: a restore and a model.exported loading together failed with
+    "cannot import name 'PreTrainedTokenizerFast' from 'transformers'". The gateway calls
+    this before it starts any thread.
+    """
+    import transformers
+
+    names = ["PreTrainedTokenizerFast"]  # every local engine tokenizes in the gateway
+    if settings.gateway_backend == "torch" and not settings.gateway_batching:
+        # The single-request engine loads the model in the gateway: AutoModelForCausalLM
+        # and the model classes it resolves from the config (the batching engine loads
+        # it in its own process).
+        names += ["AutoModelForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM"]
+    for name in names:
+        getattr(transformers, name)
+    if settings.gateway_backend == "onnx":
+        import onnxruntime  # noqa: F401
 
 
 def build_engine(settings: GatewaySettings, export_dir: Path, version: str) -> Engine:

@@ -1,0 +1,183 @@
+"""What is deployed, and getting it loaded on this replica.
+
+The `lmforge_deployments` key-value bucket is what the replicas of the gateway
+share across scale-ups and restarts (`DeploymentBook`):
+
+- `<model>`: the `model.exported` event of the model's current version, which
+  every replica serves. A restarted or new replica loads these before it joins
+  the shared ports (SO_REUSEPORT), so a client that reaches it never hears
+  NOT_FOUND for a served model;
+- `deployed/<model>/<digest>`: `model.deployed` was published for one run's
+  version of the model. Each replica has its own durable consumer of
+  `model.exported`, so a replica added later replays every export of the
+  stream; those already recorded here are not new deployments and are not
+  announced again, so `model.deployed` is once per run and version whatever
+  the replica count and timing (the JetStream duplicate window is only 120 s).
+  A replayed export that is no longer current is not loaded either.
+
+`ModelLoader` loads exported models into the registry: one load at a time per
+model version (a restore and a `model.exported` of the same version share it),
+a failed load retried with backoff (1, 2, 4 … 60 s) while the model is
+deployed, every failure logged once with its reason and counted in
+`lmforge_gateway_model_load_failures_total`, and the models deployed but not
+loaded here in `lmforge_gateway_models_pending` (and in KServe's
+RepositoryIndex, with the reason). Neither class knows NATS: the bucket is a
+`KeyValue` (JetStream on NATS, a dict in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+
+from prometheus_client import Counter, Gauge
+
+from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.dispatch import KeyValue
+from services.inference_gateway.engines.base import Engine
+from services.inference_gateway.registry import ModelRegistry
+
+log = logging.getLogger("lmforge.gateway.deployments")
+
+LOAD_FAILURES = Counter("lmforge_gateway_model_load_failures_total",
+                        "Failed loads of a deployed model on this replica (each is retried "
+                        "with backoff while the model is deployed).", ["model"])
+PENDING = Gauge("lmforge_gateway_models_pending",
+                "Models deployed but not loaded on this replica (loading, or waiting to retry "
+                "a failed load); their requests are answered UNAVAILABLE with Retry-After.")
+
+ANNOUNCED_PREFIX = "deployed/"
+MAX_RETRY_S = 60.0
+
+
+def retry_after_s(failures: int) -> float:
+    """Seconds before the next load of a model that failed to load `failures` times."""
+    return min(2.0 ** (failures - 1), MAX_RETRY_S)
+
+
+def _decode(data: bytes) -> ev.ModelExported:
+    event = ev.ModelExported()
+    event.ParseFromString(data)
+    return event
+
+
+class DeploymentBook:
+    """The deployments bucket: each model's current version, and what was announced."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @staticmethod
+    def announced_key(event: ev.ModelExported) -> str:
+        digest = hashlib.sha256(f"{event.model_name}\n{event.version}\n{event.run_id}".encode())
+        return f"{ANNOUNCED_PREFIX}{event.model_name}/{digest.hexdigest()[:32]}"
+
+    async def current(self) -> list[ev.ModelExported]:
+        """The current version of every deployed model."""
+        found = []
+        for key in sorted(await self.kv.keys()):
+            if "/" in key:  # an announcement record, not a model
+                continue
+            data = await self.kv.get(key)
+            if data is not None:
+                found.append(_decode(data))
+        return found
+
+    async def current_of(self, model: str) -> ev.ModelExported | None:
+        data = await self.kv.get(model)
+        return None if data is None else _decode(data)
+
+    async def announced(self, event: ev.ModelExported) -> bool:
+        """Whether model.deployed was published for this run's version already (a
+        deployment recorded before announcements were, counts by its current entry)."""
+        if await self.kv.get(self.announced_key(event)) is not None:
+            return True
+        current = await self.current_of(event.model_name)
+        return (current is not None and current.version == event.version
+                and current.run_id == event.run_id)
+
+    async def record_current(self, event: ev.ModelExported) -> None:
+        await self.kv.put(event.model_name, event.SerializeToString())
+
+    async def record_announced(self, event: ev.ModelExported) -> None:
+        await self.kv.put(self.announced_key(event), event.SerializeToString())
+
+
+class ModelLoader:
+    """Loads exported models into the registry, retrying failed loads with backoff."""
+
+    def __init__(self, registry: ModelRegistry,
+                 build: Callable[[ev.ModelExported], Engine]) -> None:
+        self.registry = registry
+        self.build = build
+        """Builds the engine of an export (blocking: it is run in a worker thread)."""
+        self._loading: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    async def load(self, event: ev.ModelExported) -> None:
+        """Load and install `event`'s version unless it is loaded; raises what the load
+        raised (after recording the failure for the retries of `catch_up`)."""
+        key = (event.model_name, event.version)
+        if self.registry.loaded(*key):
+            return
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(event), name=f"load {key[0]} {key[1]}")
+            self._loading[key] = task
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        await asyncio.shield(task)  # a waiter that goes away does not cancel the load
+
+    async def _load(self, event: ev.ModelExported) -> None:
+        name, version = event.model_name, event.version
+        try:
+            engine = await asyncio.to_thread(self.build, event)
+        except Exception as exc:
+            pending = self.registry.expect(name, version)
+            LOAD_FAILURES.labels(name).inc()
+            if pending is not None:
+                pending.attempts += 1
+                pending.last_error = f"{type(exc).__name__}: {exc}"
+                delay = retry_after_s(pending.attempts)
+                pending.retry_at = time.monotonic() + delay
+                log.warning("could not load model %s version %s (run %s), attempt %d: %s; "
+                            "retrying in %.0f s while it is deployed", name, version,
+                            event.run_id, pending.attempts, pending.last_error, delay)
+            self._count_pending()
+            raise
+        self.registry.install(name, engine)
+        self._count_pending()
+        log.info("serving %s version %s (run %s)", name, version, event.run_id)
+
+    async def catch_up(self, deployed: list[ev.ModelExported], *,
+                       read_at: int | None = None) -> None:
+        """Load each deployed version that is not loaded here and is due (never tried, or
+        its backoff has passed); a failure waits for a later call. Never raises.
+
+        `read_at` is `registry.installs` from before `deployed` was read: a model installed
+        since (a newer version deployed here meanwhile) is not taken back to what was read.
+        """
+        now = time.monotonic()
+        for event in deployed:
+            if read_at is not None and self.registry.installed_since(event.model_name, read_at):
+                continue
+            pending = self.registry.expect(event.model_name, event.version)
+            if pending is None or pending.retry_at > now:
+                continue
+            # A failure is recorded, logged and counted by _load, and retried later.
+            with contextlib.suppress(Exception):
+                await self.load(event)
+        self._count_pending()
+
+    def next_retry_s(self) -> float | None:
+        """Seconds until the next retry of a failed load is due; None when no load failed
+        (a model pending without a failure is being loaded now)."""
+        failed = [p.retry_at for p in self.registry.pending().values() if p.attempts]
+        if not failed:
+            return None
+        return max(0.0, min(failed) - time.monotonic())
+
+    def _count_pending(self) -> None:
+        PENDING.set(len(self.registry.pending()))
