@@ -407,6 +407,7 @@ def _list_s3(spec: str, roots: DataRoots, given: str, fs: Any) -> list[SourceFil
         raise DatasetInputError(f"dataset URL {spec!r} is outside the allowed roots "
                                 f"(LMFORGE_DATA_ROOTS={roots.describe()})")
     path = f"{bucket}/{key}".rstrip("/")
+    denied: PermissionError | None = None
     with _s3_errors(spec):
         if glob_at is not None:
             found = fs.glob(path, detail=True)
@@ -415,16 +416,31 @@ def _list_s3(spec: str, roots: DataRoots, given: str, fs: Any) -> list[SourceFil
             if not files:
                 raise DatasetInputError(f"dataset glob {spec!r} matched no files")
             return files
-        info = fs.info(path)
-        if info.get("type") == "file":
-            return [_s3_file(info, given)]
-        found = fs.find(path, detail=True)
-    files = [_s3_file(i, given) for name, i in sorted(found.items())
-             if not name.endswith("/") and not _hidden(name.rsplit("/", 1)[-1])
-             and not any(_hidden(p) for p in name[len(path):].split("/")[:-1] if p)]
+        if key and not key.endswith("/"):
+            # A key, or a prefix named without its slash. Listing alone may be allowed
+            # where reading is not (a HEAD then answers 403): fall back to the listing.
+            try:
+                info = fs.info(path)
+            except PermissionError as exc:
+                info, denied = {}, exc
+            if info.get("type") == "file":
+                return [_s3_file(info, given)]
+        found = fs.find(path + "/" if key else path, detail=True)
+        if not found and denied is not None:
+            raise denied
+    if not found:
+        raise DatasetInputError(f"dataset URL {spec!r} does not exist (no object has that "
+                                "key or prefix); check the bucket and the key")
+    files = [_s3_file(info, given) for name, info in sorted(found.items())
+             if not name.endswith("/") and not _hidden_below(name, path)]
     if not files:
-        raise DatasetInputError(f"dataset URL {spec!r} holds no files")
+        raise DatasetInputError(f"dataset URL {spec!r} holds no files (only hidden ones)")
     return files
+
+
+def _hidden_below(name: str, top: str) -> bool:
+    """Whether a file or a folder between `top` and the file starts with . or _."""
+    return any(_hidden(part) for part in name[len(top):].split("/") if part)
 
 
 def list_dataset_files(specs: str | Sequence[str],
