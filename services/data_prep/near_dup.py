@@ -52,6 +52,7 @@ signs, pass 2 decides), so a one-shot iterator is spooled to `work_dir`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -250,6 +251,14 @@ def _ngram_hashes(unit_hashes: _U64, unit_doc: _I64, n_docs: int, n: int,
     return _fmix64(raw ^ (ends - starts).astype(np.uint64) * np.uint64(_NGRAM_TAG)), doc
 
 
+@functools.cache
+def _word_table() -> npt.NDArray[np.bool_]:
+    """Per code point: a word character as the regex `\\w` means it (alphanumeric or "_")."""
+    table = np.fromiter((chr(c).isalnum() for c in range(0x110000)), bool, 0x110000)
+    table[ord("_")] = True
+    return table
+
+
 def _cjk_mask(cp: npt.NDArray[np.uint32]) -> npt.NDArray[np.bool_]:
     mask = np.zeros(len(cp), bool)
     for lo, hi in _CJK_RANGES:
@@ -298,13 +307,17 @@ class MinHasher:
 
     def shingle_hashes(self, texts: Sequence[str]) -> tuple[_U64, _I64]:
         """31-bit hashes of every shingle of every text, and the text each belongs to."""
-        norm = [_NON_WORD.sub(" ", t.lower()) for t in texts]
-        lengths = np.fromiter(map(len, norm), np.int64, len(norm))
-        joined = " ".join(norm) + " "
-        cp = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32)
-        doc_starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+        # One lower() and one encode for the batch, NUL between texts: no per-text regex.
+        if not texts:
+            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        if any("\x00" in t for t in texts):
+            texts = [t.replace("\x00", " ") for t in texts]
+        joined = "\x00".join(texts) + "\x00"
+        cp = np.frombuffer(joined.lower().encode("utf-32-le", "surrogatepass"), np.uint32)
+        doc_starts = np.concatenate([[0], np.flatnonzero(cp == 0)[:-1] + 1])
         cjk = _cjk_mask(cp)
-        word = (cp != 32) & ~cjk
+        word = _word_table()[cp] & ~cjk
+        cjk &= _word_table()[cp]
         edge = np.diff(word.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
         starts = np.flatnonzero(edge == 1)
         ends = np.flatnonzero(edge == -1)
@@ -333,24 +346,21 @@ class MinHasher:
         # Work in slices of whole documents whose permuted values fit in the cache.
         bounds = np.flatnonzero(np.diff(doc, prepend=-1))
         docs_with = doc[bounds]
-        chunk = max(1, 2048 * 128 // self.config.num_perm)
+        chunk = max(1, 65536 // self.config.num_perm)
         i = 0
         while i < len(bounds):
             lo = int(bounds[i])
             j = int(np.searchsorted(bounds, lo + chunk, side="left"))
             j = max(j, i + 1)
             hi = int(bounds[j]) if j < len(bounds) else len(hashes)
-            x = hashes[lo:hi, None]
-            v = x * self._a
+            v = hashes[lo:hi, None] * self._a  # < 2**62: exact in uint64
             v += self._b
-            t = v >> np.uint64(31)
-            v &= _MERSENNE
-            v += t
-            np.right_shift(v, np.uint64(31), out=t)
-            v &= _MERSENNE
-            v += t
-            mins = np.minimum.reduceat(v, bounds[i:j] - lo, axis=0)
-            sig[docs_with[i:j]] = mins.astype(np.uint32)
+            v = (v & _MERSENNE) + (v >> np.uint64(31))  # <= 2**32 - 1, congruent mod p
+            w = v.astype(np.uint32)
+            # <= 2**31: the residue itself, but for 0 and 1 that may read p and p + 1
+            # (2 in 2**31 values: too rare to move an estimate).
+            w = (w & np.uint32(_MERSENNE)) + (w >> np.uint32(31))
+            sig[docs_with[i:j]] = np.minimum.reduceat(w, bounds[i:j] - lo, axis=0)
             i = j
         return sig
 

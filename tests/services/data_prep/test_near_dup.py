@@ -81,6 +81,21 @@ def test_vectorised_hashes_count_the_reference_shingles():
         assert len(set(hashes[doc == i].tolist())) == len(shingle_set(text)), text
 
 
+def test_word_characters_are_those_of_the_regex_w_class():
+    from services.data_prep.near_dup import _word_table
+
+    table = _word_table()
+    word = re.compile(r"\w")
+    assert all(bool(word.match(chr(c))) == table[c] for c in range(0x10000)
+               if not 0xD800 <= c < 0xE000)
+
+
+def test_a_nul_inside_a_text_separates_words_and_not_documents():
+    texts = ["alpha beta\x00gamma delta epsilon zeta", "eta theta"]
+    _, doc = MinHasher(NearDupConfig(word_ngram=2)).shingle_hashes(texts)
+    assert np.bincount(doc).tolist() == [5, 1]
+
+
 def test_case_punctuation_and_layout_do_not_change_the_signature():
     base = LONG_FORTUNES[2]
     variant = base.upper().replace(",", " ;  ").replace(" ", "\n", 3)
