@@ -3,7 +3,8 @@
 Used by the replica fault tests (test_gateway_replicas.py) and runnable alone to
 measure a scale-up and a kill -9 under a request loop, printing JSON:
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m tests.services.inference_gateway.gateway_replicas
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m tests.services.inference_gateway.gateway_replicas \
+        MODEL_DIR   # a trained tiny model (a Hugging Face directory)
 
 Each replica is `python -m services.inference_gateway` with the environment the
 supervisor gives it (its replica index, a ready file), sharing the gRPC and
@@ -255,16 +256,13 @@ async def scale_up_and_kill(home: Path, nats_url: str, export: StoredArtifact, *
     """The fault scenario: replica 0 serves a deployed model under a request loop; replica 1
     starts (a scale-up); replica 0 is killed with SIGKILL and started again (as the
     supervisor does). Returns the outcomes of each phase and what each replica served."""
-    from tests.helpers import publish, wait_for_events
-
     grpc_port, http_port = free_port(), free_port()
     first = GatewayReplica(0, home, nats_url, grpc_port, http_port).start()
     second = GatewayReplica(1, home, nats_url, grpc_port, http_port)
     replicas = [first, second]
     try:
         await first.wait_ready()
-        await publish(nats_url, exported("run-a", "v1", export), msg_id="run-a:exported")
-        await wait_for_events(nats_url, subjects.MODEL_DEPLOYED, 1, timeout=120)
+        await publish_export(nats_url, exported("run-a", "v1", export))
         loop = RequestLoop(grpc_port, http_port).start()
         await asyncio.sleep(settle_s)
         before = loop.phase()
@@ -302,6 +300,43 @@ async def scale_up_and_kill(home: Path, nats_url: str, export: StoredArtifact, *
             replica.stop()
 
 
+async def kill_the_only_replica(home: Path, nats_url: str, export: StoredArtifact, *,
+                                settle_s: float = 2.0) -> dict[str, object]:
+    """One replica serving under a request loop is killed with SIGKILL and started again:
+    while none is up, clients can only hear UNAVAILABLE (nothing listens); once it is
+    back it must serve, not answer NOT_FOUND while it reloads the model."""
+    grpc_port, http_port = free_port(), free_port()
+    only = GatewayReplica(0, home, nats_url, grpc_port, http_port).start()
+    try:
+        await only.wait_ready()
+        await publish_export(nats_url, exported("run-a", "v1", export))
+        loop = RequestLoop(grpc_port, http_port).start()
+        await asyncio.sleep(settle_s)
+        before = loop.phase()
+        only.kill()
+        killed_at = time.monotonic()
+        await asyncio.sleep(settle_s)
+        only.start()
+        await only.wait_ready()
+        restart_ready_s = time.monotonic() - killed_at
+        await asyncio.sleep(settle_s)
+        await loop.stop()
+        return {"before": difference(before, collections.Counter()),
+                "kill_and_restart": difference(loop.outcomes, before),
+                "details": loop.details, "restart_ready_s": round(restart_ready_s, 1)}
+    finally:
+        only.stop()
+
+
+async def publish_export(nats_url: str, event: ev.ModelExported) -> None:
+    """Publish `event` and wait for its model.deployed."""
+    from tests.helpers import publish, wait_for_events
+
+    await publish(nats_url, event, msg_id=f"{event.run_id}:exported")
+    await wait_for_events(nats_url, subjects.MODEL_DEPLOYED, 1, run_id=event.run_id,
+                          timeout=120)
+
+
 def left_running(home: Path, timeout: float = 10.0) -> list[int]:
     """Processes of `home` still running `timeout` s after its gateways stopped (engine
     processes of a killed gateway stop when its end of their pipe closes)."""
@@ -324,12 +359,17 @@ def main() -> None:
             raise SystemExit("usage: gateway_replicas.py MODEL_DIR (a trained tiny model)")
         store = ArtifactStore(work / "home" / "artifacts")
         export = store_export(store, model_dir)
-        server = NatsServer(store_dir=work / "nats", log_file=work / "nats.log").start()
-        try:
-            figures = asyncio.run(scale_up_and_kill(work / "home", server.url, export))
-            figures["left_running"] = left_running(work / "home")
-        finally:
-            server.stop()
+        figures = {}
+        for name, scenario in (("scale_up_then_kill", scale_up_and_kill),
+                               ("kill_the_only_replica", kill_the_only_replica)):
+            nats_dir = work / name
+            server = NatsServer(store_dir=nats_dir / "nats", log_file=nats_dir / "nats.log")
+            server.start()
+            try:
+                figures[name] = asyncio.run(scenario(work / "home", server.url, export))
+                figures[name]["left_running"] = left_running(work / "home")
+            finally:
+                server.stop()
     print(json.dumps(figures, indent=1))
 
 
