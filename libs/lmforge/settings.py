@@ -9,6 +9,7 @@ ten minutes later.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -31,9 +32,10 @@ class PlatformSettings(BaseSettings):
         DEFAULT_HOME,
         description="State directory: artifacts, checkpoints, logs, the embedded NATS store.",
     )
-    data_roots: Annotated[list[Path], NoDecode] = Field(
-        default_factory=lambda: [Path.cwd()],
-        description="Dataset paths must lie under one of these (os.pathsep or comma separated).",
+    data_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [str(Path.cwd())],
+        description="Where datasets may be read from: directories and object-store prefixes "
+        "(s3://bucket/prefix/), os.pathsep or comma separated.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
 
@@ -41,16 +43,20 @@ class PlatformSettings(BaseSettings):
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
-            parts = [p for chunk in value.split(os.pathsep) for p in chunk.split(",")]
-            return [Path(p.strip()) for p in parts if p.strip()]
+            # os.pathsep separates roots, but not the "//" of a URL: s3://b/p stays whole.
+            parts = re.split(rf",|{re.escape(os.pathsep)}(?!//)", value)
+            return [p.strip() for p in parts if p.strip()]
+        if isinstance(value, list | tuple):
+            return [os.fspath(v) for v in value]
         return value
 
     @field_validator("data_roots")
     @classmethod
-    def _resolve_roots(cls, roots: list[Path]) -> list[Path]:
+    def _resolve_roots(cls, roots: list[str]) -> list[str]:
         if not roots:
             raise ValueError("at least one data root is required")
-        return [r.expanduser().resolve() for r in roots]
+        return [str(root) if "://" in str(root) else str(Path(root).expanduser().resolve())
+                for root in roots]
 
     @field_validator("log_level")
     @classmethod

@@ -7,9 +7,8 @@ path, or a touched file, reuse the earlier dataset for the new run.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
-from pathlib import Path
+from dataclasses import replace
 
 from google.protobuf.message import Message
 
@@ -19,9 +18,9 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.failures import BadInput
 from lmforge.service import Service
-from services.data_prep.prepare import PrepConfig, prepare_dataset
-from services.data_prep.reading import FORMATS, resolve_dataset_path
+from services.data_prep.prepare import PrepConfig, PrepStats, prepare_dataset
 from services.data_prep.settings import DataPrepSettings
+from services.data_prep.sources import FORMATS, SourceFile, dataset_digest, list_dataset_files
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -34,28 +33,21 @@ def validate_request(event: ev.DatasetReady) -> None:
         raise BadInput(
             f"model_name {event.model_name!r} must be 1-64 letters, digits, '.', '-' or '_'"
         )
-    if event.format not in FORMATS:
+    if event.format and event.format not in FORMATS:
         raise BadInput(f"format {event.format!r} is not supported; use one of {FORMATS}")
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dataset_prepared(event: ev.DatasetReady, config: PrepConfig, digest: str, size: int,
-                     stats: dict[str, int]) -> ev.DatasetPrepared:
+                     stats: PrepStats) -> ev.DatasetPrepared:
+    flat = stats.as_flat_dict()
+    scalars = {k: v for k, v in flat.items()
+               if k in ev.DatasetStats.DESCRIPTOR.fields_by_name and isinstance(v, int)}
     return ev.DatasetPrepared(
         run_id=event.run_id, model_name=event.model_name,
         dataset=ev.ArtifactRef(digest=digest, size_bytes=size),
-        vocab_size=stats["vocab_size"], seq_len=config.seq_len,
+        vocab_size=stats.vocab_size, seq_len=config.seq_len,
         time_budget_s=event.time_budget_s,
-        stats=ev.DatasetStats(**{k: v for k, v in stats.items()
-                                 if k in ev.DatasetStats.DESCRIPTOR.fields_by_name}))
+        stats=ev.DatasetStats(**scalars, dropped=stats.dropped, tallies=stats.tallies))
 
 
 class DataPrepService(Service[DataPrepSettings]):
@@ -64,32 +56,32 @@ class DataPrepService(Service[DataPrepSettings]):
 
     @property
     def prep_config(self) -> PrepConfig:
-        s = self.settings
-        return PrepConfig(vocab_size=s.dataprep_vocab_size, seq_len=s.dataprep_seq_len,
-                          heldout_fraction=s.dataprep_heldout_fraction,
-                          max_record_bytes=s.dataprep_max_record_bytes)
+        return self.settings.prep_config()
 
-    def _source(self, event: ev.DatasetReady) -> Path:
+    def _specs(self, event: ev.DatasetReady) -> list[SourceFile]:
+        """The dataset's files, each checked against the allowed roots (or BadInput)."""
         validate_request(event)
-        return resolve_dataset_path(event.dataset_uri, self.settings.data_roots)
+        config = self.prep_config
+        return list_dataset_files(event.dataset_uri, self.settings.data_roots,
+                                  config=replace(config.read, format=event.format or "auto"))
 
     async def stage_inputs(self, event: Message) -> bytes:
-        """The request without its path, plus the digest of the file's bytes."""
+        """The request without its path, plus the digest of the dataset's bytes (every file)."""
         assert isinstance(event, ev.DatasetReady)
-        source = self._source(event)
+        files = await asyncio.to_thread(self._specs, event)
         request = ev.DatasetReady(format=event.format, text_field=event.text_field,
                                   time_budget_s=event.time_budget_s)
-        contents = await asyncio.to_thread(file_digest, source)
+        contents = await asyncio.to_thread(dataset_digest, files, config=self.prep_config.read)
         return request.SerializeToString(deterministic=True) + contents.encode()
 
     @subscriber(subjects.DATASET_READY, cache_outputs=(ev.DatasetPrepared,))
     async def on_dataset_ready(self, event: ev.DatasetReady, delivery: Delivery
                                ) -> ev.DatasetPrepared:
-        source = self._source(event)
+        await asyncio.to_thread(self._specs, event)
         config = self.prep_config
         work = self.store.scratch_dir("dataset-")
-        stats = await asyncio.to_thread(prepare_dataset, source, event.format,
-                                        event.text_field or "text", work, config)
+        stats = await asyncio.to_thread(
+            prepare_dataset, event.dataset_uri, event.format, event.text_field or "text", work,
+            config, roots=self.settings.data_roots)
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)
-        return dataset_prepared(event, config, stored.digest, stored.size_bytes,
-                                stats.as_flat_dict())
+        return dataset_prepared(event, config, stored.digest, stored.size_bytes, stats)

@@ -1,15 +1,24 @@
-"""The data-prep stage as one function: raw dataset in, dataset directory out.
+"""The data-prep stage as one function: a raw dataset in, a curated, tokenized one out.
 
-read -> normalise -> drop empty and exact duplicates -> stable held-out split
--> train the tokenizer on the training part -> pack both parts into shards.
-Kept documents are spooled to disk between the passes, so memory does not
-grow with the dataset.
+read (files, directories, globs, s3://; every format) -> clean (normalise, drop
+empty and exact duplicates) -> quality (Gopher/C4 rules, language) -> PII scrub
+-> near-duplicate removal -> stable held-out split -> semantic (decontaminate
+the training split against the held-out one, long-tail weights, the search
+index) -> train the tokenizer on the training part -> pack both parts into
+shards with per-document offsets and weights.
+
+Every drop is recorded with its stage and reason code in a `DecisionLog`; the
+counts go into dataset.json and the `dataset.prepared` event, and with
+`report_dir` (the `lmforge prep` dry run) the per-document decisions too.
+Kept documents are spooled to disk between the passes, so memory does not grow
+with the dataset.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +29,13 @@ from services.data_prep.cleaning import (
     is_heldout,
     normalize_text,
 )
+from services.data_prep.documents import DecisionLog, Document
+from services.data_prep.language import LanguageConfig, LanguageFilter
+from services.data_prep.near_dup import NearDupConfig, NearDupStage, SignatureIndex
 from services.data_prep.packing import ShardWriter, encode_documents, token_dtype
-from services.data_prep.reading import DatasetInputError, ReadStats, read_documents
+from services.data_prep.pii import PiiConfig, PiiScrubber
+from services.data_prep.quality import QualityConfig, QualityFilter
+from services.data_prep.sources import DatasetInputError, ReadConfig, iter_documents
 from services.data_prep.tokenizer_training import (
     EOS_TOKEN,
     save_tokenizer,
@@ -37,10 +51,18 @@ class PrepConfig:
     """Training context length recorded for the trainer and the scheduler."""
     heldout_fraction: float = 0.05
     """Share of documents (by hash) kept out of training for perplexity."""
-    max_record_bytes: int = 1_000_000
-    """Longer records are skipped and counted, never loaded."""
     shard_tokens: int = 1_000_000
     """Tokens per shard file."""
+    read: ReadConfig = field(default_factory=ReadConfig)
+    """How files are found and read (format, fields, caps, the S3 endpoint)."""
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    """Gopher/C4-style heuristics; `enabled=False` switches them off."""
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    """Allowed languages (empty: all, and no detection runs)."""
+    pii: PiiConfig = field(default_factory=PiiConfig)
+    """What personal data is replaced by typed placeholders before tokenizing."""
+    near_dup: NearDupConfig = field(default_factory=NearDupConfig)
+    """MinHash + LSH near-duplicate removal."""
 
     def __post_init__(self) -> None:
         if not 256 < self.vocab_size <= 1 << 20:
@@ -48,105 +70,224 @@ class PrepConfig:
         if not 0 < self.heldout_fraction < 0.5:
             raise ValueError(f"heldout_fraction {self.heldout_fraction} must be in (0, 0.5)")
 
+    @classmethod
+    def hygiene_only(cls, **fields: Any) -> PrepConfig:
+        """Reading, normalising and exact dedup only: no quality, PII or near-dup stage."""
+        return cls(quality=QualityConfig(enabled=False), pii=PiiConfig(enabled=False),
+                   near_dup=NearDupConfig(enabled=False), **fields)
+
+    @property
+    def max_record_bytes(self) -> int:
+        return self.read.max_record_bytes
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that shapes the output, for the stage cache and dataset.json."""
+        return asdict(self)
+
 
 @dataclass(slots=True)
 class PrepStats:
-    """What preparing a dataset counted: the reader's counts plus the cleaning and packing.
+    """What preparing a dataset counted.
 
     `as_flat_dict()` has the field names of the `DatasetStats` event and of
-    `dataset.json`'s "stats", so neither copies the fields one by one.
+    `dataset.json`'s "stats"; `dropped` and `tallies` are the DecisionLog's
+    counts as `<stage>.<code>` / `<stage>.<what>` keys.
     """
 
-    read: ReadStats = field(default_factory=ReadStats)
-    empty_dropped: int = 0
-    duplicates_dropped: int = 0
+    records_read: int = 0
     train_tokens: int = 0
     heldout_tokens: int = 0
     train_documents: int = 0
     heldout_documents: int = 0
     vocab_size: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    tallies: dict[str, int] = field(default_factory=dict)
 
     @property
     def records_kept(self) -> int:
         return self.train_documents + self.heldout_documents
 
-    def as_flat_dict(self) -> dict[str, int]:
-        own = {k: v for k, v in asdict(self).items() if k != "read"}
-        return {**asdict(self.read), **own, "records_kept": self.records_kept}
+    def count(self, reason: str) -> int:
+        return self.dropped.get(reason, 0)
+
+    @property
+    def empty_dropped(self) -> int:
+        return self.count("clean.empty")
+
+    @property
+    def duplicates_dropped(self) -> int:
+        return self.count("clean.exact_duplicate")
+
+    @property
+    def invalid_utf8_skipped(self) -> int:
+        return self.count("read.invalid_utf8")
+
+    @property
+    def oversized_skipped(self) -> int:
+        return self.count("read.oversized")
+
+    @property
+    def malformed_skipped(self) -> int:
+        return sum(self.count(r) for r in ("read.malformed_json", "read.not_an_object",
+                                           "read.missing_text", "read.malformed_csv"))
+
+    def as_flat_dict(self) -> dict[str, Any]:
+        return {
+            "records_read": self.records_read, "records_kept": self.records_kept,
+            "empty_dropped": self.empty_dropped, "duplicates_dropped": self.duplicates_dropped,
+            "invalid_utf8_skipped": self.invalid_utf8_skipped,
+            "oversized_skipped": self.oversized_skipped,
+            "malformed_skipped": self.malformed_skipped,
+            "train_tokens": self.train_tokens, "heldout_tokens": self.heldout_tokens,
+            "train_documents": self.train_documents,
+            "heldout_documents": self.heldout_documents, "vocab_size": self.vocab_size,
+            "dropped": dict(self.dropped), "tallies": dict(self.tallies),
+        }
 
 
-def _spool(path: Path) -> Iterator[str]:
+class CleanStage:
+    """Unicode normalisation, then empty and exact-duplicate documents out."""
+
+    name = "clean"
+
+    def run(self, docs: Iterable[Document], log: DecisionLog) -> Iterator[Document]:
+        dedup = ExactDeduplicator()
+        for doc in docs:
+            doc.text = normalize_text(doc.text)
+            if not doc.text:
+                log.drop(doc, self.name, "clean.empty")
+            elif dedup.is_duplicate(document_digest(doc.text)):
+                log.drop(doc, self.name, "clean.exact_duplicate")
+            else:
+                yield doc
+
+
+def curate(specs: str | Path | Sequence[str | Path], config: PrepConfig, log: DecisionLog, *,
+           roots: Sequence[str | os.PathLike[str]], work_dir: Path,
+           seen: SignatureIndex | None = None) -> tuple[Iterator[Document], NearDupStage]:
+    """The documents that survive reading, cleaning, quality, PII and near-dup removal.
+
+    Lazily: nothing is read until the result is iterated. The near-dup stage is
+    returned too, for its `updated_index()` once the documents are consumed.
+    """
+    spec_list = [os.fspath(s) for s in ([specs] if isinstance(specs, str | Path) else specs)]
+    near_dup = NearDupStage(config.near_dup, work_dir=work_dir, seen=seen)
+    docs: Iterable[Document] = iter_documents(spec_list, roots=roots, log=log,
+                                              config=config.read, spool_dir=work_dir)
+    for stage in (CleanStage(), QualityFilter(config.quality), LanguageFilter(config.language),
+                  PiiScrubber(config.pii), near_dup):
+        docs = stage.run(docs, log)
+    return iter(docs), near_dup
+
+
+def _spool(path: Path) -> Iterator[Document]:
     with path.open(encoding="utf-8") as f:
         for line in f:
-            yield json.loads(line)
+            item = json.loads(line)
+            yield Document(item["id"], item["text"], item.get("meta", {}), item.get("source", ""))
 
 
-def prepare_dataset(source: Path, fmt: str, text_field: str, out_dir: Path,
-                    config: PrepConfig) -> PrepStats:
-    """Build the dataset directory in `out_dir` (which must be empty or absent)."""
+def _write(f: Any, doc: Document) -> None:
+    f.write(json.dumps({"id": doc.id, "text": doc.text, "meta": doc.meta,
+                        "source": doc.source}, ensure_ascii=False) + "\n")
+
+
+def _texts(path: Path) -> Iterator[str]:
+    return (doc.text for doc in _spool(path))
+
+
+def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_field: str,
+                    out_dir: Path, config: PrepConfig, *,
+                    roots: Sequence[str | os.PathLike[str]] | None = None,
+                    log: DecisionLog | None = None, seen: SignatureIndex | None = None,
+                    kept_path: Path | None = None) -> PrepStats:
+    """Build the dataset directory in `out_dir` (which must be empty or absent).
+
+    `fmt` and `text_field` override the read config's ("" keeps it). `roots`
+    are the allowed data roots; a direct call without them allows the source's
+    own directory. With `kept_path`, the kept documents are also written there
+    as JSONL (id, text, split, weight) for the `lmforge prep` dry run.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = PrepStats()
-    read_stats = stats.read
-    dedup = ExactDeduplicator()
+    if fmt or text_field:
+        read = config.read
+        config.read = ReadConfig(**{**asdict(read), "format": fmt or read.format,
+                                    "text_field": text_field or read.text_field})
+    if roots is None:
+        first = Path(os.fspath(source if isinstance(source, str | Path) else source[0]))
+        roots = [first.expanduser().resolve().parent]
+    own_log = log is None
+    log = log or DecisionLog()
     spool_dir = out_dir / ".spool"
     spool_dir.mkdir()
     train_spool, heldout_spool = spool_dir / "train.jsonl", spool_dir / "heldout.jsonl"
-    with train_spool.open("w", encoding="utf-8") as train_f, \
-            heldout_spool.open("w", encoding="utf-8") as heldout_f:
-        for raw in read_documents(source, fmt, text_field, config.max_record_bytes, read_stats):
-            text = normalize_text(raw)
-            if not text:
-                stats.empty_dropped += 1
-                continue
-            digest = document_digest(text)
-            if dedup.is_duplicate(digest):
-                stats.duplicates_dropped += 1
-                continue
-            if is_heldout(digest, config.heldout_fraction):
-                heldout_f.write(json.dumps(text, ensure_ascii=False) + "\n")
-                stats.heldout_documents += 1
-            else:
-                train_f.write(json.dumps(text, ensure_ascii=False) + "\n")
-                stats.train_documents += 1
+    stats = PrepStats()
+    try:
+        docs, near_dup = curate(source, config, log, roots=roots, work_dir=spool_dir, seen=seen)
+        with train_spool.open("w", encoding="utf-8") as train_f, \
+                heldout_spool.open("w", encoding="utf-8") as heldout_f:
+            for doc in docs:
+                if is_heldout(document_digest(doc.text), config.heldout_fraction):
+                    _write(heldout_f, doc)
+                    stats.heldout_documents += 1
+                else:
+                    _write(train_f, doc)
+                    stats.train_documents += 1
+        if config.near_dup.enabled:
+            near_dup.updated_index().save(out_dir / "near_dup_index")
+        stats.records_read = log.tallies[("read", "records")]
+        stats.dropped = {reason: n for (_, reason), n in sorted(log.counts.items())}
+        stats.tallies = {f"{stage}.{what}": n for (stage, what), n in sorted(log.tallies.items())}
 
-    if stats.train_documents == 0:
-        raise DatasetInputError(
-            f"dataset {source} has no usable documents (read {read_stats.records_read} records: "
-            f"{stats.empty_dropped} empty, {stats.duplicates_dropped} duplicate, "
-            f"{read_stats.invalid_utf8_skipped} invalid UTF-8, {read_stats.oversized_skipped} "
-            f"over {config.max_record_bytes} bytes, {read_stats.malformed_skipped} malformed)"
-        )
-    if stats.heldout_documents == 0:
-        # Tiny datasets: move one training document out so perplexity can be measured.
-        moved = next(_spool(train_spool))
-        rest = list(_spool(train_spool))[1:]
-        if not rest:
-            rest = [moved]  # a one-document dataset evaluates on its training text
-        train_spool.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in rest))
-        heldout_spool.write_text(json.dumps(moved, ensure_ascii=False) + "\n")
-        stats.train_documents, stats.heldout_documents = len(rest), 1
+        if stats.train_documents == 0:
+            raise DatasetInputError(
+                f"dataset {source} has no usable documents (read {stats.records_read} "
+                f"records; dropped: {_summary(stats.dropped) or 'none'})")
+        if stats.heldout_documents == 0:
+            # Tiny datasets: move one training document out so perplexity can be measured.
+            moved = next(_spool(train_spool))
+            rest = list(_spool(train_spool))[1:]
+            if not rest:
+                rest = [moved]  # a one-document dataset evaluates on its training text
+            with train_spool.open("w", encoding="utf-8") as f:
+                for doc in rest:
+                    _write(f, doc)
+            with heldout_spool.open("w", encoding="utf-8") as f:
+                _write(f, moved)
+            stats.train_documents, stats.heldout_documents = len(rest), 1
 
-    tokenizer = train_bpe_tokenizer(_spool(train_spool), config.vocab_size)
-    save_tokenizer(tokenizer, out_dir / "tokenizer", model_max_length=config.seq_len)
-    vocab_size = tokenizer.get_vocab_size()
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
-    if eos_id is None:
-        raise RuntimeError(f"the trained tokenizer lacks its end-of-text token {EOS_TOKEN!r}")
-    dtype = token_dtype(vocab_size)
-    parts: dict[str, dict[str, Any]] = {}
-    for part, spool in (("train", train_spool), ("heldout", heldout_spool)):
-        writer = ShardWriter(out_dir / part, config.shard_tokens, dtype)
-        encode_documents(tokenizer, _spool(spool), eos_id, writer)
-        writer.close()
-        parts[part] = {"shards": writer.shards, "tokens": writer.total_tokens}
-    stats.train_tokens = int(parts["train"]["tokens"])
-    stats.heldout_tokens = int(parts["heldout"]["tokens"])
-    stats.vocab_size = vocab_size
-    for spool in (train_spool, heldout_spool):
-        spool.unlink()
-    spool_dir.rmdir()
+        tokenizer = train_bpe_tokenizer(_texts(train_spool), config.vocab_size)
+        save_tokenizer(tokenizer, out_dir / "tokenizer", model_max_length=config.seq_len)
+        vocab_size = tokenizer.get_vocab_size()
+        eos_id = tokenizer.token_to_id(EOS_TOKEN)
+        if eos_id is None:
+            raise RuntimeError(f"the trained tokenizer lacks its end-of-text token {EOS_TOKEN!r}")
+        dtype = token_dtype(vocab_size)
+        parts: dict[str, dict[str, Any]] = {}
+        for part, spool in (("train", train_spool), ("heldout", heldout_spool)):
+            writer = ShardWriter(out_dir / part, config.shard_tokens, dtype)
+            encode_documents(tokenizer, _texts(spool), eos_id, writer)
+            writer.close()
+            parts[part] = writer.manifest()
+        stats.train_tokens = int(parts["train"]["tokens"])
+        stats.heldout_tokens = int(parts["heldout"]["tokens"])
+        stats.vocab_size = vocab_size
+        if kept_path is not None:
+            with kept_path.open("w", encoding="utf-8") as f:
+                for part, spool in (("train", train_spool), ("heldout", heldout_spool)):
+                    for doc in _spool(spool):
+                        f.write(json.dumps({"id": doc.id, "text": doc.text, "split": part,
+                                            "weight": 1.0}, ensure_ascii=False) + "\n")
+    finally:
+        for path in (train_spool, heldout_spool):
+            path.unlink(missing_ok=True)
+        for leftover in spool_dir.iterdir():
+            leftover.unlink()
+        spool_dir.rmdir()
+        if own_log:
+            log.close()
     metadata = {
-        "format": "lmforge-token-shards/1",
+        "format": "lmforge-token-shards/2",
         "vocab_size": vocab_size,
         "seq_len": config.seq_len,
         "eos_token_id": eos_id,
@@ -157,3 +298,7 @@ def prepare_dataset(source: Path, fmt: str, text_field: str, out_dir: Path,
     }
     (out_dir / "dataset.json").write_text(json.dumps(metadata, indent=1))
     return stats
+
+
+def _summary(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda x: -x[1]))

@@ -24,16 +24,16 @@ def test_bad_dataset_requests_fail_with_the_path_and_the_rule(harness, tmp_path)
     cases = {
         "outside": ("/etc/passwd", "outside the allowed roots"),
         "missing": (str(tmp_path / "nope.jsonl"), "does not exist"),
-        "notfile": (str(tmp_path / "sub"), "is not a regular file"),
+        "emptydir": (str(tmp_path / "sub"), "holds no files"),
         "empty": (str(tmp_path / "empty.txt"), "no usable documents"),
-        "format": (str(tmp_path / "empty.txt"), "format 'parquet' is not supported"),
+        "format": (str(tmp_path / "empty.txt"), "format 'xml' is not supported"),
     }
 
     async def scenario():
         async with harness.service(DataPrepService, home=tmp_path / "home",
                                    data_roots=[tmp_path]):
             for run_id, (uri, _) in cases.items():
-                fmt = "parquet" if run_id == "format" else "text"
+                fmt = "xml" if run_id == "format" else "text"
                 await harness.publish(_ready(run_id, uri, fmt), run_id)
             failed = await harness.wait_for(subjects.STAGE_FAILED, len(cases))
             assert await harness.count(subjects.DATASET_PREPARED) == 0

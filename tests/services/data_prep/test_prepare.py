@@ -22,7 +22,8 @@ def test_cjk_and_mixed_text_round_trips_through_the_tokenizer(tmp_path):
     source = tmp_path / "mixed.jsonl"
     source.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in MIXED))
     stats = prepare_dataset(source, "jsonl", "text", tmp_path / "out",
-                            PrepConfig(vocab_size=600, seq_len=32, heldout_fraction=0.1))
+                            PrepConfig.hygiene_only(vocab_size=600, seq_len=32,
+                                                            heldout_fraction=0.1))
     assert stats.duplicates_dropped == 10
     assert stats.records_kept == 65
     tokenizer = load_tokenizer(tmp_path / "out" / "tokenizer")
@@ -38,7 +39,7 @@ def test_split_is_stable_and_dedup_is_exact(tmp_path):
     source = tmp_path / "d.txt"
     docs = [f"fortune number {i} says something unique" for i in range(200)]
     source.write_text("\n%\n".join(docs + docs[:20] + ["   ", ""]) + "\n")
-    config = PrepConfig(vocab_size=300, seq_len=16)
+    config = PrepConfig.hygiene_only(vocab_size=300, seq_len=16)
     first = prepare_dataset(source, "text", "", tmp_path / "a", config)
     second = prepare_dataset(source, "text", "", tmp_path / "b", config)
     assert first.duplicates_dropped == 20
