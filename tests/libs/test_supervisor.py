@@ -206,3 +206,32 @@ def test_a_killed_nats_server_is_restarted_on_its_port_and_store(tmp_path: Path)
     assert back["url"] == server.url and back["restarts"] == 1 and back["embedded"]
     assert kept == 1  # the store came back with it
     assert not server.alive()  # and the supervisor stopped it on the way out
+
+
+def test_a_replica_scaled_away_is_reaped_not_left_a_zombie(tmp_path):
+    go = tmp_path / "go"
+    go.mkdir()
+    (go / "0").touch()
+    (go / "1").touch()
+    supervisor = Supervisor(
+        home=tmp_path / "home", nats_url="nats://127.0.0.1:1", env={"TEST_GO_DIR": str(go)},
+        gateway="", gateway_metrics_base=0, services=[ServiceName.DATA_PREP], stop_grace_s=10,
+        commands={ServiceName.DATA_PREP: [sys.executable, "-c", FAKE_SERVICE]})
+    state = supervisor.services[ServiceName.DATA_PREP]
+    state.desired = 2
+    try:
+        supervisor.reconcile()
+        retired = state.replicas[1].process
+        assert retired is not None
+        state.desired = 1
+        supervisor.reconcile()
+
+        def reaped() -> bool:
+            supervisor.reap_retired()
+            return retired.returncode is not None and not supervisor.retiring
+
+        _wait_for(reaped, "the scaled-away replica was never reaped")
+        # Reaped: the pid is gone from the process table, not a zombie.
+        assert not Path(f"/proc/{retired.pid}").exists()
+    finally:
+        asyncio.run(supervisor.shutdown())

@@ -211,6 +211,8 @@ class Supervisor:
         self.gateway_metrics_base = gateway_metrics_base
         self.stop_grace_s = stop_grace_s
         self.nats_timeout_s = nats_timeout_s
+        self.retiring: list[tuple[Replica, float]] = []
+        """Replicas scaled away: sent SIGTERM, reaped by `reap_retired` (killed past the grace)."""
         self.logs = self.home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         wanted = SERVICES if services is None else services
@@ -260,7 +262,10 @@ class Supervisor:
                 state.replicas.append(Replica(
                     state.name, index, self.logs / f"{state.name}-{index}.log"))
             while len(state.replicas) > state.desired:
-                self._terminate(state.replicas.pop())
+                retired = state.replicas.pop()
+                if retired.alive():
+                    self._terminate(retired)
+                    self.retiring.append((retired, now + self.stop_grace_s))
             for replica in state.replicas:
                 if replica.alive():
                     if now - replica.started_at > 60:
@@ -277,6 +282,24 @@ class Supervisor:
                 if now >= replica.next_start:
                     replica.next_start = 0.0
                     self._spawn(replica)
+
+    def reap_retired(self) -> None:
+        """Wait on the replicas scaled away that have exited (no zombie stays behind);
+        SIGKILL one still running past its grace period."""
+        now = time.monotonic()
+        still: list[tuple[Replica, float]] = []
+        for replica, deadline in self.retiring:
+            process = replica.process
+            if process is None or process.poll() is not None:
+                continue  # poll() reaped it
+            if now >= deadline:
+                log.warning("%s[%d] did not stop in %.0fs after scale-down; killing",
+                            replica.service, replica.index, self.stop_grace_s)
+                process.kill()
+                process.wait()
+                continue
+            still.append((replica, deadline))
+        self.retiring = still
 
     def _terminate(self, replica: Replica) -> None:
         if replica.process is not None and replica.alive():
@@ -416,6 +439,7 @@ class Supervisor:
                 while not stop.is_set():
                     self.watch_nats()
                     self.reconcile()
+                    self.reap_retired()
                     self.write_state()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=0.5)
@@ -433,6 +457,8 @@ class Supervisor:
         """Stop the services (SIGTERM, then SIGKILL after `stop_grace_s`). NATS is kept
         up meanwhile, restarted if it dies, so a trainer can still hand its job back."""
         replicas = [r for s in self.services.values() for r in s.replicas if r.alive()]
+        replicas += [r for r, _ in self.retiring if r.alive()]
+        self.retiring = []
         for replica in replicas:
             self._terminate(replica)
         deadline = time.monotonic() + self.stop_grace_s
