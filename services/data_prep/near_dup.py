@@ -429,23 +429,26 @@ def candidate_pairs(keys: _U64, members: _I64) -> _I64:
 
 
 def _union_find(n: int, edges: _I64) -> _I64:
-    """Each node's cluster root: the smallest node of its component."""
-    parent = list(range(n))
+    """Each node's cluster root: the smallest node of its component (itself when alone)."""
+    roots = np.arange(n, dtype=np.int64)
+    parent: dict[int, int] = {}
 
     def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while x != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
 
     for a, b in edges.tolist():
         ra, rb = find(a), find(b)
         if ra != rb:
-            if ra < rb:
-                parent[rb] = ra
-            else:
-                parent[ra] = rb
-    return np.fromiter((find(i) for i in range(n)), np.int64, n)
+            parent[max(ra, rb)] = min(ra, rb)
+    if parent:
+        linked = np.fromiter(parent.keys(), np.int64, len(parent))
+        roots[linked] = [find(int(x)) for x in linked]
+    return roots
 
 
 def estimated_pairs(hasher: MinHasher, sig: Signatures, active: npt.NDArray[np.bool_],
@@ -811,7 +814,8 @@ class NearDupStage:
     def updated_index(self) -> SignatureIndex:
         """The earlier runs' index plus the documents this run kept (after `run` was consumed)."""
         if self.result is None:
-            raise RuntimeError("near-dup updated_index() before run() was consumed")
+            raise RuntimeError("near-dup updated_index() needs the signatures of a run: call it "
+                               "after run() was consumed, with the stage enabled")
         base = self.seen if self.seen is not None else SignatureIndex.empty(self.config)
         r = self.result
         kept = np.flatnonzero((r.keeper == np.arange(len(r.keeper)))

@@ -269,6 +269,30 @@ def test_bands_and_rows_are_chosen_as_datasketch_chooses_them():
     assert 1 - (1 - 0.7**rows) ** bands > 0.9  # a pair at the threshold is a candidate
 
 
+def test_empty_input_and_documents_without_words_pass_through():
+    assert _run([])[2] == []
+    docs = [Document("a", ""), Document("b", "?!"), Document("c", "..."), Document("d", "word")]
+    _, log, kept = _run(docs)
+    assert kept == docs and not log.counts
+
+
+def test_clusters_chain_through_union_find():
+    words = LONG_FORTUNES[6].split()[:80]
+    extra = [f"extra{i}" for i in range(16)]
+    a = " ".join(words)
+    b = " ".join([*words[8:], *extra[:8]])
+    c = " ".join([*words[16:], *extra])
+    sets = [shingle_set(t) for t in (a, b, c)]
+    assert jaccard(sets[0], sets[1]) >= 0.7 and jaccard(sets[1], sets[2]) >= 0.7
+    assert jaccard(sets[0], sets[2]) < 0.7  # a and c are joined through b
+    docs = [Document("a", a), Document("b", b), Document("c", c),
+            Document("x", LONG_FORTUNES[7])]
+    _, log, kept = _run(docs, NearDupConfig(keep="first"))
+    assert [d.id for d in kept] == ["a", "x"]
+    clusters = {d.doc_id: d.cluster for d in log.decisions}
+    assert clusters["a"] == clusters["b"] == clusters["c"]
+
+
 def test_disabled_stage_passes_everything_through():
     docs = [Document("a", LONG_FORTUNES[0]), Document("b", LONG_FORTUNES[0])]
     _, log, kept = _run(docs, NearDupConfig(enabled=False))
