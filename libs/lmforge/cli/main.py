@@ -98,12 +98,27 @@ def _nats_line(state: dict[str, Any]) -> str:
 
 def _print_status(state: dict[str, Any]) -> None:
     table = Table(title=f"lmforge — NATS {_nats_line(state)} — gateway {state['gateway']}")
-    for column in ("service", "state", "replicas", "desired", "pinned", "restarts"):
+    for column in ("service", "state", "replicas", "desired", "pinned", "restarts", "detail"):
         table.add_column(column)
     for name, s in state["services"].items():
         table.add_row(name, s["state"], str(s["replicas"]), str(s["desired"]),
-                      "yes" if s["pinned"] else "", str(s["restarts"]))
+                      "yes" if s["pinned"] else "", str(s["restarts"]),
+                      _models_note(s.get("models", [])))
     Console().print(table)
+
+
+def _models_note(replicas: list[dict[str, Any]]) -> str:
+    """What the gateway replicas say of their models: loading, failed loads, no answer."""
+    notes = []
+    for r in replicas:
+        if "metrics" in r:
+            notes.append(f"replica {r['replica']} metrics {r['metrics']}")
+            continue
+        if r["models_pending"]:
+            notes.append(f"replica {r['replica']} loading {r['models_pending']} model(s)")
+        for model, n in r["load_failures"].items():
+            notes.append(f"replica {r['replica']}: {n} failed load(s) of {model}")
+    return "; ".join(notes)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -116,6 +131,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             console.print("lmforge is not running (start it with `lmforge up -d`)")
         return EXIT_FAILED
+    gateway = (state.get("services") or {}).get(ServiceName.INFERENCE_GATEWAY)
+    if gateway and gateway.get("metrics_urls"):
+        gateway["models"] = gateway_model_loading(gateway["metrics_urls"])
     if args.json:
         print(json.dumps({k: state.get(k) for k in ("nats_url", "nats", "gateway",
                                                      "openai_base_url", "services", "home")}))
@@ -124,13 +142,49 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def gateway_model_loading(metrics_urls: list[str]) -> list[dict[str, Any]]:
+    """Per gateway replica: models deployed but not loaded there yet, and failed loads,
+    read from its /metrics (a replica that does not answer says so, never hides)."""
+    from lmforge.cli.metrics import read_samples
+
+    pending = "lmforge_gateway_models_pending"
+    failures = "lmforge_gateway_model_load_failures_total"
+    replicas: list[dict[str, Any]] = []
+    for index, url in enumerate(metrics_urls):
+        try:
+            samples = read_samples(url, (pending, failures), timeout_s=1.0)
+        except OSError as exc:
+            replicas.append({"replica": index, "metrics": f"unreachable: {exc}"})
+            continue
+        replicas.append({
+            "replica": index,
+            "models_pending": int(sum(value for _, value in samples[pending])),
+            "load_failures": {labels.get("model", ""): int(value)
+                              for labels, value in samples[failures] if value},
+        })
+    return replicas
+
+
 # -- run ------------------------------------------------------------------------------
 
-def default_run_id(path: Path, model_name: str) -> str:
-    """Same data, same name -> same run id, so re-running unchanged data is a no-op."""
-    stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{model_name}".encode()
-    return f"{model_name[:40]}-{hashlib.sha256(key).hexdigest()[:12]}".replace(".", "-")
+def default_run_id(spec: str, model_name: str) -> str:
+    """Same data, same name -> same run id, so re-running unchanged data is a no-op (a
+    single file: by its size and mtime; anything else: by the spec; the stage cache
+    still reuses every stage whose inputs' bytes are unchanged)."""
+    key = f"{spec}|{model_name}"
+    path = Path(spec)
+    if "://" not in spec and path.is_file():
+        stat = path.stat()
+        key += f"|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{model_name[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}".replace(".", "-")
+
+
+def dataset_spec(data: str) -> str:
+    """What the user named, as data-prep reads it: an s3:// URL as is; a file, directory
+    or glob as an absolute path (data-prep checks it against LMFORGE_DATA_ROOTS)."""
+    if "://" in data:
+        return data
+    return str(Path(data).expanduser().absolute())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -138,15 +192,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lmforge.contracts.v1 import events_pb2 as ev
 
     settings = _settings()
-    path = Path(args.data).expanduser().resolve()
-    if not path.is_file():
-        console.print(f"[red]dataset {path} is not a file[/]")
+    spec = dataset_spec(args.data)
+    if "://" not in spec and not any(c in spec for c in "*?[") and not Path(spec).exists():
+        console.print(f"[red]dataset {spec} does not exist[/]")
         return EXIT_USAGE
-    fmt = args.format
-    if fmt == "auto":
-        fmt = "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "text"
-    run_id = args.run_id or default_run_id(path, args.model_name)
-    event = ev.DatasetReady(run_id=run_id, dataset_uri=path.as_uri(), format=fmt,
+    run_id = args.run_id or default_run_id(spec, args.model_name)
+    event = ev.DatasetReady(run_id=run_id, dataset_uri=spec, format=args.format,
                             text_field=args.text_field, model_name=args.model_name,
                             schema_version=1, time_budget_s=args.time_budget or 0.0)
     nats_url = _nats_url(settings)
@@ -176,7 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json and not args.follow:
         print(json.dumps({"run_id": run_id}))
     else:
-        console.print(f"run [bold]{run_id}[/]: dataset.ready published for {path}")
+        console.print(f"run [bold]{run_id}[/]: dataset.ready published for {spec}")
     if not args.follow:
         return 0
     return asyncio.run(follow(lambda: _nats_url(settings), run_id, timeout_s=args.timeout,
@@ -380,10 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     run = sub.add_parser("run", help="start a pipeline run on a dataset")
-    run.add_argument("data", help="JSONL or text file (inside LMFORGE_DATA_ROOTS)")
+    run.add_argument("data", help="a file, directory, glob or s3://bucket/prefix (inside "
+                     "LMFORGE_DATA_ROOTS); .gz and .zst are read transparently")
     run.add_argument("--model-name", required=True, help="name to serve the model under")
-    run.add_argument("--format", choices=("auto", "jsonl", "text"), default="auto")
-    run.add_argument("--text-field", default="text", help="JSONL field with the text")
+    run.add_argument("--format", choices=("auto", "jsonl", "text", "csv", "tsv", "parquet"),
+                     default="auto", help="auto: from each file's name")
+    run.add_argument("--text-field", default="text",
+                     help="JSONL field, CSV/TSV or Parquet column with the text")
     run.add_argument("--run-id", help="idempotency key (default: from the data and name)")
     run.add_argument("--time-budget", type=float, help="training seconds (default: scheduler's)")
     run.add_argument("--follow", action="store_true", help="show progress until served")

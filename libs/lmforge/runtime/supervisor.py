@@ -333,6 +333,10 @@ class Supervisor:
                 "restarts": sum(r.restarts for r in state.replicas),
                 "pids": pids,
             }
+            if state.name == ServiceName.INFERENCE_GATEWAY and self.gateway_metrics_base:
+                services[str(state.name)]["metrics_urls"] = [
+                    f"http://127.0.0.1:{self.gateway_metrics_base + r.index}/metrics"
+                    for r in state.replicas]
         return {"pid": os.getpid(), "nats_url": self.nats_url, "nats": nats_status,
                 "gateway": self.gateway, "openai_base_url": self.http,
                 "home": str(self.home), "services": services, "updated": time.time()}
