@@ -244,6 +244,29 @@ def test_a_truncated_stream_is_a_corrupt_file(name, tmp_path):
     assert docs == [] and drops(log) == {"read.corrupt_file": 1}
 
 
+def test_concatenated_zstd_frames_read_as_one_stream_and_garbage_is_corrupt(tmp_path):
+    import zstandard
+
+    frame = zstandard.ZstdCompressor()
+    (tmp_path / "two.jsonl.zst").write_bytes(frame.compress(b'{"text": "frame one"}\n')
+                                             + frame.compress(b'{"text": "frame two"}\n'))
+    docs, log = read(str(tmp_path / "two.jsonl.zst"), [tmp_path])
+    assert [d.text for d in docs] == ["frame one", "frame two"] and drops(log) == {}
+    (tmp_path / "fake.jsonl.zst").write_bytes(b"not zstd at all, just text\n")
+    docs, log = read(str(tmp_path / "fake.jsonl.zst"), [tmp_path])
+    assert docs == [] and drops(log) == {"read.corrupt_file": 1}
+
+
+def test_a_detected_encoding_that_breaks_later_refuses_the_rest_of_the_file(tmp_path):
+    records = [f"第{i}条：数据准备需要处理各种编码。" for i in range(3000)]
+    head = "\n%\n".join(records).encode("gb18030")  # past the 64 KiB the detector sees
+    assert len(head) > 64 << 10
+    (tmp_path / "broken.txt").write_bytes(head + b"\n%\n\xff\xff\xff\n%\nafter\n")
+    docs, log = read(str(tmp_path / "broken.txt"), [tmp_path])
+    assert [d.text.strip() for d in docs] == records  # every record before the bad bytes
+    assert drops(log) == {"read.decode_error": 1}
+
+
 def test_compression_is_recognised_by_its_magic_bytes(tmp_path):
     (tmp_path / "export.jsonl").write_bytes(gzip.compress(b'{"text": "inside gzip"}\n'))
     docs, _ = read(str(tmp_path / "export.jsonl"), [tmp_path])
