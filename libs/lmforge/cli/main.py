@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -337,6 +338,16 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 # -- generate ---------------------------------------------------------------------------
 
+def cmd_prep(args: argparse.Namespace) -> int:
+    """The data-prep pipeline as a dry run: data-prep's own code, run by its module (the
+    CLI imports no service), with the same LMFORGE_* settings."""
+    command = [sys.executable, "-m", "services.data_prep.dry_run",
+               *(dataset_spec(d) for d in args.data), "--out", str(args.out)]
+    if args.json:
+        command.append("--json")
+    return subprocess.run(command, check=False).returncode
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
@@ -459,6 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gateway", help="host:port (default: the running gateway)")
     gen.add_argument("--timeout", type=float, default=60)
     gen.set_defaults(func=cmd_generate)
+
+    prep = sub.add_parser("prep", help="data-prep as a dry run: what would be kept and why",
+                          description="Runs data-prep's pipeline without the bus and writes "
+                          "OUT/kept.jsonl (id, text, split, weight), OUT/report.json (counts "
+                          "per stage and reason; every document's fate) and OUT/dataset/.")
+    prep.add_argument("data", nargs="+", help="files, directories, globs or s3:// URLs")
+    prep.add_argument("--out", type=Path, required=True, help="directory for the report")
+    prep.add_argument("--json", action="store_true", help="the counts as JSON")
+    prep.set_defaults(func=cmd_prep)
 
     scale = sub.add_parser("scale", help="pin replicas: SERVICE=N, or SERVICE=auto to unpin")
     scale.add_argument("assignments", nargs="+")
