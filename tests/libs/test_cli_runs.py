@@ -87,3 +87,11 @@ def test_runs_waiting_for_a_trainer_are_queued_with_their_position():
     number_queue(views)
     assert [(v.status, v.queue_position) for v in views] == [
         ("running", 0), ("queued", 1), ("queued", 2)]
+
+
+def test_data_prep_counts_are_shown_for_a_run():
+    view = RunView("r")
+    view.fold(subjects.DATASET_PREPARED.name, ev.DatasetPrepared(
+        run_id="r", stats=ev.DatasetStats(records_read=10, records_kept=7,
+                                          dropped={"quality.too_short": 3})), 0.0)
+    assert view.data_kept == "7/10" and view.data_dropped == {"quality.too_short": 3}

@@ -318,15 +318,18 @@ def cmd_runs(args: argparse.Namespace) -> int:
                            "started": r.started, "stage_done_at": r.stage_done_at,
                            "reused_from": r.reused_from, "resumes": r.resumes,
                            "resumed_at_step": r.resumed_at_step,
-                           "queue_position": r.queue_position}
+                           "queue_position": r.queue_position, "data_kept": r.data_kept,
+                           "data_dropped": r.data_dropped}
                           for r in runs.values()]))
         return 0
     table = Table(title="runs")
-    for column in ("run", "model", "stage", "status", "steps", "perplexity", "detail"):
+    for column in ("run", "model", "stage", "status", "data kept", "steps", "perplexity",
+                   "detail"):
         table.add_column(column)
     for r in sorted(runs.values(), key=lambda r: r.started):
         table.add_row(r.run_id, r.model_name, r.stage,
                       f"queued #{r.queue_position}" if r.queue_position else r.status,
+                      r.data_kept,
                       f"{r.step}/{r.total_steps}" if r.total_steps else "",
                       f"{r.perplexity:.1f}" if r.perplexity else "",
                       r.failure[:80] or _reuse_note(r.reused_from) or (

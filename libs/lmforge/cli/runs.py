@@ -70,6 +70,10 @@ class RunView:
     resumes: int = 0
     """How often training resumed from a checkpoint (a preemption or a crashed trainer)."""
     resumed_at_step: int = 0
+    data_kept: str = ""
+    """"kept/read" documents, from dataset.prepared."""
+    data_dropped: dict[str, int] = field(default_factory=dict)
+    """Documents data-prep dropped per reason code."""
     queued_at: float = 0.0
     """When the run's training job was scheduled (it waits for a free trainer)."""
     queue_position: int = 0
@@ -101,6 +105,9 @@ class RunView:
             self.step, self.total_steps, self.loss = event.step, event.total_steps, event.loss
         if isinstance(event, ev.TrainingScheduled):
             self.total_steps = event.plan.max_steps
+        if isinstance(event, ev.DatasetPrepared):
+            self.data_kept = f"{event.stats.records_kept}/{event.stats.records_read}"
+            self.data_dropped = dict(event.stats.dropped)
         if isinstance(event, ev.ModelTrained):
             self.perplexity = event.heldout_perplexity
             self.step = event.steps
