@@ -13,11 +13,12 @@ from dataclasses import replace
 from google.protobuf.message import Message
 
 from lmforge.contracts import subjects
-from lmforge.contracts.names import ServiceName
+from lmforge.contracts.names import Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.failures import BadInput
 from lmforge.service import Service
+from services.data_prep.near_dup import SignatureIndex
 from services.data_prep.prepare import PrepConfig, PrepStats, prepare_dataset
 from services.data_prep.settings import DataPrepSettings
 from services.data_prep.sources import FORMATS, SourceFile, dataset_digest, list_dataset_files
@@ -66,22 +67,45 @@ class DataPrepService(Service[DataPrepSettings]):
                                   config=replace(config.read, format=event.format or "auto"))
 
     async def stage_inputs(self, event: Message) -> bytes:
-        """The request without its path, plus the digest of the dataset's bytes (every file)."""
+        """The request without its path, the digest of the dataset's bytes (every file), and
+        the earlier dataset whose near-dup index this run dedups against, if any."""
         assert isinstance(event, ev.DatasetReady)
         files = await asyncio.to_thread(self._specs, event)
         request = ev.DatasetReady(format=event.format, text_field=event.text_field,
                                   time_budget_s=event.time_budget_s)
         contents = await asyncio.to_thread(dataset_digest, files, config=self.prep_config.read)
-        return request.SerializeToString(deterministic=True) + contents.encode()
+        earlier = await self._earlier_dataset(event.model_name)
+        return request.SerializeToString(deterministic=True) + f"{contents}|{earlier}".encode()
+
+    async def _earlier_dataset(self, model_name: str) -> str:
+        if not self.settings.dataprep_near_dup_earlier_runs:
+            return ""
+        digest = await self.bus.key_value(Bucket.MODEL_DATASETS).get(model_name)
+        return digest.decode() if digest else ""
+
+    def _earlier_index(self, digest: str, config: PrepConfig) -> SignatureIndex | None:
+        if not digest:
+            return None
+        (earlier,) = self.input_dirs("(the model's earlier dataset)",
+                                     ev.ArtifactRef(digest=digest))
+        index_dir = earlier / "near_dup_index"
+        if not index_dir.exists():
+            return None  # prepared with near-dup removal off: nothing to compare against
+        return SignatureIndex.load(index_dir, config.near_dup)
 
     @subscriber(subjects.DATASET_READY, cache_outputs=(ev.DatasetPrepared,))
     async def on_dataset_ready(self, event: ev.DatasetReady, delivery: Delivery
                                ) -> ev.DatasetPrepared:
         await asyncio.to_thread(self._specs, event)
         config = self.prep_config
+        earlier = await self._earlier_dataset(event.model_name)
+        seen = await asyncio.to_thread(self._earlier_index, earlier, config)
         work = self.store.scratch_dir("dataset-")
         stats = await asyncio.to_thread(
             prepare_dataset, event.dataset_uri, event.format, event.text_field or "text", work,
-            config, roots=self.settings.data_roots)
+            config, roots=self.settings.data_roots, seen=seen)
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)
+        if self.settings.dataprep_near_dup_earlier_runs:
+            await self.bus.key_value(Bucket.MODEL_DATASETS).put(event.model_name,
+                                                                stored.digest.encode())
         return dataset_prepared(event, config, stored.digest, stored.size_bytes, stats)

@@ -40,6 +40,9 @@ class DataPrepSettings(ServiceSettings):
                                                description="Jaccard similarity of duplicates.")
     dataprep_near_dup_keep: str = Field("longest", pattern="^(longest|first)$",
                                         description="Which document of a cluster is kept.")
+    dataprep_near_dup_earlier_runs: bool = Field(
+        False, description="Also drop near-copies of what earlier runs of the same model name "
+        "were prepared from (their signature index, an artifact of their dataset).")
 
     @field_validator("dataprep_languages", mode="before")
     @classmethod

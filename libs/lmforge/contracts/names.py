@@ -43,6 +43,8 @@ class Bucket(StrEnum):
     """Replica counts pinned by an SRE (`lmforge scale`)."""
     COST_LEDGER = "lmforge_cost_ledger"
     """Dollars per run, written by the autoscaler."""
+    MODEL_DATASETS = "lmforge_model_datasets"
+    """The last dataset prepared for each model name (its near-dup index dedups the next)."""
 
 
 class Header(StrEnum):

@@ -4,6 +4,7 @@ run, and the stage is cached on the dataset's bytes, not its path or mtime."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 
@@ -107,3 +108,34 @@ def test_touched_or_copied_data_is_reused_and_one_changed_byte_is_prepared_again
     assert copied[0].run_id == "copied"
     assert Header.CACHED_FROM not in changed[1]
     assert changed[0].dataset.digest != first.dataset.digest
+
+
+def test_a_later_run_of_the_same_model_drops_near_copies_of_what_it_was_prepared_from(
+        harness, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    base = [f"Record {i}: the quarterly report for region {i} shows steady growth in sales "
+            f"and a modest rise in support tickets, mostly about billing {i}." for i in range(40)]
+    (data / "first.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in base))
+    # The second export repeats ten records with one word changed, and adds new ones.
+    again = [t.replace("modest", "small") for t in base[:10]] + [
+        f"New topic {i}: the migration plan moves every service {i} to the new cluster in "
+        f"three phases with a rollback step after each one of them {i}." for i in range(30)]
+    (data / "second.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in again))
+
+    async def scenario():
+        async with harness.service(DataPrepService, home=tmp_path / "home", data_roots=[data],
+                                   dataprep_vocab_size=300, dataprep_seq_len=32,
+                                   dataprep_near_dup_earlier_runs=True,
+                                   dataprep_near_dup_threshold=0.5):
+            await harness.publish(ev.DatasetReady(run_id="one", model_name="acme", format="",
+                                                  dataset_uri=str(data / "first.jsonl")), "one")
+            await harness.wait_for(subjects.DATASET_PREPARED, 1, run_id="one")
+            await harness.publish(ev.DatasetReady(run_id="two", model_name="acme", format="",
+                                                  dataset_uri=str(data / "second.jsonl")), "two")
+            (second,) = await harness.wait_for(subjects.DATASET_PREPARED, 1, run_id="two")
+            return second
+
+    second = asyncio.run(scenario())
+    assert second.stats.dropped["near_dup.seen_before"] == 10
+    assert second.stats.records_kept == 30
