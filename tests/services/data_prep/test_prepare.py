@@ -7,7 +7,7 @@ import pytest
 from lmforge.modeling import load_token_stream, load_tokenizer
 from services.data_prep.cleaning import normalize_text
 from services.data_prep.prepare import PrepConfig, prepare_dataset
-from services.data_prep.reading import DatasetInputError
+from services.data_prep.sources import DatasetInputError
 
 MIXED = [
     "机器学习是人工智能的一个分支。它使计算机能够从数据中学习，而无需明确编程。",
