@@ -2,6 +2,9 @@
 
 Resume is exact: the micro-batch m of step k on rank r is drawn from a
 generator seeded by (seed, k, m, r), so the data position is the step number;
+that holds for both samplers (uniform windows, or documents drawn by their
+long-tail weights, see `WeightedDocumentWindows`), since each is a pure
+function of that generator and the dataset;
 the engine state (weights, optimizer, schedule, loss scale) and each rank's
 RNG state come back from the checkpoint. A stop request (SIGTERM, a spot
 notice, or a stop file written by the service) is honoured between steps by
@@ -22,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -77,12 +80,141 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+class WindowSampler(Protocol):
+    """Where the sequences of a micro-batch come from in the training stream."""
+
+    seq_len: int
+
+    def positions(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        """int64 [count, seq_len]: the stream position of every token of `count` sequences,
+        drawn from `rng` alone."""
+        ...
+
+
+class UniformWindows:
+    """Windows starting anywhere in the stream, uniformly: every token its natural share."""
+
+    def __init__(self, num_tokens: int, seq_len: int) -> None:
+        if num_tokens < seq_len:
+            raise ValueError(f"{num_tokens} training tokens: fewer than one sequence of "
+                             f"{seq_len}")
+        self.num_tokens = num_tokens
+        self.seq_len = seq_len
+
+    def positions(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        starts = rng.integers(0, self.num_tokens - self.seq_len + 1, size=count)
+        return starts[:, None] + np.arange(self.seq_len)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentIndex:
+    """Where each document of a packed part lies and its sampling multiplier
+    (data-prep's `documents.safetensors`, see services/data_prep/packing.py)."""
+
+    offsets: np.ndarray
+    """int64 [documents + 1]: first token of each document, then the part's length."""
+    weights: np.ndarray
+    """float64 [documents]: 1.0 = the document's natural (by-token) share."""
+
+    @property
+    def weighted(self) -> bool:
+        return bool(len(self.weights)) and bool(np.any(self.weights != self.weights[0]))
+
+
+def load_document_index(dataset_dir: Path, part: str) -> DocumentIndex | None:
+    """The document index dataset.json names for `part`, or None (datasets packed before
+    weights, which the trainer samples uniformly)."""
+    from safetensors.numpy import load_file
+
+    meta = json.loads((dataset_dir / "dataset.json").read_text())
+    name = meta[part].get("document_index")
+    if not name:
+        return None
+    arrays = load_file(str(dataset_dir / part / name))
+    index = DocumentIndex(arrays["offsets"].astype(np.int64),
+                          arrays["weights"].astype(np.float64))
+    tokens = int(meta[part]["tokens"])
+    if len(index.offsets) != len(index.weights) + 1 or index.offsets[-1] != tokens:
+        raise ValueError(f"{dataset_dir / part / name} does not match dataset.json: "
+                         f"{len(index.weights)} weights, {len(index.offsets)} offsets ending "
+                         f"at {index.offsets[-1] if len(index.offsets) else None}, "
+                         f"{tokens} tokens; prepare the dataset again")
+    if len(index.weights) and not np.all(index.weights > 0):
+        raise ValueError(f"{dataset_dir / part / name} has weights <= 0; prepare the "
+                         "dataset again")
+    return index
+
+
+class WeightedDocumentWindows:
+    """Sequences packed from documents drawn by their weights.
+
+    Each draw picks a piece: a whole document if it is at most `seq_len` tokens,
+    else a `seq_len` window placed uniformly inside it. Document d is drawn with
+    mass w_d · max(1, n_d / seq_len) (n_d its tokens), so every token is exposed
+    in proportion to its document's weight: a short document is drawn w_d times
+    as often and shown whole; a long one is drawn for each seq_len of its length.
+    The pieces are laid end to end and cut every `seq_len` tokens, so a piece cut
+    at the end of one sequence continues in the next and nothing is thrown
+    away; a window over the natural stream would instead give most of its tokens
+    to whatever documents follow the drawn one. Draws come only from `rng`.
+    """
+
+    def __init__(self, document_index: DocumentIndex, seq_len: int) -> None:
+        offsets = document_index.offsets
+        if offsets[-1] < seq_len:
+            raise ValueError(f"{offsets[-1]} training tokens: fewer than one sequence of "
+                             f"{seq_len}")
+        self.seq_len = seq_len
+        self._starts = offsets[:-1]
+        self._lengths = np.diff(offsets)
+        mass = document_index.weights * np.maximum(1.0, self._lengths / seq_len)
+        self._cumulative = np.cumsum(mass)
+        piece = np.minimum(self._lengths, seq_len).astype(np.float64)
+        self._mean_piece = float((mass * piece).sum() / mass.sum())
+
+    def positions(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        wanted = count * self.seq_len
+        starts: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        have = 0
+        while have < wanted:
+            draws = int((wanted - have) / self._mean_piece * 1.25) + 4
+            u = rng.random((draws, 2))
+            docs = np.searchsorted(self._cumulative, u[:, 0] * self._cumulative[-1],
+                                   side="right")
+            docs = np.minimum(docs, len(self._lengths) - 1)
+            length = self._lengths[docs]
+            slack = np.maximum(length - self.seq_len, 0)
+            starts.append(self._starts[docs] + (u[:, 1] * (slack + 1)).astype(np.int64))
+            lengths.append(np.minimum(length, self.seq_len))
+            have += int(lengths[-1].sum())
+        start, length = np.concatenate(starts), np.concatenate(lengths)
+        pieces = np.searchsorted(np.cumsum(length), wanted) + 1
+        start, length = start[:pieces], length[:pieces]
+        first = np.cumsum(length) - length
+        stream = np.repeat(start - first, length) + np.arange(int(length.sum()))
+        return stream[:wanted].reshape(count, self.seq_len)
+
+
+def build_window_sampler(num_tokens: int, seq_len: int,
+                         document_index: DocumentIndex | None) -> WindowSampler:
+    """Weighted document sampling where the dataset carries unequal weights, else the
+    uniform windows every dataset had before weights (same draws, same batches)."""
+    if document_index is None or not document_index.weighted:
+        return UniformWindows(num_tokens, seq_len)
+    if document_index.offsets[-1] != num_tokens:
+        raise ValueError(f"the document index covers {document_index.offsets[-1]} tokens, "
+                         f"the stream has {num_tokens}")
+    return WeightedDocumentWindows(document_index, seq_len)
+
+
 def micro_batch(tokens: np.ndarray, config: TrainConfig, step: int, micro: int,
-                rank: int) -> torch.Tensor:
+                rank: int, sampler: WindowSampler | None = None) -> torch.Tensor:
+    """Micro-batch `micro` of `step` on `rank`: a pure function of those, the seed and
+    the data, so a resumed run draws exactly the batches an uninterrupted one would."""
     rng = np.random.Generator(np.random.PCG64([config.seed, step, micro, rank]))
-    seq_len = config.batch.seq_len
-    starts = rng.integers(0, len(tokens) - seq_len + 1, size=config.batch.micro_batch)
-    return torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts]))
+    sampler = sampler or UniformWindows(len(tokens), config.batch.seq_len)
+    return torch.from_numpy(tokens[sampler.positions(rng, config.batch.micro_batch)])
 
 
 def build_model(config: TrainConfig, meta: dict, pad_token_id: int) -> PreTrainedModel:
@@ -124,6 +256,8 @@ class Trainer:
         if len(self.train_tokens) <= config.batch.seq_len:
             raise ValueError(f"{len(self.train_tokens)} training tokens: fewer than one "
                              f"sequence of {config.batch.seq_len}")
+        self.sampler = build_window_sampler(len(self.train_tokens), config.batch.seq_len,
+                                            load_document_index(dataset_dir, "train"))
         vocab = json.loads((dataset_dir / "tokenizer" / "tokenizer.json").read_text())
         self.pad_token_id = vocab["model"]["vocab"].get("<|pad|>", self.meta["eos_token_id"])
         torch.manual_seed(config.seed)
@@ -215,7 +349,8 @@ class Trainer:
             config.batch.seq_len)
         last_report, window_tokens, window_start = 0.0, 0, time.perf_counter()
         while self.step < max_steps:
-            batches = [micro_batch(self.train_tokens, config, self.step, m, self.rank)
+            batches = [micro_batch(self.train_tokens, config, self.step, m, self.rank,
+                                   self.sampler)
                        for m in range(config.batch.grad_accum)]
             loss = self.engine.train_step(batches)
             self.step += 1
