@@ -23,9 +23,10 @@ test: setup
 	$(PY) -m mypy
 	$(PY) -m pytest -q --durations=15
 
-# The tier without a nats-server, torchrun or the whole pipeline (in-memory bus): < 1 min.
+# The tier without a nats-server, torchrun, the whole pipeline or an embedding model: < 1 min.
 unit: setup
-	$(PY) -m pytest -q -m "not connected and not e2e and not distributed" -p no:cacheprovider
+	$(PY) -m pytest -q -m "not connected and not e2e and not distributed and not embeddings" \
+		-p no:cacheprovider
 
 lint: setup
 	$(PY) -m ruff check .

@@ -35,6 +35,7 @@ from services.data_prep.near_dup import NearDupConfig, NearDupStage, SignatureIn
 from services.data_prep.packing import ShardWriter, encode_documents, token_dtype
 from services.data_prep.pii import PiiConfig, PiiScrubber
 from services.data_prep.quality import QualityConfig, QualityFilter
+from services.data_prep.semantic import SemanticConfig, SemanticStage
 from services.data_prep.sources import DatasetInputError, ReadConfig, iter_documents
 from services.data_prep.tokenizer_training import (
     EOS_TOKEN,
@@ -63,6 +64,9 @@ class PrepConfig:
     """What personal data is replaced by typed placeholders before tokenizing."""
     near_dup: NearDupConfig = field(default_factory=NearDupConfig)
     """MinHash + LSH near-duplicate removal."""
+    semantic: SemanticConfig | None = None
+    """Embeddings + FAISS: decontamination, optional semantic dedup, long-tail weights and
+    the search index. None: off (the service turns it on: LMFORGE_DATAPREP_SEMANTIC)."""
 
     def __post_init__(self) -> None:
         if not 256 < self.vocab_size <= 1 << 20:
@@ -256,6 +260,14 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                 _write(f, moved)
             stats.train_documents, stats.heldout_documents = len(rest), 1
 
+        weights: dict[str, float] = {}
+        if config.semantic is not None:
+            weights = _semantic(config.semantic, train_spool, heldout_spool, out_dir, log)
+            stats.train_documents = sum(1 for _ in _spool(train_spool))
+            stats.dropped = {reason: n for (_, reason), n in sorted(log.counts.items())}
+            stats.tallies = {f"{stage}.{what}": n
+                             for (stage, what), n in sorted(log.tallies.items())}
+
         tokenizer = train_bpe_tokenizer(_texts(train_spool), config.vocab_size)
         save_tokenizer(tokenizer, out_dir / "tokenizer", model_max_length=config.seq_len)
         vocab_size = tokenizer.get_vocab_size()
@@ -266,7 +278,9 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
         parts: dict[str, dict[str, Any]] = {}
         for part, spool in (("train", train_spool), ("heldout", heldout_spool)):
             writer = ShardWriter(out_dir / part, config.shard_tokens, dtype)
-            encode_documents(tokenizer, _texts(spool), eos_id, writer)
+            part_weights = ((weights.get(doc.id, 1.0) for doc in _spool(spool))
+                            if part == "train" and weights else None)
+            encode_documents(tokenizer, _texts(spool), eos_id, writer, weights=part_weights)
             writer.close()
             parts[part] = writer.manifest()
         stats.train_tokens = int(parts["train"]["tokens"])
@@ -277,7 +291,8 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                 for part, spool in (("train", train_spool), ("heldout", heldout_spool)):
                     for doc in _spool(spool):
                         f.write(json.dumps({"id": doc.id, "text": doc.text, "split": part,
-                                            "weight": 1.0}, ensure_ascii=False) + "\n")
+                                            "weight": weights.get(doc.id, 1.0)},
+                                           ensure_ascii=False) + "\n")
     finally:
         for path in (train_spool, heldout_spool):
             path.unlink(missing_ok=True)
@@ -298,6 +313,23 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
     }
     (out_dir / "dataset.json").write_text(json.dumps(metadata, indent=1))
     return stats
+
+
+def _semantic(config: SemanticConfig, train_spool: Path, heldout_spool: Path, out_dir: Path,
+              log: DecisionLog) -> dict[str, float]:
+    """Decontaminate and weight the training split in place; save the search index.
+
+    The stage sees the whole split at once (clusters, nearest held-out chunks): its
+    memory is the training texts plus ~1.5 KB of vectors per chunk.
+    """
+    stage = SemanticStage(config, list(_spool(heldout_spool)))
+    kept = list(stage.run(_spool(train_spool), log))
+    with train_spool.open("w", encoding="utf-8") as f:
+        for doc in kept:
+            _write(f, doc)
+    if stage.result.index is not None:
+        stage.result.index.save(out_dir / "semantic_index")
+    return stage.result.weights
 
 
 def _summary(counts: dict[str, int]) -> str:

@@ -13,6 +13,7 @@ from services.data_prep.near_dup import NearDupConfig
 from services.data_prep.pii import PiiConfig
 from services.data_prep.prepare import PrepConfig
 from services.data_prep.quality import QualityConfig
+from services.data_prep.semantic import SemanticConfig
 from services.data_prep.sources import ReadConfig
 
 
@@ -40,6 +41,18 @@ class DataPrepSettings(ServiceSettings):
                                                description="Jaccard similarity of duplicates.")
     dataprep_near_dup_keep: str = Field("longest", pattern="^(longest|first)$",
                                         description="Which document of a cluster is kept.")
+    dataprep_semantic: bool = Field(
+        True, description="Embed the corpus (offline MiniLM) into a FAISS index: decontaminate "
+        "the training split against the held-out one, weight the long tail, serve "
+        "`lmforge search`.")
+    dataprep_decontamination_threshold: float = Field(
+        0.9, gt=0, le=1, description="Cosine similarity at which a training chunk copies a "
+        "held-out one (the training document is dropped).")
+    dataprep_semantic_dedup: bool = Field(False, description="SemDeDup-style dedup within "
+                                          "embedding clusters.")
+    dataprep_long_tail_cap: float = Field(3.0, ge=1, description="The most the rarest "
+                                          "clusters' sampled share may exceed their natural "
+                                          "share (1 = no re-weighting).")
     dataprep_near_dup_earlier_runs: bool = Field(
         False, description="Also drop near-copies of what earlier runs of the same model name "
         "were prepared from (their signature index, an artifact of their dataset).")
@@ -66,4 +79,9 @@ class DataPrepSettings(ServiceSettings):
                                    threshold=self.dataprep_near_dup_threshold,
                                    keep="first" if self.dataprep_near_dup_keep == "first"
                                    else "longest"),
+            semantic=SemanticConfig(
+                contamination_threshold=self.dataprep_decontamination_threshold,
+                semantic_dedup=self.dataprep_semantic_dedup,
+                reweight=self.dataprep_long_tail_cap > 1,
+                long_tail_cap=self.dataprep_long_tail_cap) if self.dataprep_semantic else None,
         )

@@ -351,6 +351,32 @@ def cmd_prep(args: argparse.Namespace) -> int:
     return subprocess.run(command, check=False).returncode
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """The training passages nearest a query, from the semantic index of the dataset the
+    model was last trained on (found in the run events; searched by data-prep's code)."""
+    from lmforge.artifacts import ArtifactError, ArtifactStore
+    from lmforge.cli.runs import model_dataset
+
+    settings = _settings()
+    try:
+        digest = asyncio.run(model_dataset(_nats_url(settings), args.model))
+    except ConnectionError as exc:
+        return _unreachable(exc)
+    if not digest:
+        console.print(f"[red]no dataset was prepared for a model named {args.model!r}[/]")
+        return EXIT_FAILED
+    try:
+        dataset = ArtifactStore(settings.artifacts_dir).get_dir(digest)
+    except ArtifactError as exc:
+        console.print(f"[red]the dataset of {args.model!r} cannot be read: {exc}[/]")
+        return EXIT_FAILED
+    command = [sys.executable, "-m", "services.data_prep.search",
+               str(dataset / "semantic_index"), args.query, "-k", str(args.k)]
+    if args.json:
+        command.append("--json")
+    return subprocess.run(command, check=False).returncode
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
@@ -482,6 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", type=Path, required=True, help="directory for the report")
     prep.add_argument("--json", action="store_true", help="the counts as JSON")
     prep.set_defaults(func=cmd_prep)
+
+    search = sub.add_parser("search", help="training passages nearest a query",
+                            description="Searches the semantic index of the dataset MODEL was "
+                            "last prepared from (cosine similarity of MiniLM embeddings).")
+    search.add_argument("model")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5, help="passages to return")
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(func=cmd_search)
 
     scale = sub.add_parser("scale", help="pin replicas: SERVICE=N, or SERVICE=auto to unpin")
     scale.add_argument("assignments", nargs="+")

@@ -262,3 +262,12 @@ def event_json(subject: str, event: Message, ts: float) -> dict[str, Any]:
     return {"subject": subject, "time": ts,
             "event": MessageToDict(event, preserving_proto_field_name=True)}
 
+
+
+async def model_dataset(nats_url: NatsUrl, model_name: str) -> str:
+    """The digest of the dataset last prepared for `model_name` ('' if none)."""
+    digest = ""
+    async for _subject, event, _ts, _cached in stream_events(nats_url, idle_timeout_s=0.5):
+        if isinstance(event, ev.DatasetPrepared) and event.model_name == model_name:
+            digest = event.dataset.digest
+    return digest
