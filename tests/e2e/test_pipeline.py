@@ -138,6 +138,12 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
     gen = lmforge(env, "generate", "--model", "fortune", "--seed", "2", "Hello")
     assert gen.stdout.startswith("Hello")
 
+    # The training passages nearest a sentence of the corpus, from the model's index.
+    found = json.loads(lmforge(env, "search", "fortune",
+                               "A day for firm decisions!!!!!  Or is it?", "-k", "3",
+                               "--json").stdout)
+    assert found and found[0]["score"] > 0.5 and "firm decisions" in found[0]["text"]
+
     runs = json.loads(lmforge(env, "runs", "--json").stdout)
     (mine,) = [r for r in runs if r["run_id"] == "e2e-run"]
     assert mine["status"] == "served" and mine["perplexity"] > 1
