@@ -68,12 +68,13 @@ def artifact_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prepared_dataset(tmp_path_factory, artifact_store):
-    """The shipped fortunes sample, prepared by data-prep's own code (vocab 1024)."""
+    """The shipped fortunes sample, prepared by data-prep's own code (vocab 1024; hygiene
+    only, so the fixture model is the one the gateway tests were calibrated on)."""
     from services.data_prep.prepare import PrepConfig, prepare_dataset
 
     work = tmp_path_factory.mktemp("dataset")
     prepare_dataset(TEST_DATA / "fortunes-sample.txt", "text", "", work / "ds",
-                    PrepConfig(vocab_size=1024, seq_len=TINY_MODEL["seq_len"]))
+                    PrepConfig.hygiene_only(vocab_size=1024, seq_len=TINY_MODEL["seq_len"]))
     return artifact_store.put_dir(work / "ds")
 
 

@@ -11,8 +11,7 @@ request gives the same text on either backend.
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +20,11 @@ import torch
 from lmforge.modeling import load_tokenizer
 from services.inference_gateway.engines.base import (
     EncodedPrompt,
-    Piece,
-    SamplingParams,
-    in_worker_thread,
 )
-from services.inference_gateway.engines.decoding import Generation, encode_prompt, generate
+from services.inference_gateway.engines.in_process import InProcessEngine
 
 
-class OnnxEngine:
+class OnnxEngine(InProcessEngine):
     """The exported directory's onnx/model.onnx, with the tokenizer of its hf/ directory."""
 
     def __init__(self, export_dir: Path, *, version: str, threads: int = 0) -> None:
@@ -45,12 +41,7 @@ class OnnxEngine:
         self.context_length: int = config["max_position_embeddings"]
         self.version = version
 
-    def encode_prompt(self, prompt: str) -> EncodedPrompt:
-        return encode_prompt(self.tokenizer, self.context_length, prompt)
-
-    def stream(self, prompt: EncodedPrompt, params: SamplingParams,
-               cancelled: threading.Event | None = None) -> Iterator[Piece]:
-        """The generation as a synchronous generator (stepped from any thread)."""
+    def next_logits_fn(self, prompt: EncodedPrompt) -> Callable[[int | None], torch.Tensor]:
         ids = list(prompt.token_ids)
 
         def next_logits(token: int | None) -> torch.Tensor:
@@ -59,18 +50,4 @@ class OnnxEngine:
             logits = self.session.run(["logits"], {"input_ids": np.array([ids], np.int64)})[0]
             return torch.from_numpy(logits[0, -1])
 
-        generation = Generation(self.tokenizer, params, prompt_tokens=len(prompt.token_ids),
-                                eos_token_id=self.eos_token_id,
-                                context_length=self.context_length)
-        return generate(next_logits, generation, cancelled)
-
-    async def astream(self, prompt: EncodedPrompt, params: SamplingParams,
-                      cancelled: threading.Event) -> AsyncIterator[Piece]:
-        async for piece in in_worker_thread(self.stream(prompt, params, cancelled)):
-            yield piece
-
-    def retire(self) -> None:
-        """Nothing to free early: the session goes when its last request lets go of it."""
-
-    def close(self) -> None:
-        """Nothing of its own to stop: it lives in the gateway's process."""
+        return next_logits

@@ -8,8 +8,7 @@ process.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,11 +17,8 @@ from transformers import PreTrainedModel
 from lmforge.modeling import load_causal_lm, load_tokenizer
 from services.inference_gateway.engines.base import (
     EncodedPrompt,
-    Piece,
-    SamplingParams,
-    in_worker_thread,
 )
-from services.inference_gateway.engines.decoding import Generation, encode_prompt, generate
+from services.inference_gateway.engines.in_process import InProcessEngine
 
 
 def load_serving_model(model_dir: Path, dtype: str, device: str) -> PreTrainedModel:
@@ -41,7 +37,7 @@ def load_serving_model(model_dir: Path, dtype: str, device: str) -> PreTrainedMo
     return model.eval()
 
 
-class TorchEngine:
+class TorchEngine(InProcessEngine):
     """A PyTorch model generating one request per call."""
 
     def __init__(self, model_dir: Path, *, version: str, dtype: str = "fp32",
@@ -52,12 +48,7 @@ class TorchEngine:
         self.eos_token_id: int = self.model.config.eos_token_id
         self.context_length: int = self.model.config.max_position_embeddings
 
-    def encode_prompt(self, prompt: str) -> EncodedPrompt:
-        return encode_prompt(self.tokenizer, self.context_length, prompt)
-
-    def stream(self, prompt: EncodedPrompt, params: SamplingParams,
-               cancelled: threading.Event | None = None) -> Iterator[Piece]:
-        """The generation as a synchronous generator (stepped from any thread)."""
+    def next_logits_fn(self, prompt: EncodedPrompt) -> Callable[[int | None], torch.Tensor]:
         device = self.model.device
         cache = None
 
@@ -72,18 +63,4 @@ class TorchEngine:
             cache = out.cache
             return out.logits[0, -1]
 
-        generation = Generation(self.tokenizer, params, prompt_tokens=len(prompt.token_ids),
-                                eos_token_id=self.eos_token_id,
-                                context_length=self.context_length)
-        return generate(next_logits, generation, cancelled)
-
-    async def astream(self, prompt: EncodedPrompt, params: SamplingParams,
-                      cancelled: threading.Event) -> AsyncIterator[Piece]:
-        async for piece in in_worker_thread(self.stream(prompt, params, cancelled)):
-            yield piece
-
-    def retire(self) -> None:
-        """Nothing to free early: the model goes when its last request lets go of it."""
-
-    def close(self) -> None:
-        """Nothing of its own to stop: it lives in the gateway's process."""
+        return next_logits
