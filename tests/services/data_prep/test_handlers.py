@@ -52,7 +52,8 @@ def test_same_dataset_ready_twice_is_one_run(harness, tmp_path):
 
     async def scenario():
         async with harness.service(DataPrepService, home=tmp_path / "home",
-                                   data_roots=[TEST_DATA], dataprep_vocab_size=512):
+                                   data_roots=[TEST_DATA], dataprep_vocab_size=512,
+                                   dataprep_semantic=False):
             await harness.publish(event, "twice:dataset.ready")
             await harness.publish(event, "twice:dataset.ready")
             (prepared,) = await harness.wait_for(subjects.DATASET_PREPARED, 1)
@@ -82,7 +83,8 @@ def test_touched_or_copied_data_is_reused_and_one_changed_byte_is_prepared_again
 
     async def scenario():
         async with harness.service(DataPrepService, home=tmp_path / "home",
-                                   data_roots=[data], dataprep_vocab_size=512) as service:
+                                   data_roots=[data], dataprep_vocab_size=512,
+                                   dataprep_semantic=False) as service:
             first, _ = await prepare("first", original)
             stored = sorted(p.name for p in (service.store.root / "sha256").iterdir())
             os.utime(original)  # touched: a new mtime, the same bytes
@@ -126,7 +128,7 @@ def test_a_later_run_of_the_same_model_drops_near_copies_of_what_it_was_prepared
     async def scenario():
         async with harness.service(DataPrepService, home=tmp_path / "home", data_roots=[data],
                                    dataprep_vocab_size=300, dataprep_seq_len=32,
-                                   dataprep_near_dup_earlier_runs=True,
+                                   dataprep_near_dup_earlier_runs=True, dataprep_semantic=False,
                                    dataprep_near_dup_threshold=0.5):
             await harness.publish(ev.DatasetReady(run_id="one", model_name="acme", format="",
                                                   dataset_uri=str(data / "first.jsonl")), "one")
