@@ -16,11 +16,11 @@ def _by_service(decisions):
 def test_backlog_and_request_rate_scale_up_within_bounds():
     policy = ReactivePolicy(PolicyConfig(max_replicas=3, backlog_per_replica=4,
                                          rps_per_replica=10))
-    loads = {"trainer": ServiceLoad("trainer", backlog=9),
+    loads = {"exporter": ServiceLoad("exporter", backlog=9),
              "inference-gateway": ServiceLoad("inference-gateway", requests_per_second=15),
              "data-prep": ServiceLoad("data-prep", backlog=100)}
     got = _by_service(policy.decide(loads, {}, {}))
-    assert got["trainer"].replicas == 3
+    assert got["exporter"].replicas == 3
     assert got["inference-gateway"].replicas == 2
     assert got["data-prep"].replicas == 3  # capped at max
     assert got["scheduler"].replicas == 1  # idle stays at min
@@ -49,3 +49,13 @@ def test_metrics_parsing_and_cost():
             'lmforge_gateway_requests_created{code="OK",model="a"} 1.7e9\n')
     assert parse_request_total(text) == 15.0
     assert training_cost(1800, "cuda", {"cuda": 2.0}) == 1.0
+
+
+def test_a_second_queued_training_run_asks_for_a_second_trainer():
+    policy = ReactivePolicy(PolicyConfig(max_replicas=2))
+    # One job in training (unacknowledged) and one waiting: two trainers, not one.
+    got = _by_service(policy.decide({"trainer": ServiceLoad("trainer", backlog=2)},
+                                    {"trainer": 1}, {}))
+    assert got["trainer"].replicas == 2
+    assert _by_service(policy.decide({"data-prep": ServiceLoad("data-prep", backlog=2)},
+                                     {}, {}))["data-prep"].replicas == 1
