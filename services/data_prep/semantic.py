@@ -736,9 +736,11 @@ class SemanticResult:
     kept_ids: list[str] = field(default_factory=list)
     """Training documents kept, in corpus order."""
     weights: dict[str, float] = field(default_factory=dict)
-    """Sampling multiplier per kept document id (1.0 = natural share)."""
+    """Sampling multiplier per kept document id (1.0 = natural share), on character
+    counts: for the report. Packing recomputes them on token counts from `clusters`
+    (`encode_documents(..., clusters=...)`), which is what the trainer samples."""
     clusters: dict[str, int] = field(default_factory=dict)
-    """k-means cluster per kept document id."""
+    """k-means cluster per kept document id (all 0 when neither reweight nor dedup is on)."""
     cluster_count: int = 0
     contaminating: int = 0
     near_duplicates: int = 0
