@@ -23,9 +23,10 @@ test: setup
 	$(PY) -m mypy
 	$(PY) -m pytest -q --durations=15
 
-# The tier without a nats-server, torchrun, the whole pipeline or an embedding model: < 1 min.
+# The tier without a nats-server, torchrun, the whole pipeline, an embedding model or child
+# processes (engine processes, the CLI): under a minute.
 unit: setup
-	$(PY) -m pytest -q -m "not connected and not e2e and not distributed and not embeddings" \
+	$(PY) -m pytest -q -m "not (connected or e2e or distributed or embeddings or processes)" \
 		-p no:cacheprovider
 
 lint: setup

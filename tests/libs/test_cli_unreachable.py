@@ -52,3 +52,7 @@ def test_a_nats_command_fails_fast_with_one_line_when_nats_is_down(tmp_path: Pat
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"cannot reach NATS at {dead}" in lines[0], lines[0]
     print(f"lmforge {argv[0]} against a dead NATS: exit 1 after {took:.1f}s")
+
+
+# Starts child processes (engine processes, the CLI, model exports): not in `make unit`.
+pytestmark = pytest.mark.processes

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 FORTUNE = ("The best way to predict the future is to invent it, said a computer scientist "
            "who had spent too many nights in the laboratory waiting for results.")
 
@@ -57,3 +59,7 @@ def test_prep_outside_the_roots_is_one_line_and_exit_1(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 1
     assert "outside the allowed roots" in done.stderr and "Traceback" not in done.stderr
+
+
+# Starts child processes (engine processes, the CLI, model exports): not in `make unit`.
+pytestmark = pytest.mark.processes

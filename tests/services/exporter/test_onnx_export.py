@@ -30,3 +30,7 @@ def test_onnx_matches_pytorch_on_dynamic_shapes(tmp_path, trained_model, prepare
     with pytest.raises(OnnxMismatchError, match="differ from PyTorch"):
         check_onnx_against_torch(model, path, heldout,
                                  max_seq_len=model.config.max_position_embeddings)
+
+
+# Starts child processes (engine processes, the CLI, model exports): not in `make unit`.
+pytestmark = pytest.mark.processes

@@ -169,3 +169,7 @@ def test_a_cuda_device_that_is_not_there_is_refused_before_serving(trained_model
         TorchEngine(trained_model.path, version="c", device="cuda")
     with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
         EngineProcess(trained_model.path, version="c", device="cuda:0", max_batch=2)
+
+
+# Starts child processes (engine processes, the CLI, model exports): not in `make unit`.
+pytestmark = pytest.mark.processes

@@ -183,3 +183,7 @@ def test_every_outcome_is_counted_by_model_protocol_and_code(engine):
     asyncio.run(scenario())
     assert {label: requests_counted(*label) - before[label] for label in labels} == {
         label: 1.0 for label in labels}
+
+
+# Starts child processes (engine processes, the CLI, model exports): not in `make unit`.
+pytestmark = pytest.mark.processes

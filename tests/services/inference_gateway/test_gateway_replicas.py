@@ -245,3 +245,7 @@ def test_shutdown_stops_every_engine_process_and_restarts_none(nats_server, home
     assert code == 0, log[-3000:]
     assert survivors == [], f"still running after the gateway stopped: {survivors}"
     assert "restarting" not in log, log[-3000:]
+
+
+# Starts child processes (engine processes, the CLI, model exports): not in `make unit`.
+pytestmark = pytest.mark.processes

@@ -64,3 +64,7 @@ def test_build_engine_serves_the_backend_the_settings_name(export, settings, kin
     finally:
         if isinstance(engine, EngineProcess):
             engine.close()
+
+
+# Starts child processes (engine processes, the CLI, model exports): not in `make unit`.
+pytestmark = pytest.mark.processes

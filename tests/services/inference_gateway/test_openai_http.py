@@ -114,3 +114,7 @@ def test_errors_are_openai_shaped_with_the_right_status(engine):
     assert "role system|user|assistant" in errors["chat"].message
     assert errors["413"] == 413
     assert ok.choices[0].finish_reason
+
+
+# Starts child processes (engine processes, the CLI, model exports): not in `make unit`.
+pytestmark = pytest.mark.processes
