@@ -173,10 +173,16 @@ def default_run_id(spec: str, model_name: str) -> str:
     single file: by its size and mtime; anything else: by the spec; the stage cache
     still reuses every stage whose inputs' bytes are unchanged)."""
     key = f"{spec}|{model_name}"
-    path = Path(spec)
-    if "://" not in spec and path.is_file():
-        stat = path.stat()
-        key += f"|{stat.st_size}|{stat.st_mtime_ns}"
+    if "://" not in spec:
+        # Local files: their sizes and mtimes, so a changed file (or a file added to a
+        # directory) makes a new run instead of being taken for the same event again.
+        path = Path(spec)
+        files = [path] if path.is_file() else sorted(
+            p for p in (path.rglob("*") if path.is_dir() else Path("/").glob(spec.lstrip("/")))
+            if p.is_file())
+        for file in files:
+            stat = file.stat()
+            key += f"|{file}|{stat.st_size}|{stat.st_mtime_ns}"
     return f"{model_name[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}".replace(".", "-")
 
 
