@@ -275,20 +275,28 @@ class ModelQuantized(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., quantized: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., method: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., passed_quality_gate: _Optional[bool] = ...) -> None: ...
 
 class ModelExported(_message.Message):
-    __slots__ = ("run_id", "model_name", "export", "onnx_max_abs_diff", "onnx_opset", "version")
+    __slots__ = ("run_id", "model_name", "export", "onnx_max_abs_diff", "onnx_opset", "version", "onnx_parity_steps", "onnx_heldout_perplexity", "onnx_int8_heldout_perplexity", "triton_model")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     EXPORT_FIELD_NUMBER: _ClassVar[int]
     ONNX_MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
     ONNX_OPSET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ONNX_PARITY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ONNX_HELDOUT_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    ONNX_INT8_HELDOUT_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    TRITON_MODEL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     export: ArtifactRef
     onnx_max_abs_diff: float
     onnx_opset: int
     version: str
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., export: _Optional[_Union[ArtifactRef, _Mapping]] = ..., onnx_max_abs_diff: _Optional[float] = ..., onnx_opset: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    onnx_parity_steps: int
+    onnx_heldout_perplexity: float
+    onnx_int8_heldout_perplexity: float
+    triton_model: str
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., export: _Optional[_Union[ArtifactRef, _Mapping]] = ..., onnx_max_abs_diff: _Optional[float] = ..., onnx_opset: _Optional[int] = ..., version: _Optional[str] = ..., onnx_parity_steps: _Optional[int] = ..., onnx_heldout_perplexity: _Optional[float] = ..., onnx_int8_heldout_perplexity: _Optional[float] = ..., triton_model: _Optional[str] = ...) -> None: ...
 
 class ModelDeployed(_message.Message):
     __slots__ = ("run_id", "model_name", "version", "endpoint", "backend")
