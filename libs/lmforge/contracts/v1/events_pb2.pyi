@@ -249,7 +249,7 @@ class ModelTrained(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., heldout_perplexity: _Optional[float] = ..., train_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., parameters: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class ModelQuantized(_message.Message):
-    __slots__ = ("run_id", "model_name", "model", "quantized", "dataset", "method", "bits", "group_size", "perplexity_before", "perplexity_after", "passed_quality_gate")
+    __slots__ = ("run_id", "model_name", "model", "quantized", "dataset", "method", "bits", "group_size", "perplexity_before", "perplexity_after", "passed_quality_gate", "perplexity_fp", "perplexity_rtn_int4", "perplexity_awq_int4", "served", "served_reason", "weight_format", "quantize_seconds")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +261,13 @@ class ModelQuantized(_message.Message):
     PERPLEXITY_BEFORE_FIELD_NUMBER: _ClassVar[int]
     PERPLEXITY_AFTER_FIELD_NUMBER: _ClassVar[int]
     PASSED_QUALITY_GATE_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FP_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_RTN_INT4_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_AWQ_INT4_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    SERVED_REASON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     model: ArtifactRef
@@ -272,10 +279,17 @@ class ModelQuantized(_message.Message):
     perplexity_before: float
     perplexity_after: float
     passed_quality_gate: bool
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., quantized: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., method: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., passed_quality_gate: _Optional[bool] = ...) -> None: ...
+    perplexity_fp: float
+    perplexity_rtn_int4: float
+    perplexity_awq_int4: float
+    served: str
+    served_reason: str
+    weight_format: str
+    quantize_seconds: float
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., quantized: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., method: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., passed_quality_gate: _Optional[bool] = ..., perplexity_fp: _Optional[float] = ..., perplexity_rtn_int4: _Optional[float] = ..., perplexity_awq_int4: _Optional[float] = ..., served: _Optional[str] = ..., served_reason: _Optional[str] = ..., weight_format: _Optional[str] = ..., quantize_seconds: _Optional[float] = ...) -> None: ...
 
 class ModelExported(_message.Message):
-    __slots__ = ("run_id", "model_name", "export", "onnx_max_abs_diff", "onnx_opset", "version", "onnx_parity_steps", "onnx_heldout_perplexity", "onnx_int8_heldout_perplexity", "triton_model")
+    __slots__ = ("run_id", "model_name", "export", "onnx_max_abs_diff", "onnx_opset", "version", "onnx_parity_steps", "onnx_heldout_perplexity", "onnx_int8_heldout_perplexity", "triton_model", "precision", "precision_reason")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     EXPORT_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +300,8 @@ class ModelExported(_message.Message):
     ONNX_HELDOUT_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
     ONNX_INT8_HELDOUT_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
     TRITON_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     export: ArtifactRef
@@ -296,21 +312,27 @@ class ModelExported(_message.Message):
     onnx_heldout_perplexity: float
     onnx_int8_heldout_perplexity: float
     triton_model: str
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., export: _Optional[_Union[ArtifactRef, _Mapping]] = ..., onnx_max_abs_diff: _Optional[float] = ..., onnx_opset: _Optional[int] = ..., version: _Optional[str] = ..., onnx_parity_steps: _Optional[int] = ..., onnx_heldout_perplexity: _Optional[float] = ..., onnx_int8_heldout_perplexity: _Optional[float] = ..., triton_model: _Optional[str] = ...) -> None: ...
+    precision: str
+    precision_reason: str
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., export: _Optional[_Union[ArtifactRef, _Mapping]] = ..., onnx_max_abs_diff: _Optional[float] = ..., onnx_opset: _Optional[int] = ..., version: _Optional[str] = ..., onnx_parity_steps: _Optional[int] = ..., onnx_heldout_perplexity: _Optional[float] = ..., onnx_int8_heldout_perplexity: _Optional[float] = ..., triton_model: _Optional[str] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ...) -> None: ...
 
 class ModelDeployed(_message.Message):
-    __slots__ = ("run_id", "model_name", "version", "endpoint", "backend")
+    __slots__ = ("run_id", "model_name", "version", "endpoint", "backend", "precision", "precision_reason")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     version: str
     endpoint: str
     backend: str
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    precision: str
+    precision_reason: str
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ...) -> None: ...
 
 class StageFailed(_message.Message):
     __slots__ = ("run_id", "stage", "subject", "reason", "deliveries", "dead_lettered")
