@@ -7,6 +7,7 @@ path, or a touched file, reuse the earlier dataset for the new run.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from dataclasses import replace
 
@@ -18,6 +19,7 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.failures import BadInput
 from lmforge.service import Service
+from services.data_prep.documents import DecisionLog
 from services.data_prep.near_dup import SignatureIndex
 from services.data_prep.prepare import PrepConfig, PrepStats, prepare_dataset
 from services.data_prep.settings import DataPrepSettings
@@ -25,6 +27,8 @@ from services.data_prep.sources import FORMATS, SourceFile, dataset_digest, list
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+log = logging.getLogger("lmforge.data_prep")
 
 
 def validate_request(event: ev.DatasetReady) -> None:
@@ -83,14 +87,21 @@ class DataPrepService(Service[DataPrepSettings]):
         digest = await self.bus.key_value(Bucket.MODEL_DATASETS).get(model_name)
         return digest.decode() if digest else ""
 
-    def _earlier_index(self, digest: str, config: PrepConfig) -> SignatureIndex | None:
+    def _earlier_index(self, digest: str, config: PrepConfig, decisions: DecisionLog
+                       ) -> SignatureIndex | None:
         if not digest:
             return None
         (earlier,) = self.input_dirs("(the model's earlier dataset)",
                                      ev.ArtifactRef(digest=digest))
         index_dir = earlier / "near_dup_index"
         if not index_dir.exists():
-            return None  # prepared with near-dup removal off: nothing to compare against
+            # Prepared with near-dup removal off: there is nothing to compare against, and
+            # the user asked for the comparison, so say so (log line and event tally).
+            log.warning("near-dup against earlier runs: the model's earlier dataset %s "
+                           "has no near-dup index (prepared with near-dup removal off); "
+                           "this run is not deduplicated against it", digest[:12])
+            decisions.count("near_dup", "earlier_index_missing")
+            return None
         return SignatureIndex.load(index_dir, config.near_dup)
 
     @subscriber(subjects.DATASET_READY, cache_outputs=(ev.DatasetPrepared,))
@@ -99,11 +110,12 @@ class DataPrepService(Service[DataPrepSettings]):
         await asyncio.to_thread(self._specs, event)
         config = self.prep_config
         earlier = await self._earlier_dataset(event.model_name)
-        seen = await asyncio.to_thread(self._earlier_index, earlier, config)
+        decisions = DecisionLog()
+        seen = await asyncio.to_thread(self._earlier_index, earlier, config, decisions)
         work = self.store.scratch_dir("dataset-")
         stats = await asyncio.to_thread(
             prepare_dataset, event.dataset_uri, event.format, event.text_field or "text", work,
-            config, roots=self.settings.data_roots, seen=seen)
+            config, roots=self.settings.data_roots, seen=seen, log=decisions)
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)
         if self.settings.dataprep_near_dup_earlier_runs:
             await self.bus.key_value(Bucket.MODEL_DATASETS).put(event.model_name,

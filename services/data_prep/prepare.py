@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from services.data_prep.cleaning import (
     ExactDeduplicator,
     document_digest,
@@ -35,7 +37,8 @@ from services.data_prep.near_dup import NearDupConfig, NearDupStage, SignatureIn
 from services.data_prep.packing import ShardWriter, encode_documents, token_dtype
 from services.data_prep.pii import PiiConfig, PiiScrubber
 from services.data_prep.quality import QualityConfig, QualityFilter
-from services.data_prep.semantic import SemanticConfig, SemanticStage
+from services.data_prep.semantic import SemanticConfig
+from services.data_prep.semantic import curate as semantic_curate
 from services.data_prep.sources import DatasetInputError, ReadConfig, iter_documents
 from services.data_prep.tokenizer_training import (
     EOS_TOKEN,
@@ -260,7 +263,7 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                 _write(f, moved)
             stats.train_documents, stats.heldout_documents = len(rest), 1
 
-        clusters: dict[str, int] = {}
+        clusters: np.ndarray | None = None
         if config.semantic is not None:
             clusters = _semantic(config.semantic, train_spool, heldout_spool, out_dir, log)
             stats.train_documents = sum(1 for _ in _spool(train_spool))
@@ -282,8 +285,8 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
             writer = ShardWriter(out_dir / part, config.shard_tokens, dtype, long_tail_cap=cap)
             # The packer turns clusters into weights on token counts (the trainer samples
             # tokens; per-character weights under-exposed the rarest clusters, 2.45x vs 2.66x).
-            part_clusters = ((clusters[doc.id] for doc in _spool(spool))
-                             if part == "train" and clusters else None)
+            part_clusters = (iter(clusters.tolist())
+                             if part == "train" and clusters is not None else None)
             encode_documents(tokenizer, _texts(spool), eos_id, writer, clusters=part_clusters)
             writer.close()
             parts[part] = writer.manifest()
@@ -321,21 +324,26 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
 
 
 def _semantic(config: SemanticConfig, train_spool: Path, heldout_spool: Path, out_dir: Path,
-              log: DecisionLog) -> dict[str, int]:
+              log: DecisionLog) -> np.ndarray:
     """Decontaminate the training split in place, save the search index, and return each
-    kept training document's embedding cluster (the packer weights the long tail by them).
+    kept training document's embedding cluster, in spool order (the packer weights the
+    long tail by them).
 
-    The stage sees the whole split at once (clusters, nearest held-out chunks): its
-    memory is the training texts plus ~1.5 KB of vectors per chunk.
+    The spools are streamed (embedding, then the index's chunk texts, then the rewrite):
+    memory is the vectors (4 x dim bytes per chunk) and the ids, not the texts.
     """
-    stage = SemanticStage(config, list(_spool(heldout_spool)))
-    kept = list(stage.run(_spool(train_spool), log))
-    with train_spool.open("w", encoding="utf-8") as f:
-        for doc in kept:
-            _write(f, doc)
-    if stage.result.index is not None:
-        stage.result.index.save(out_dir / "semantic_index")
-    return stage.result.clusters
+    result = semantic_curate(lambda: _spool(train_spool), lambda: _spool(heldout_spool),
+                             config, log)
+    if result.index is not None:
+        result.index.save(out_dir / "semantic_index")
+    if not result.keep.all():
+        kept_spool = train_spool.with_suffix(".kept")
+        with kept_spool.open("w", encoding="utf-8") as f:
+            for doc, kept in zip(_spool(train_spool), result.keep.tolist(), strict=True):
+                if kept:
+                    _write(f, doc)
+        kept_spool.replace(train_spool)
+    return result.labels
 
 
 def _summary(counts: dict[str, int]) -> str:

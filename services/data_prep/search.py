@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge search: no semantic index at {args.index_dir} (the dataset was "
               "prepared with LMFORGE_DATAPREP_SEMANTIC=0)", file=sys.stderr)
         return 1
+    meta = json.loads((args.index_dir / "index.json").read_text())
+    if not meta.get("chunks"):
+        print(f"lmforge search: the semantic index at {args.index_dir} is empty (the "
+              "training split had no text to chunk)", file=sys.stderr)
+        return 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hits = search(args.index_dir, args.query, args.k)
     if args.json:

@@ -63,7 +63,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -303,20 +303,36 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
+Documents = Sequence[Document] | Callable[[], Iterable[Document]]
+"""Documents the stage reads more than once: a list, or a callable that streams them
+afresh each time (data-prep's spool file), so their texts are never all in memory."""
+
+
+def iterate(docs: Documents) -> Iterable[Document]:
+    return docs() if callable(docs) else docs
+
+
 @dataclass(slots=True)
 class ChunkEmbeddings:
-    """The chunks of a list of documents and one vector per chunk."""
+    """One vector per chunk of a list of documents, with the chunk -> document map.
+
+    The chunks' texts are not kept: `chunk_text` is deterministic, so whoever needs
+    them (the index's `chunks.jsonl`) re-chunks the documents, streamed again.
+    """
 
     doc_ids: list[str]
     """Document ids, by ordinal."""
     chunk_doc: np.ndarray
     """The document ordinal of each chunk (int64)."""
-    texts: list[str]
-    """Each chunk's text."""
     vectors: np.ndarray
     """float32 [chunks, dim], L2-normalised."""
     doc_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     """Characters per document (the natural share's unit before tokenizing)."""
+
+    @property
+    def count(self) -> int:
+        """Chunks."""
+        return len(self.chunk_doc)
 
     def document_vectors(self) -> np.ndarray:
         """One vector per document: the normalised mean of its chunks' vectors (a
@@ -334,7 +350,6 @@ class ChunkEmbeddings:
         return ChunkEmbeddings(
             doc_ids=[self.doc_ids[i] for i in keep_docs],
             chunk_doc=renumber[self.chunk_doc[rows]],
-            texts=[self.texts[i] for i in rows],
             vectors=np.ascontiguousarray(self.vectors[rows]),
             doc_lengths=self.doc_lengths[keep_docs] if len(self.doc_lengths) else
             self.doc_lengths)
@@ -342,30 +357,39 @@ class ChunkEmbeddings:
 
 def embed_documents(docs: Iterable[Document], embedder: Embedder, *, chunk_words: int = 128,
                     chunk_overlap: int = 16, batch_chunks: int = 4096) -> ChunkEmbeddings:
-    """Chunk and embed `docs`; the chunks' texts and vectors are held in memory."""
+    """Chunk and embed `docs` as they stream by: only `batch_chunks` chunk texts are
+    held at a time; the vectors (4 x dim bytes per chunk) are kept."""
     doc_ids: list[str] = []
     lengths: list[int] = []
     chunk_doc: list[int] = []
-    texts: list[str] = []
+    pending: list[str] = []
     parts: list[np.ndarray] = []
-    pending = 0
     for doc in docs:
         ordinal = len(doc_ids)
         doc_ids.append(doc.id)
         lengths.append(len(doc.text))
         for chunk in chunk_text(doc.text, chunk_words, chunk_overlap):
             chunk_doc.append(ordinal)
-            texts.append(chunk)
-            pending += 1
-        if pending >= batch_chunks:
-            parts.append(embedder.encode(texts[len(texts) - pending :]))
-            pending = 0
+            pending.append(chunk)
+        if len(pending) >= batch_chunks:
+            parts.append(embedder.encode(pending))
+            pending = []
     if pending:
-        parts.append(embedder.encode(texts[len(texts) - pending :]))
+        parts.append(embedder.encode(pending))
     vectors = (np.concatenate(parts) if parts
                else np.zeros((0, embedder.dim), dtype=np.float32))
-    return ChunkEmbeddings(doc_ids, np.asarray(chunk_doc, dtype=np.int64), texts, vectors,
+    return ChunkEmbeddings(doc_ids, np.asarray(chunk_doc, dtype=np.int64), vectors,
                            np.asarray(lengths, dtype=np.int64))
+
+
+def chunk_texts(docs: Iterable[Document], keep: np.ndarray, config: SemanticConfig
+                ) -> Iterator[tuple[str, str]]:
+    """(document id, chunk text) for the documents whose ordinal `keep` marks, in the
+    order `embed_documents` gave their vectors."""
+    for doc, kept in zip(docs, keep.tolist(), strict=True):
+        if kept:
+            for chunk in chunk_text(doc.text, config.chunk_words, config.chunk_overlap):
+                yield doc.id, chunk
 
 
 # -- the FAISS index --------------------------------------------------------------------
@@ -458,28 +482,30 @@ class SemanticIndex:
     """A FAISS index over chunk vectors with the chunk -> document map, on disk or in memory."""
 
     def __init__(self, index: faiss.Index, meta: dict[str, Any], *,
-                 chunks: list[tuple[str, str]] | None = None,
+                 chunks: Callable[[], Iterable[tuple[str, str]]] | None = None,
                  directory: Path | None = None) -> None:
         self.index = index
         self.meta = meta
-        self._chunks = chunks
+        self._chunk_source = chunks
+        self._chunks: list[tuple[str, str]] | None = None
         self.directory = directory
         self._offsets: np.ndarray | None = None
         self._embedder: Embedder | None = None
 
     @classmethod
-    def build(cls, chunks: ChunkEmbeddings, config: SemanticConfig) -> SemanticIndex:
-        kind = index_kind(len(chunks.texts), config)
+    def build(cls, chunks: ChunkEmbeddings, config: SemanticConfig,
+              texts: Callable[[], Iterable[tuple[str, str]]]) -> SemanticIndex:
+        """Index `chunks`' vectors; `texts` streams (document id, chunk text) in the same
+        order when the index is saved (or searched unsaved)."""
+        kind = index_kind(chunks.count, config)
         index = build_index(chunks.vectors, config, kind)
         meta = {"format": INDEX_FORMAT, "embedder": config.embedder,
                 "dim": int(chunks.vectors.shape[1]), "kind": kind,
-                "chunks": len(chunks.texts), "documents": len(chunks.doc_ids),
+                "chunks": chunks.count, "documents": len(chunks.doc_ids),
                 "chunking": {"chunk_words": config.chunk_words,
                              "chunk_overlap": config.chunk_overlap},
                 "params": config.index_params()}
-        pairs = [(chunks.doc_ids[d], text) for d, text in zip(chunks.chunk_doc.tolist(),
-                                                              chunks.texts, strict=True)]
-        return cls(index, meta, chunks=pairs)
+        return cls(index, meta, chunks=texts)
 
     def save(self, directory: Path) -> Path:
         """Write the index directory (created; must not hold an index already)."""
@@ -490,11 +516,20 @@ class SemanticIndex:
             raise FileExistsError(f"{directory} already holds a semantic index")
         faiss.write_index(self.index, str(directory / "index.faiss"))
         offsets = np.zeros(self.index.ntotal, dtype=np.int64)
+        written = 0
         with (directory / "chunks.jsonl").open("wb") as f:
             for i, (doc_id, text) in enumerate(self._iter_chunks()):
+                if i >= len(offsets):
+                    raise RuntimeError(f"more chunk texts than the index's {len(offsets)} "
+                                       "vectors: the documents changed since they were "
+                                       "embedded")
                 offsets[i] = f.tell()
+                written += 1
                 f.write(json.dumps({"doc": doc_id, "text": text},
                                    ensure_ascii=False).encode() + b"\n")
+        if written != len(offsets):
+            raise RuntimeError(f"{written} chunk texts for the index's {len(offsets)} vectors: "
+                               "the documents changed since they were embedded")
         np.save(directory / "chunk_offsets.npy", offsets)
         (directory / "index.json").write_text(json.dumps(self.meta, indent=1))
         return directory
@@ -515,8 +550,8 @@ class SemanticIndex:
         return cls(index, meta, directory=directory)
 
     def _iter_chunks(self) -> Iterator[tuple[str, str]]:
-        if self._chunks is not None:
-            yield from self._chunks
+        if self._chunk_source is not None:
+            yield from self._chunk_source()
             return
         assert self.directory is not None
         with (self.directory / "chunks.jsonl").open(encoding="utf-8") as f:
@@ -526,7 +561,9 @@ class SemanticIndex:
 
     def chunk(self, position: int) -> tuple[str, str]:
         """(document id, chunk text) of the chunk at `position` in the index."""
-        if self._chunks is not None:
+        if self._chunk_source is not None:
+            if self._chunks is None:  # an unsaved index (tests, benchmarks): small
+                self._chunks = list(self._chunk_source())
             return self._chunks[position]
         assert self.directory is not None
         if self._offsets is None:
@@ -598,7 +635,7 @@ def find_contamination(train: ChunkEmbeddings, heldout: ChunkEmbeddings,
     training chunk asks for its one nearest held-out chunk; that finds every
     training document above the threshold, not only a held-out chunk's top k.
     """
-    if not len(heldout.texts) or not len(train.texts):
+    if not heldout.count or not train.count:
         return []
     index = build_index(heldout.vectors, config)
     scores, positions = index.search(train.vectors, 1)
@@ -731,43 +768,62 @@ def long_tail_weights(labels: np.ndarray, lengths: np.ndarray, cap: float = 3.0)
 
 @dataclass(slots=True)
 class SemanticResult:
-    """What the semantic stage decided about the training split."""
+    """What the semantic stage decided about the training split, by document ordinal
+    (arrays, not per-id dicts: a million documents cost megabytes, not a gigabyte)."""
 
-    kept_ids: list[str] = field(default_factory=list)
-    """Training documents kept, in corpus order."""
-    weights: dict[str, float] = field(default_factory=dict)
-    """Sampling multiplier per kept document id (1.0 = natural share), on character
-    counts: for the report. Packing recomputes them on token counts from `clusters`
+    doc_ids: list[str] = field(default_factory=list)
+    """Every training document's id, in corpus order."""
+    keep: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    """Whether each training document is kept."""
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """k-means cluster of each kept document, in order (all 0 when neither reweight nor
+    dedup is on). The packer turns them into weights on token counts
     (`encode_documents(..., clusters=...)`), which is what the trainer samples."""
-    clusters: dict[str, int] = field(default_factory=dict)
-    """k-means cluster per kept document id (all 0 when neither reweight nor dedup is on)."""
+    weight_values: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Sampling multiplier of each kept document on character counts (1.0 = natural
+    share): for the report."""
     cluster_count: int = 0
     contaminating: int = 0
     near_duplicates: int = 0
     index: SemanticIndex | None = None
     """The retrieval index over the kept documents' chunks (save it with `.save(dir)`)."""
 
+    @property
+    def kept_ids(self) -> list[str]:
+        return [self.doc_ids[i] for i in np.flatnonzero(self.keep)]
 
-def curate(train: Sequence[Document], heldout: Sequence[Document], config: SemanticConfig,
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(zip(self.kept_ids, self.weight_values.tolist(), strict=True))
+
+    @property
+    def clusters(self) -> dict[str, int]:
+        return dict(zip(self.kept_ids, self.labels.tolist(), strict=True))
+
+
+def curate(train: Documents, heldout: Documents, config: SemanticConfig,
            log: DecisionLog, *, embedder: Embedder | None = None,
            build_retrieval_index: bool = True) -> SemanticResult:
     """Decontaminate `train` against `heldout`, optionally dedup it semantically,
     weight it for the long tail and index what is kept.
 
+    Each part is streamed once to embed it; `train` once more when the index is
+    saved (its chunk texts). In memory: the vectors and the ids, never the texts.
     Drops are recorded in `log` under stage "semantic"; `log.count` gets the
     clusters found.
     """
     embedder = embedder or build_embedder(config.embedder, batch_size=config.batch_size)
     result = SemanticResult()
-    chunks = embed_documents(train, embedder, chunk_words=config.chunk_words,
+    chunks = embed_documents(iterate(train), embedder, chunk_words=config.chunk_words,
                              chunk_overlap=config.chunk_overlap)
-    keep = np.ones(len(train), dtype=bool)
-    if config.decontaminate and heldout:
-        held = embed_documents(heldout, embedder, chunk_words=config.chunk_words,
+    result.doc_ids = chunks.doc_ids
+    keep = np.ones(len(chunks.doc_ids), dtype=bool)
+    if config.decontaminate:
+        held = embed_documents(iterate(heldout), embedder, chunk_words=config.chunk_words,
                                chunk_overlap=config.chunk_overlap)
         for hit in find_contamination(chunks, held, config.contamination_threshold, config):
             keep[hit.train_doc] = False
-            log.drop(train[hit.train_doc], STAGE, CONTAMINATES_HELDOUT,
+            log.drop(chunks.doc_ids[hit.train_doc], STAGE, CONTAMINATES_HELDOUT,
                      detail=f"held-out {hit.heldout_doc_id} at cosine {hit.score:.3f}")
             result.contaminating += 1
     kept = np.flatnonzero(keep)
@@ -783,42 +839,19 @@ def curate(train: Sequence[Document], heldout: Sequence[Document], config: Seman
         drop = np.zeros(len(kept), dtype=bool)
         for dup in duplicates:
             drop[dup.doc] = True
-            log.drop(train[kept[dup.doc]], STAGE, NEAR_DUPLICATE, cluster=f"s{dup.cluster}",
+            keep[kept[dup.doc]] = False
+            log.drop(chunks.doc_ids[dup.doc], STAGE, NEAR_DUPLICATE, cluster=f"s{dup.cluster}",
                      detail=f"of {chunks.doc_ids[dup.kept]} at cosine {dup.score:.3f}")
         result.near_duplicates = len(duplicates)
         survivors = np.flatnonzero(~drop)
         chunks, labels = chunks.subset(survivors), labels[survivors]
-    weights = (long_tail_weights(labels, chunks.doc_lengths, config.long_tail_cap)
-               if config.reweight else np.ones(len(chunks.doc_ids)))
-    result.kept_ids = list(chunks.doc_ids)
-    result.weights = dict(zip(chunks.doc_ids, weights.tolist(), strict=True))
-    result.clusters = dict(zip(chunks.doc_ids, labels.tolist(), strict=True))
-    if build_retrieval_index and len(chunks.texts):
-        result.index = SemanticIndex.build(chunks, config)
+    del doc_vectors
+    result.keep, result.labels = keep, labels
+    result.weight_values = (long_tail_weights(labels, chunks.doc_lengths, config.long_tail_cap)
+                            if config.reweight else np.ones(len(chunks.doc_ids)))
+    if build_retrieval_index:
+        # Built even when empty (a split of whitespace-only documents has no chunks), so
+        # `lmforge search` finds an index and says it is empty rather than missing.
+        result.index = SemanticIndex.build(
+            chunks, config, lambda: chunk_texts(iterate(train), keep, config))
     return result
-
-
-class SemanticStage:
-    """`curate` as a pipeline `Stage` over the training split.
-
-    It needs every training document before it can yield one (the clusters and
-    the decontamination see the whole split); after `run` is exhausted,
-    `result` holds the weights, clusters and the index.
-    """
-
-    name = STAGE
-
-    def __init__(self, config: SemanticConfig, heldout: Sequence[Document], *,
-                 embedder: Embedder | None = None) -> None:
-        self.config = config
-        self.heldout = heldout
-        self.embedder = embedder
-        self.result = SemanticResult()
-
-    def run(self, docs: Iterable[Document], log: DecisionLog) -> Iterator[Document]:
-        train = list(docs)
-        self.result = curate(train, self.heldout, self.config, log, embedder=self.embedder)
-        kept = set(self.result.kept_ids)
-        for doc in train:
-            if doc.id in kept:
-                yield doc

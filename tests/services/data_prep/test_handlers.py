@@ -141,3 +141,33 @@ def test_a_later_run_of_the_same_model_drops_near_copies_of_what_it_was_prepared
     second = asyncio.run(scenario())
     assert second.stats.dropped["near_dup.seen_before"] == 10
     assert second.stats.records_kept == 30
+
+
+def test_an_earlier_dataset_without_a_near_dup_index_is_reported_not_silently_skipped(
+        harness, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    texts = [f"Ticket {i}: the printer on floor {i} jams whenever a long report is sent "
+             f"to it after lunch, and the queue then stalls for everyone {i}." for i in range(30)]
+    (data / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    home = tmp_path / "home"
+
+    async def prepare(run_id, **settings):
+        async with harness.service(DataPrepService, home=home, data_roots=[data],
+                                   dataprep_vocab_size=300, dataprep_seq_len=32,
+                                   dataprep_near_dup_earlier_runs=True, dataprep_semantic=False,
+                                   **settings):
+            await harness.publish(ev.DatasetReady(run_id=run_id, model_name="acme", format="",
+                                                  dataset_uri=str(data / "a.jsonl")), run_id)
+            (prepared,) = await harness.wait_for(subjects.DATASET_PREPARED, 1, run_id=run_id)
+            return prepared
+
+    async def scenario():
+        first = await prepare("one", dataprep_near_dup=False)
+        second = await prepare("two")
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert "near_dup.earlier_index_missing" not in first.stats.tallies
+    assert second.stats.tallies["near_dup.earlier_index_missing"] == 1
+    assert "has no near-dup index" in caplog.text

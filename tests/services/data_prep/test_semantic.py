@@ -18,10 +18,10 @@ from services.data_prep.semantic import (
     MiniLMEmbedder,
     SemanticConfig,
     SemanticIndex,
-    SemanticStage,
     build_index,
     choose_cluster_count,
     chunk_text,
+    chunk_texts,
     curate,
     embed_documents,
     long_tail_weights,
@@ -80,13 +80,13 @@ def test_saved_index_finds_the_document_of_an_exact_sentence(tmp_path, embedder,
                                                              flat_max):
     config = SemanticConfig(flat_max=flat_max)
     chunks = embed_documents(corpus, embedder)
-    built = SemanticIndex.build(chunks, config)
+    everything = np.ones(len(corpus), dtype=bool)
+    built = SemanticIndex.build(chunks, config, lambda: chunk_texts(corpus, everything, config))
     built.save(tmp_path / "index")
 
     loaded = SemanticIndex.load(tmp_path / "index")
     assert loaded.meta["kind"] == ("flat" if flat_max > 1000 else "hnsw")
-    assert loaded.meta["chunks"] == len(chunks.texts) and loaded.index.ntotal == len(
-        chunks.texts)
+    assert loaded.meta["chunks"] == chunks.count == loaded.index.ntotal
     for doc in (corpus[7], corpus[150], corpus[-1]):
         sentence = doc.text.splitlines()[0]
         hits = search(tmp_path / "index", sentence, k=3, embedder=embedder)
@@ -138,11 +138,12 @@ def test_training_copy_or_paraphrase_of_a_heldout_document_is_dropped(embedder, 
 def test_decontamination_reports_each_drop_with_the_heldout_document(tmp_path, embedder,
                                                                      corpus):
     log = DecisionLog(tmp_path / "decisions.jsonl")
-    stage = SemanticStage(SemanticConfig(reweight=False), [Document("held-moon", MOON)],
-                          embedder=embedder)
-    kept = list(stage.run([*corpus[:30], Document("copy", MOON_PARAPHRASE)], log))
+    train = [*corpus[:30], Document("copy", MOON_PARAPHRASE)]
+    result = curate(lambda: iter(train), lambda: iter([Document("held-moon", MOON)]),
+                    SemanticConfig(reweight=False), log, embedder=embedder)
     log.close()
-    assert [d.id for d in kept] == [d.id for d in corpus[:30]]
+    assert result.kept_ids == [d.id for d in corpus[:30]]
+    assert result.index is not None and result.index.meta["documents"] == 30
     [line] = [json.loads(x) for x in (tmp_path / "decisions.jsonl").read_text().splitlines()]
     assert line["id"] == "copy" and line["reason"] == CONTAMINATES_HELDOUT
     assert "held-moon" in line["detail"]
@@ -269,3 +270,24 @@ def test_packing_with_clusters_weights_them_on_token_counts(tmp_path):
     assert np.array_equal(weights, writer.weights) and writer.manifest()["weighted"]
     with pytest.raises(ValueError, match="every document of a part or for none"):
         writer.add(np.zeros(3, dtype=np.int64))
+
+
+def test_an_index_saved_from_documents_that_changed_since_embedding_is_refused(tmp_path,
+                                                                              embedder,
+                                                                              corpus):
+    config = SemanticConfig()
+    chunks = embed_documents(corpus[:10], embedder)
+    changed = [*corpus[:9], Document(corpus[9].id, corpus[9].text + " more" * 200)]
+    index = SemanticIndex.build(chunks, config,
+                                lambda: chunk_texts(changed, np.ones(10, dtype=bool), config))
+    with pytest.raises(RuntimeError, match="changed since they were embedded"):
+        index.save(tmp_path / "index")
+
+
+def test_a_split_without_text_chunks_saves_an_empty_index_that_search_says_is_empty(
+        tmp_path, embedder):
+    result = curate([Document("blank", "   ")], [], SemanticConfig(reweight=False),
+                    DecisionLog(), embedder=embedder)
+    assert result.index is not None
+    result.index.save(tmp_path / "index")
+    assert search(tmp_path / "index", "anything", embedder=embedder) == []
