@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 QUANTIZED_WEIGHTS = "quantized.safetensors"
-QUANTIZATION_CONFIG = "quantization.json"
-"""The quantizer's output format: `<name>.qcodes` (int8 codes) and `<name>.qscales`
+"""The quantizer's int8 output: `<name>.qcodes` (int8 codes) and `<name>.qscales`
 (fp32, one per output channel and input group) for each quantized weight, every
-other tensor as is."""
+other tensor as is. int4 is a Hugging Face AWQ directory instead (awq_gemm.py)."""
+QUANTIZATION_CONFIG = "quantization.json"
+"""What the quantizer did: method, group sizes per layer, perplexities."""
 
 if TYPE_CHECKING:
     import torch
@@ -150,13 +151,38 @@ def dequantize_state_dict(quantized: dict[str, torch.Tensor]) -> dict[str, torch
     return state
 
 
-def load_dequantized_model(quantized_dir: Path) -> PreTrainedModel:
-    """A transformers model carrying the quantized weights, dequantized to fp32."""
-    from safetensors.torch import load_file
+def is_awq_model(directory: Path) -> bool:
+    """Whether `directory` is a Hugging Face model stored packed by AWQ (config.json)."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method") == "awq"
+
+
+def empty_model_of(directory: Path) -> PreTrainedModel:
+    """The model class of `directory`'s config.json with fresh fp32 Linears (a
+    `quantization_config` in it is dropped: the caller loads the weights itself)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(quantized_dir))
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(dequantize_state_dict(load_file(str(quantized_dir / QUANTIZED_WEIGHTS))))
+    config = AutoConfig.from_pretrained(str(directory))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_dequantized_model(quantized_dir: Path) -> PreTrainedModel:
+    """A transformers model carrying the quantized weights (int8 codes or packed AWQ
+    int4), dequantized to fp32."""
+    from safetensors.torch import load_file
+
+    from lmforge import awq_gemm
+
+    model = empty_model_of(quantized_dir)
+    if (quantized_dir / QUANTIZED_WEIGHTS).exists():
+        state = dequantize_state_dict(load_file(str(quantized_dir / QUANTIZED_WEIGHTS)))
+    else:
+        state = {}
+        for shard in sorted(quantized_dir.glob("*.safetensors")):
+            state.update(load_file(str(shard)))
+        state = awq_gemm.dequantize_state_dict(state)
+    model.load_state_dict(state)
     model.eval()
     return model

@@ -1,10 +1,11 @@
-"""Weight-only round-to-nearest (RTN) quantization: the baseline AWQ must beat.
+"""Weight-only round-to-nearest int8: symmetric codes, one scale per output channel.
 
 Each Linear weight inside the decoder layers gets symmetric integer codes
 with one fp32 scale per output channel and group of `group_size` inputs
 (group_size 0 = the whole row). Embeddings, norms and the LM head stay fp32:
 they are small here and the most sensitive. Codes are stored as int8 tensors
-(int4 values are not bit-packed yet) in safetensors, next to the scales.
+in safetensors, next to the scales. int4 (round-to-nearest and AWQ) is
+asymmetric and packed: int4.py and packed_model.py.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from lmforge.modeling import QUANTIZATION_CONFIG, QUANTIZED_WEIGHTS, dequantize_
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RtnConfig:
     bits: int = 8
-    """8 or 4."""
+    """8 (int4 is int4.py's)."""
     group_size: int = 0
     """Input columns per scale; 0 = one scale per output channel."""
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits {self.bits} must be 4 or 8")
+        if self.bits != 8:
+            raise ValueError(f"bits {self.bits}: round-to-nearest here is int8; int4 is "
+                             "asymmetric and packed (services/quantizer/int4.py)")
         if self.group_size < 0:
             raise ValueError(f"group_size {self.group_size} must be >= 0")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -11,8 +13,26 @@ from lmforge.settings import ServiceSettings
 class QuantizerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LMFORGE_", extra="ignore", frozen=True)
 
-    quantizer_bits: int = Field(8, description="4 or 8.")
-    quantizer_group_size: int = Field(0, ge=0, description="0 = per output channel.")
+    quantizer_method: Literal["awq", "rtn"] = Field(
+        "awq", description="awq (int4, calibrated on the run's training split) or rtn "
+                           "(round-to-nearest, the baseline; int4 or int8).")
+    quantizer_bits: Literal[4, 8] = Field(4, description="4 (packed AutoAWQ GEMM) or 8 "
+                                                         "(rtn only).")
+    quantizer_group_size: int = Field(
+        128, gt=0, description="int4 input columns per scale; a layer whose width it does "
+                               "not divide gets the largest kernel group size that does.")
     quantizer_max_ppl_increase: float = Field(
         0.05, ge=0, description="Quality gate: largest relative perplexity increase accepted."
     )
+    quantizer_on_gate_failure: Literal["fail", "serve-fp"] = Field(
+        "fail", description="fail: stage.failed naming the figures; serve-fp: serve fp32 and "
+                            "say so in every event. A run's own choice (lmforge run "
+                            "--on-quality-gate-failure) wins.")
+    quantizer_calibration_samples: int = Field(
+        64, ge=1, description="AWQ calibration windows from the training split (fewer when "
+                              "the split is smaller).")
+    quantizer_calibration_length: int = Field(
+        0, ge=0, description="Tokens per calibration window; 0 = the dataset's seq_len.")
+    quantizer_compare: bool = Field(
+        True, description="Also measure the other int4 method (RTN beside AWQ), for the "
+                          "comparison in model.quantized.")
