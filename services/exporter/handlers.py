@@ -1,7 +1,7 @@
 """exporter's bus wiring: model.quantized -> hf/ + onnx/ -> model.exported.
 
-The served weights are the quantized ones when they passed the quality gate
-(dequantized, so every runtime can load them), else the full-precision ones.
+hf/ holds the weights model.quantized says to serve (served_weights.py): the
+packed int4 directory as the quantizer wrote it, or fp32 with the reason.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from lmforge.contracts import subjects
 from lmforge.contracts.names import ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
-from lmforge.modeling import load_causal_lm, load_dequantized_model, load_token_stream
+from lmforge.modeling import load_token_stream
 from lmforge.service import Service
 from services.exporter.onnx_export import (
     ONNX_OPSET,
     check_onnx_against_torch,
     export_logits_onnx,
 )
+from services.exporter.served_weights import ServedWeights, write_served_weights
 from services.exporter.settings import ExporterSettings
 
 
@@ -35,13 +36,11 @@ class ExporterService(Service[ExporterSettings]):
         model_dir, quantized_dir, dataset_dir = self.input_dirs(
             event.run_id, event.model, event.quantized, event.dataset)
 
-        def export() -> tuple[float, StoredArtifact]:
-            use_quantized = event.passed_quality_gate
-            model = (load_dequantized_model(quantized_dir) if use_quantized
-                     else load_causal_lm(model_dir))
+        def export() -> tuple[float, StoredArtifact, ServedWeights]:
             work = self.store.scratch_dir("export-")
             hf_dir = work / "hf"
-            model.save_pretrained(str(hf_dir), safe_serialization=True)
+            served = write_served_weights(event, model_dir, quantized_dir, hf_dir)
+            model = served.model
             for item in model_dir.iterdir():
                 if item.is_file() and item.suffix == ".json" and item.name.startswith(
                     ("tokenizer", "special_tokens", "generation")
@@ -55,15 +54,16 @@ class ExporterService(Service[ExporterSettings]):
                                             tolerance=self.settings.exporter_onnx_tolerance)
             (work / "export.json").write_text(json.dumps({
                 "source_model": event.model.digest,
-                "quantized": event.quantized.digest, "served_weights":
-                event.method if use_quantized else "fp32", "onnx_max_abs_diff": diff,
+                "quantized": event.quantized.digest, "served_weights": served.precision,
+                "served_reason": served.reason, "onnx_max_abs_diff": diff,
                 "onnx_opset": ONNX_OPSET}, indent=1))
-            return diff, self.store.put_dir(work, move=True)
+            return diff, self.store.put_dir(work, move=True), served
 
-        diff, stored = await asyncio.to_thread(export)
+        diff, stored, served = await asyncio.to_thread(export)
         return ev.ModelExported(
             run_id=event.run_id, model_name=event.model_name,
             export=ev.ArtifactRef(digest=stored.digest, size_bytes=stored.size_bytes),
             onnx_max_abs_diff=diff, onnx_opset=ONNX_OPSET,
             version=stored.digest.removeprefix("sha256:")[:12],
+            precision=served.precision, precision_reason=served.reason,
         )

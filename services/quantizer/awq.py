@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol, cast
 
 import numpy as np
