@@ -84,13 +84,21 @@ def launch(job_path: Path, nproc: int, *, stop: threading.Event | None = None,
     if code != 0 or not result_file.exists():
         raise DistributedTrainingError(
             f"torchrun with {nproc} ranks exited with {code}"
-            + (f"; see {log_path}" if log_path else ""))
+            + (f"; see {log_path}:\n{_tail(log_path)}" if log_path else ""))
     data = json.loads(result_file.read_text())
     if data.get("model_dir"):
         data["model_dir"] = Path(data["model_dir"])
     if data.get("checkpoint"):
         data["checkpoint"] = CheckpointRef(**data["checkpoint"])
     return TrainResult(**data)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    """The end of the ranks' log, so the error says why without a trip to the file."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(log unreadable: {exc})"
 
 
 def emit(kind: str, payload) -> None:
