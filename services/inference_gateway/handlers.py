@@ -42,6 +42,7 @@ from services.inference_gateway.engines import (
     RemoteTritonEngine,
     build_engine,
     import_engine_modules,
+    served_precision,
 )
 from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.registry import ModelRegistry
@@ -93,7 +94,12 @@ class GatewayService(Service[GatewaySettings]):
     def _build(self, event: ev.ModelExported) -> Engine:
         """The engine of an exported model (verifies the artifact, then loads it)."""
         (export_dir,) = self.input_dirs(event.run_id, event.export)
-        return build_engine(self.settings, export_dir, event.version)
+        engine = build_engine(self.settings, export_dir, event.version)
+        precision, reason = served_precision(self.settings, export_dir)
+        self.registry.record_precision(event.model_name, event.version, precision, reason)
+        log.info("model %s version %s is served at %s%s", event.model_name, event.version,
+                 precision, f" ({reason})" if reason else "")
+        return engine
 
     async def _say_serving(self) -> None:
         await self.server.set_serving(bool(self.registry.names()))
@@ -117,9 +123,11 @@ class GatewayService(Service[GatewaySettings]):
         await self.book.record_current(event)
         # Published here so that it is recorded as announced only once it is out: a
         # replica that dies in between publishes again, under the same message id.
+        precision, reason = self.registry.precision(event.model_name, event.version)
         await delivery.publish(ev.ModelDeployed(
             run_id=event.run_id, model_name=event.model_name, version=event.version,
-            endpoint=self.endpoint, backend=self.settings.gateway_backend))
+            endpoint=self.endpoint, backend=self.settings.gateway_backend,
+            precision=precision, precision_reason=reason))
         await self.book.record_announced(event)
 
     async def _catch_up_with(self, event: ev.ModelExported) -> None:

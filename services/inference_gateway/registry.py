@@ -18,8 +18,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from prometheus_client import Gauge
+
 from services.inference_gateway.engines.base import Engine
 from services.inference_gateway.errors import GatewayError, ModelLoading, UnknownModel
+
+MODEL_PRECISION = Gauge("lmforge_gateway_model_precision",
+                        "1 per loaded model version and the precision it is served at.",
+                        ["model", "version", "precision"])
 
 
 @dataclass(slots=True)
@@ -51,6 +57,7 @@ class ModelRegistry:
     _pending: dict[str, PendingModel] = field(default_factory=dict)
     _installs: int = 0
     _installed_at: dict[str, int] = field(default_factory=dict)
+    _precision: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def install(self, name: str, engine: Engine) -> None:
@@ -143,6 +150,20 @@ class ModelRegistry:
             self._pending.clear()
         for engine in engines:
             engine.close()
+
+    def record_precision(self, name: str, version: str, precision: str, reason: str) -> None:
+        """What `version` of `name` computes with ("int4-awq-g128", "fp32") and why it is
+        not the exported precision ("" when it is); said by /v1/models and metrics."""
+        with self._lock:
+            self._precision[(name, version)] = (precision, reason)
+        MODEL_PRECISION.labels(name, version, precision).set(1)
+
+    def precision(self, name: str, version: str = "") -> tuple[str, str]:
+        """(precision, reason) of `version` (default: the current one) of `name`;
+        ("", "") when not recorded (a remote model)."""
+        with self._lock:
+            key = (name, version or self._current.get(name, ""))
+            return self._precision.get(key, ("", ""))
 
     def names(self) -> list[str]:
         with self._lock:

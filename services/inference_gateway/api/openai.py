@@ -166,9 +166,13 @@ class OpenAIServer:
 
     async def models(self, request: web.Request) -> web.Response:
         registry = self.frontend.registry
-        return web.json_response({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "lmforge",
-             "version": registry.version(name)} for name in registry.names()]})
+        data = []
+        for name in registry.names():
+            precision, reason = registry.precision(name)
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "lmforge",
+                         "version": registry.version(name), "precision": precision,
+                         "precision_reason": reason})
+        return web.json_response({"object": "list", "data": data})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)

@@ -15,9 +15,11 @@ a remote engine is built from its own `RemoteTritonConfig`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lmforge.modeling import is_awq_model
 from services.inference_gateway.engines.base import Engine
 from services.inference_gateway.engines.onnx import OnnxEngine
 from services.inference_gateway.engines.process import EngineProcess
@@ -28,7 +30,7 @@ if TYPE_CHECKING:  # settings.py imports the engines' own configs from here
     from services.inference_gateway.settings import GatewaySettings
 
 __all__ = ["Engine", "RemoteTritonConfig", "RemoteTritonEngine", "build_engine",
-           "import_engine_modules"]
+           "import_engine_modules", "served_precision"]
 
 
 def import_engine_modules(settings: GatewaySettings) -> None:
@@ -66,3 +68,24 @@ def build_engine(settings: GatewaySettings, export_dir: Path, version: str) -> E
     return TorchEngine(export_dir / "hf", version=version, dtype=settings.gateway_dtype,
                        device=settings.gateway_device)
 
+
+
+def served_precision(settings: GatewaySettings, export_dir: Path) -> tuple[str, str]:
+    """(precision, why it is not the exported one) of what `build_engine` serves from
+    `export_dir`: "int4-awq-g128" on the torch engines on the CPU (int4_model.py),
+    the dtype where the int4 weights are dequantised, the exporter's own precision and
+    reason otherwise."""
+    export = json.loads((export_dir / "export.json").read_text())
+    exported = export.get("served_weights", "fp32")
+    reason = export.get("served_reason", "")
+    if not is_awq_model(export_dir / "hf"):
+        return (settings.gateway_dtype if settings.gateway_backend == "torch" else "fp32",
+                reason)
+    if settings.gateway_backend == "onnx":
+        return "fp32", (f"the onnxruntime backend runs the fp32 graph of the {exported} "
+                        "weights (LMFORGE_GATEWAY_BACKEND=onnx)")
+    if settings.gateway_device.startswith("cuda"):
+        return settings.gateway_dtype, (f"{exported} weights dequantised to "
+                                        f"{settings.gateway_dtype} at load: no int4 CUDA "
+                                        "kernel is wired in the gateway yet")
+    return exported, ""

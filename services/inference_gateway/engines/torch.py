@@ -14,26 +14,41 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from lmforge.modeling import load_causal_lm, load_tokenizer
+from lmforge.modeling import (
+    is_awq_model,
+    load_causal_lm,
+    load_dequantized_model,
+    load_tokenizer,
+)
 from services.inference_gateway.engines.base import (
     EncodedPrompt,
 )
 from services.inference_gateway.engines.in_process import InProcessEngine
+from services.inference_gateway.engines.int4_model import load_int4_model
 
 
 def load_serving_model(model_dir: Path, dtype: str, device: str) -> PreTrainedModel:
     """The model in eval mode on `device` ("cpu", "cuda", "cuda:1") with fp32 or bf16
-    weights; a device that is not there is refused here, before anything is served."""
+    weights, or int4 Linears where `model_dir` is AWQ-packed and the device the CPU;
+    a device that is not there is refused here, before anything is served."""
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype {dtype!r} must be fp32 or bf16")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
-    model = load_causal_lm(model_dir,
-                           dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    if is_awq_model(model_dir):
+        if device == "cpu":
+            return load_int4_model(model_dir, torch_dtype)[0]
+        # No int4 CUDA kernel wired yet: served dequantised, as served_precision says.
+        model = load_dequantized_model(model_dir)
+        as_module: torch.nn.Module = model
+        as_module.to(device=device, dtype=torch_dtype)
+        return model.eval()
+    model = load_causal_lm(model_dir, dtype=torch_dtype)
     # Module.to moves the weights in place. It is called through the base type:
     # transformers wraps PreTrainedModel.to in a way type checkers cannot bind.
-    as_module: torch.nn.Module = model
-    as_module.to(device)
+    fp_module: torch.nn.Module = model
+    fp_module.to(device)
     return model.eval()
 
 
