@@ -95,3 +95,29 @@ def test_data_prep_counts_are_shown_for_a_run():
         run_id="r", stats=ev.DatasetStats(records_read=10, records_kept=7,
                                           dropped={"quality.too_short": 3})), 0.0)
     assert view.data_kept == "7/10" and view.data_dropped == {"quality.too_short": 3}
+
+
+def test_the_quantizers_comparison_and_the_served_precision_are_shown():
+    view = RunView("q")
+    view.fold(subjects.MODEL_QUANTIZED.name, ev.ModelQuantized(
+        run_id="q", method="awq-int4", perplexity_before=12.4, perplexity_after=12.6,
+        perplexity_fp=12.4, perplexity_rtn_int4=12.95, perplexity_awq_int4=12.6,
+        passed_quality_gate=True, served="awq-int4"), 1.0)
+    assert view.quantization == "awq-int4 ppl 12.60 (fp 12.40, RTN int4 12.95, AWQ int4 12.60)"
+    view.fold(subjects.MODEL_DEPLOYED.name, ev.ModelDeployed(run_id="q",
+                                                             precision="int4-awq-g128"), 2.0)
+    assert view.served == "int4-awq-g128"
+
+
+def test_a_fallback_to_fp32_says_why_in_the_run():
+    view = RunView("f")
+    reason = "quality gate failed: awq-int4 held-out perplexity 14.000 is +12.9% ..."
+    view.fold(subjects.MODEL_QUANTIZED.name, ev.ModelQuantized(
+        run_id="f", method="awq-int4", perplexity_before=12.4, perplexity_after=14.0,
+        perplexity_fp=12.4, perplexity_awq_int4=14.0, passed_quality_gate=False,
+        served="fp32", served_reason=reason), 1.0)
+    assert view.quantization.endswith("gate failed)")
+    assert view.served == f"fp32: {reason}"
+    view.fold(subjects.MODEL_DEPLOYED.name, ev.ModelDeployed(
+        run_id="f", precision="fp32", precision_reason=reason), 2.0)
+    assert view.served == f"fp32: {reason}"

@@ -8,11 +8,13 @@ from lmforge.cli.main import gateway_model_loading
 from lmforge.runtime.nats_server import free_port
 
 
-def test_pending_models_and_failed_loads_are_read_and_a_silent_replica_says_so():
+def test_pending_models_failed_loads_and_precision_are_read_and_a_silent_replica_says_so():
     registry = CollectorRegistry()
     Gauge("lmforge_gateway_models_pending", "", registry=registry).set(2)
     failures = Counter("lmforge_gateway_model_load_failures", "", ["model"], registry=registry)
     failures.labels("acme").inc(3)
+    Gauge("lmforge_gateway_model_precision", "", ["model", "version", "precision"],
+          registry=registry).labels("acme", "v2", "int4-awq-g128").set(1)
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
@@ -21,5 +23,6 @@ def test_pending_models_and_failed_loads_are_read_and_a_silent_replica_says_so()
     finally:
         server.shutdown()
         thread.join(5)
-    assert replicas[0] == {"replica": 0, "models_pending": 2, "load_failures": {"acme": 3}}
+    assert replicas[0] == {"replica": 0, "models_pending": 2, "load_failures": {"acme": 3},
+                           "precision": {"acme v2": "int4-awq-g128"}}
     assert replicas[1]["replica"] == 1 and replicas[1]["metrics"].startswith("unreachable")

@@ -119,6 +119,8 @@ def _models_note(replicas: list[dict[str, Any]]) -> str:
             notes.append(f"replica {r['replica']} loading {r['models_pending']} model(s)")
         for model, n in r["load_failures"].items():
             notes.append(f"replica {r['replica']}: {n} failed load(s) of {model}")
+        for model, precision in r.get("precision", {}).items():
+            notes.append(f"{model} at {precision}")
     return "; ".join(notes)
 
 
@@ -150,10 +152,11 @@ def gateway_model_loading(metrics_urls: list[str]) -> list[dict[str, Any]]:
 
     pending = "lmforge_gateway_models_pending"
     failures = "lmforge_gateway_model_load_failures_total"
+    precision = "lmforge_gateway_model_precision"
     replicas: list[dict[str, Any]] = []
     for index, url in enumerate(metrics_urls):
         try:
-            samples = read_samples(url, (pending, failures), timeout_s=1.0)
+            samples = read_samples(url, (pending, failures, precision), timeout_s=1.0)
         except OSError as exc:
             replicas.append({"replica": index, "metrics": f"unreachable: {exc}"})
             continue
@@ -162,6 +165,9 @@ def gateway_model_loading(metrics_urls: list[str]) -> list[dict[str, Any]]:
             "models_pending": int(sum(value for _, value in samples[pending])),
             "load_failures": {labels.get("model", ""): int(value)
                               for labels, value in samples[failures] if value},
+            "precision": {f"{labels.get('model', '')} {labels.get('version', '')}":
+                          labels.get("precision", "") for labels, value in samples[precision]
+                          if value},
         })
     return replicas
 
@@ -275,7 +281,10 @@ async def follow(nats_url: NatsUrl, run_id: str, *, timeout_s: float, as_json: b
                         progress.start_task(task)
                         total = progress.tasks[task].total or 1
                         info = (f"done, perplexity {view.perplexity:.1f}"
-                                if stage == ServiceName.TRAINER and view.perplexity else "done")
+                                if stage == ServiceName.TRAINER and view.perplexity else
+                                f"done, {view.quantization}"
+                                if stage == ServiceName.QUANTIZER and view.quantization
+                                else "done")
                         if stage in view.reused_from:
                             info += f" (inputs unchanged: reused run {view.reused_from[stage]})"
                         progress.update(task, completed=total, info=info)
@@ -302,7 +311,8 @@ async def follow(nats_url: NatsUrl, run_id: str, *, timeout_s: float, as_json: b
                       f"{', '.join(sources)}: same data and settings "
                       f"({', '.join(view.reused_from)})")
     console.print(f"run [bold]{run_id}[/] served as model [bold]{view.model_name}[/] "
-                  f"(held-out perplexity {view.perplexity:.1f})")
+                  f"(held-out perplexity {view.perplexity:.1f})"
+                  + (f" at {view.served}" if view.served else ""))
     return 0
 
 
@@ -325,12 +335,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
                            "reused_from": r.reused_from, "resumes": r.resumes,
                            "resumed_at_step": r.resumed_at_step,
                            "queue_position": r.queue_position, "data_kept": r.data_kept,
-                           "data_dropped": r.data_dropped}
+                           "data_dropped": r.data_dropped, "quantization": r.quantization,
+                           "served": r.served}
                           for r in runs.values()]))
         return 0
     table = Table(title="runs")
     for column in ("run", "model", "stage", "status", "data kept", "steps", "perplexity",
-                   "detail"):
+                   "served", "detail"):
         table.add_column(column)
     for r in sorted(runs.values(), key=lambda r: r.started):
         table.add_row(r.run_id, r.model_name, r.stage,
@@ -338,6 +349,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
                       r.data_kept,
                       f"{r.step}/{r.total_steps}" if r.total_steps else "",
                       f"{r.perplexity:.1f}" if r.perplexity else "",
+                      r.served[:100],
                       r.failure[:80] or _reuse_note(r.reused_from) or (
                           f"resumed {r.resumes}x, last at step {r.resumed_at_step}"
                           if r.resumes else ""))

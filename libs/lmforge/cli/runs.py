@@ -78,6 +78,11 @@ class RunView:
     """When the run's training job was scheduled (it waits for a free trainer)."""
     queue_position: int = 0
     """1 = next to train, while `status` is "queued" at the trainer (set by collect_runs)."""
+    quantization: str = ""
+    """The quantizer's comparison: "awq-int4 ppl 12.61 (fp 12.40, RTN int4 12.95)"."""
+    served: str = ""
+    """The served precision and, when it is not what was asked, why (model.quantized,
+    then model.deployed)."""
 
     def fold(self, subject: str, event: Message, timestamp: float, *,
              cached_from: str = "") -> None:
@@ -111,6 +116,13 @@ class RunView:
         if isinstance(event, ev.ModelTrained):
             self.perplexity = event.heldout_perplexity
             self.step = event.steps
+        if isinstance(event, ev.ModelQuantized):
+            self.quantization = quantization_summary(event)
+            if event.served_reason:
+                self.served = f"{event.served}: {event.served_reason}"
+        if isinstance(event, ev.ModelDeployed) and event.precision:
+            self.served = event.precision + (f": {event.precision_reason}"
+                                             if event.precision_reason else "")
         if status == "done" and stage != ServiceName.INFERENCE_GATEWAY:
             nxt = STAGES[STAGES.index(stage) + 1]
             # A scheduled job waits for a trainer until its first progress event.
@@ -125,6 +137,16 @@ class RunView:
     @property
     def finished(self) -> bool:
         return self.status in ("served", "failed")
+
+
+def quantization_summary(event: ev.ModelQuantized) -> str:
+    """`method` ppl X (fp Y, RTN int4 Z, AWQ int4 W), the figures that were measured."""
+    figures = [f"{label} {value:.2f}" for label, value in (
+        ("fp", event.perplexity_fp or event.perplexity_before),
+        ("RTN int4", event.perplexity_rtn_int4), ("AWQ int4", event.perplexity_awq_int4))
+        if value]
+    gate = "" if event.passed_quality_gate else ", gate failed"
+    return f"{event.method} ppl {event.perplexity_after:.2f} ({', '.join(figures)}{gate})"
 
 
 CONNECT_TIMEOUT_S = 3.0
