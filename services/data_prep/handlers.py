@@ -51,7 +51,7 @@ def dataset_prepared(event: ev.DatasetReady, config: PrepConfig, digest: str, si
         run_id=event.run_id, model_name=event.model_name,
         dataset=ev.ArtifactRef(digest=digest, size_bytes=size),
         vocab_size=stats.vocab_size, seq_len=config.seq_len,
-        time_budget_s=event.time_budget_s,
+        time_budget_s=event.time_budget_s, training=event.training,
         stats=ev.DatasetStats(**scalars, dropped=stats.dropped, tallies=stats.tallies))
 
 
@@ -76,7 +76,7 @@ class DataPrepService(Service[DataPrepSettings]):
         assert isinstance(event, ev.DatasetReady)
         files = await asyncio.to_thread(self._specs, event)
         request = ev.DatasetReady(format=event.format, text_field=event.text_field,
-                                  time_budget_s=event.time_budget_s)
+                                  time_budget_s=event.time_budget_s, training=event.training)
         contents = await asyncio.to_thread(dataset_digest, files, config=self.prep_config.read)
         earlier = await self._earlier_dataset(event.model_name)
         return request.SerializeToString(deterministic=True) + f"{contents}|{earlier}".encode()

@@ -15,7 +15,7 @@ class ArtifactRef(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class DatasetReady(_message.Message):
-    __slots__ = ("run_id", "dataset_uri", "format", "text_field", "model_name", "schema_version", "time_budget_s")
+    __slots__ = ("run_id", "dataset_uri", "format", "text_field", "model_name", "schema_version", "time_budget_s", "training")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_URI_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class DatasetReady(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     dataset_uri: str
     format: str
@@ -30,7 +31,34 @@ class DatasetReady(_message.Message):
     model_name: str
     schema_version: int
     time_budget_s: float
-    def __init__(self, run_id: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., format: _Optional[str] = ..., text_field: _Optional[str] = ..., model_name: _Optional[str] = ..., schema_version: _Optional[int] = ..., time_budget_s: _Optional[float] = ...) -> None: ...
+    training: TrainingRequest
+    def __init__(self, run_id: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., format: _Optional[str] = ..., text_field: _Optional[str] = ..., model_name: _Optional[str] = ..., schema_version: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., training: _Optional[_Union[TrainingRequest, _Mapping]] = ...) -> None: ...
+
+class TrainingRequest(_message.Message):
+    __slots__ = ("model_size", "budget_usd", "instance_types", "family", "precision", "compile", "micro_batch", "grad_accum", "global_batch", "epochs", "market")
+    MODEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_TYPES_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BATCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    MARKET_FIELD_NUMBER: _ClassVar[int]
+    model_size: str
+    budget_usd: float
+    instance_types: _containers.RepeatedScalarFieldContainer[str]
+    family: str
+    precision: str
+    compile: str
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    epochs: float
+    market: str
+    def __init__(self, model_size: _Optional[str] = ..., budget_usd: _Optional[float] = ..., instance_types: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., precision: _Optional[str] = ..., compile: _Optional[str] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., global_batch: _Optional[int] = ..., epochs: _Optional[float] = ..., market: _Optional[str] = ...) -> None: ...
 
 class DatasetStats(_message.Message):
     __slots__ = ("records_read", "records_kept", "empty_dropped", "duplicates_dropped", "invalid_utf8_skipped", "oversized_skipped", "malformed_skipped", "train_tokens", "heldout_tokens", "train_documents", "heldout_documents", "dropped", "tallies")
@@ -77,7 +105,7 @@ class DatasetStats(_message.Message):
     def __init__(self, records_read: _Optional[int] = ..., records_kept: _Optional[int] = ..., empty_dropped: _Optional[int] = ..., duplicates_dropped: _Optional[int] = ..., invalid_utf8_skipped: _Optional[int] = ..., oversized_skipped: _Optional[int] = ..., malformed_skipped: _Optional[int] = ..., train_tokens: _Optional[int] = ..., heldout_tokens: _Optional[int] = ..., train_documents: _Optional[int] = ..., heldout_documents: _Optional[int] = ..., dropped: _Optional[_Mapping[str, int]] = ..., tallies: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class DatasetPrepared(_message.Message):
-    __slots__ = ("run_id", "model_name", "dataset", "vocab_size", "seq_len", "stats", "time_budget_s")
+    __slots__ = ("run_id", "model_name", "dataset", "vocab_size", "seq_len", "stats", "time_budget_s", "training")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +113,7 @@ class DatasetPrepared(_message.Message):
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     dataset: ArtifactRef
@@ -92,10 +121,11 @@ class DatasetPrepared(_message.Message):
     seq_len: int
     stats: DatasetStats
     time_budget_s: float
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., stats: _Optional[_Union[DatasetStats, _Mapping]] = ..., time_budget_s: _Optional[float] = ...) -> None: ...
+    training: TrainingRequest
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., stats: _Optional[_Union[DatasetStats, _Mapping]] = ..., time_budget_s: _Optional[float] = ..., training: _Optional[_Union[TrainingRequest, _Mapping]] = ...) -> None: ...
 
 class ResourcePlan(_message.Message):
-    __slots__ = ("preset", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len", "micro_batch", "grad_accum", "max_steps", "learning_rate", "warmup_steps", "checkpoint_interval", "precision", "device", "pool", "parameters", "estimated_seconds", "seed", "vocab_size", "family", "engine", "zero_stage", "offload_optimizer", "offload_params", "gradient_checkpointing", "world_size", "compile", "estimated_memory_gib")
+    __slots__ = ("preset", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len", "micro_batch", "grad_accum", "max_steps", "learning_rate", "warmup_steps", "checkpoint_interval", "precision", "device", "pool", "parameters", "estimated_seconds", "seed", "vocab_size", "family", "engine", "zero_stage", "offload_optimizer", "offload_params", "gradient_checkpointing", "world_size", "compile", "estimated_memory_gib", "instance_type", "market", "price_usd_per_hour", "estimated_usd", "preemptions_per_hour", "checkpoint_cost_s", "checkpoint_interval_s", "time_budget_s", "planned_flops_per_device", "throughput_source", "memory_headroom_gib", "device_memory_gib")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +154,18 @@ class ResourcePlan(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     COMPILE_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_MEMORY_GIB_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MARKET_FIELD_NUMBER: _ClassVar[int]
+    PRICE_USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_USD_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_COST_S_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_FLOPS_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_HEADROOM_GIB_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_GIB_FIELD_NUMBER: _ClassVar[int]
     preset: str
     hidden_size: int
     num_layers: int
@@ -152,7 +194,19 @@ class ResourcePlan(_message.Message):
     world_size: int
     compile: bool
     estimated_memory_gib: float
-    def __init__(self, preset: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., pool: _Optional[str] = ..., parameters: _Optional[int] = ..., estimated_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., vocab_size: _Optional[int] = ..., family: _Optional[str] = ..., engine: _Optional[str] = ..., zero_stage: _Optional[int] = ..., offload_optimizer: _Optional[bool] = ..., offload_params: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., world_size: _Optional[int] = ..., compile: _Optional[bool] = ..., estimated_memory_gib: _Optional[float] = ...) -> None: ...
+    instance_type: str
+    market: str
+    price_usd_per_hour: float
+    estimated_usd: float
+    preemptions_per_hour: float
+    checkpoint_cost_s: float
+    checkpoint_interval_s: float
+    time_budget_s: float
+    planned_flops_per_device: float
+    throughput_source: str
+    memory_headroom_gib: float
+    device_memory_gib: float
+    def __init__(self, preset: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., pool: _Optional[str] = ..., parameters: _Optional[int] = ..., estimated_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., vocab_size: _Optional[int] = ..., family: _Optional[str] = ..., engine: _Optional[str] = ..., zero_stage: _Optional[int] = ..., offload_optimizer: _Optional[bool] = ..., offload_params: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., world_size: _Optional[int] = ..., compile: _Optional[bool] = ..., estimated_memory_gib: _Optional[float] = ..., instance_type: _Optional[str] = ..., market: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., estimated_usd: _Optional[float] = ..., preemptions_per_hour: _Optional[float] = ..., checkpoint_cost_s: _Optional[float] = ..., checkpoint_interval_s: _Optional[float] = ..., time_budget_s: _Optional[float] = ..., planned_flops_per_device: _Optional[float] = ..., throughput_source: _Optional[str] = ..., memory_headroom_gib: _Optional[float] = ..., device_memory_gib: _Optional[float] = ...) -> None: ...
 
 class TrainingScheduled(_message.Message):
     __slots__ = ("run_id", "model_name", "dataset", "plan", "attempt")
@@ -169,7 +223,7 @@ class TrainingScheduled(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., plan: _Optional[_Union[ResourcePlan, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
-    __slots__ = ("run_id", "step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds", "mfu", "attempt", "delivery")
+    __slots__ = ("run_id", "step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds", "mfu", "attempt", "delivery", "measured_flops", "instance_type", "calibration")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +234,9 @@ class TrainingProgress(_message.Message):
     MFU_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     total_steps: int
@@ -190,17 +247,24 @@ class TrainingProgress(_message.Message):
     mfu: float
     attempt: int
     delivery: int
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., mfu: _Optional[float] = ..., attempt: _Optional[int] = ..., delivery: _Optional[int] = ...) -> None: ...
+    measured_flops: float
+    instance_type: str
+    calibration: str
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., mfu: _Optional[float] = ..., attempt: _Optional[int] = ..., delivery: _Optional[int] = ..., measured_flops: _Optional[float] = ..., instance_type: _Optional[str] = ..., calibration: _Optional[str] = ...) -> None: ...
 
 class TrainingCheckpointed(_message.Message):
-    __slots__ = ("run_id", "step", "checkpoint")
+    __slots__ = ("run_id", "step", "checkpoint", "checkpoint_seconds", "next_interval")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     checkpoint: ArtifactRef
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[_Union[ArtifactRef, _Mapping]] = ...) -> None: ...
+    checkpoint_seconds: float
+    next_interval: int
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[_Union[ArtifactRef, _Mapping]] = ..., checkpoint_seconds: _Optional[float] = ..., next_interval: _Optional[int] = ...) -> None: ...
 
 class TrainingPreempted(_message.Message):
     __slots__ = ("run_id", "step", "checkpoint", "reason", "scheduled")
@@ -217,7 +281,7 @@ class TrainingPreempted(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[_Union[ArtifactRef, _Mapping]] = ..., reason: _Optional[str] = ..., scheduled: _Optional[_Union[TrainingScheduled, _Mapping]] = ...) -> None: ...
 
 class ModelTrained(_message.Message):
-    __slots__ = ("run_id", "model_name", "model", "dataset", "heldout_perplexity", "train_tokens", "steps", "wall_seconds", "parameters", "final_loss", "resumed_from_step", "peak_memory_bytes", "device", "world_size")
+    __slots__ = ("run_id", "model_name", "model", "dataset", "heldout_perplexity", "train_tokens", "steps", "wall_seconds", "parameters", "final_loss", "resumed_from_step", "peak_memory_bytes", "device", "world_size", "stopped_at_budget", "planned_steps")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +296,8 @@ class ModelTrained(_message.Message):
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_AT_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_STEPS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     model: ArtifactRef
@@ -246,7 +312,9 @@ class ModelTrained(_message.Message):
     peak_memory_bytes: int
     device: str
     world_size: int
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., heldout_perplexity: _Optional[float] = ..., train_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., parameters: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
+    stopped_at_budget: bool
+    planned_steps: int
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., heldout_perplexity: _Optional[float] = ..., train_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., parameters: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., world_size: _Optional[int] = ..., stopped_at_budget: _Optional[bool] = ..., planned_steps: _Optional[int] = ...) -> None: ...
 
 class ModelQuantized(_message.Message):
     __slots__ = ("run_id", "model_name", "model", "quantized", "dataset", "method", "bits", "group_size", "perplexity_before", "perplexity_after", "passed_quality_gate", "perplexity_fp", "perplexity_rtn_int4", "perplexity_awq_int4", "served", "served_reason", "weight_format", "quantize_seconds")
