@@ -68,7 +68,12 @@ def main() -> int:
     shutil.rmtree(home, ignore_errors=True)
     env = {**os.environ, "LMFORGE_HOME": str(home),
            "LMFORGE_DATA_ROOTS": f"{corpus.parent}{os.pathsep}{SAMPLE.parent}",
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           # The demo serves AWQ int4; should a two-minute model miss the quality gate,
+           # it serves fp32 and says why (the run, `lmforge runs` and the log) instead
+           # of failing.
+           "LMFORGE_QUANTIZER_ON_GATE_FAILURE": os.environ.get(
+               "LMFORGE_QUANTIZER_ON_GATE_FAILURE", "serve-fp")}
     lmforge("up", "-d", "--gateway-port", "0", env=env)
     try:
         lmforge("run", str(corpus), "--model-name", "fortune", "--follow",
@@ -81,6 +86,8 @@ def main() -> int:
         for run in runs:
             print(f"\nrun {run['run_id']}: {run['status']}, held-out perplexity "
                   f"{run['perplexity']:.1f}, {run['step']} steps")
+            print(f"  quantized: {run['quantization']}")
+            print(f"  served at: {run['served']}")
             previous = run["started"]
             for stage, done in sorted(run["stage_done_at"].items(), key=lambda kv: kv[1]):
                 print(f"  {stage:<18} {done - previous:7.1f} s")
