@@ -143,7 +143,8 @@ class Delivery:
         out = subjects.for_message(event)
         await self.transport.publish(
             event, msg_id=self.output_msg_id(out, suffix),
-            headers={Header.WORK_STARTED_NS: str(self.work_started_ns), **(headers or {})})
+            headers={Header.WORK_STARTED_NS: str(self.work_started_ns),
+                     Header.PUBLISHED_NS: str(time.time_ns()), **(headers or {})})
 
 
 BoundHandler = Callable[[Message, Delivery], Awaitable[Outputs]]

@@ -43,6 +43,8 @@ class Bucket(StrEnum):
     """Replica counts pinned by an SRE (`lmforge scale`)."""
     COST_LEDGER = "lmforge_cost_ledger"
     """Dollars per run, written by the autoscaler."""
+    LOAD_HISTORY = "lmforge_load_history"
+    """The gateway's request rate and backlog per 5-minute bucket (the forecast's history)."""
     MODEL_DATASETS = "lmforge_model_datasets"
     """The last dataset prepared for each model name (its near-dup index dedups the next)."""
 
@@ -57,6 +59,9 @@ class Header(StrEnum):
     ORIGINAL_SUBJECT = "Lmforge-Original-Subject"
     WORK_STARTED_NS = "Lmforge-Work-Started-Ns"
     """On events a handler published: when that handler began its work (time_ns)."""
+    PUBLISHED_NS = "Lmforge-Published-Ns"
+    """On events a handler published: when it published them (time_ns); with
+    WORK_STARTED_NS, the wall time the stage spent (the cost ledger prices it)."""
     CACHED_FROM = "Lmforge-Cached-From"
     """On an event replayed from the stage cache: the run that did the work."""
 

@@ -419,18 +419,26 @@ class StageFailed(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[str] = ..., subject: _Optional[str] = ..., reason: _Optional[str] = ..., deliveries: _Optional[int] = ..., dead_lettered: _Optional[bool] = ...) -> None: ...
 
 class ServiceScale(_message.Message):
-    __slots__ = ("service", "replicas", "reason", "pinned", "load")
+    __slots__ = ("service", "replicas", "reason", "pinned", "load", "load_unknown", "forecast_load", "forecast_lead_s", "policy")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    LOAD_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_LOAD_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_LEAD_S_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     service: str
     replicas: int
     reason: str
     pinned: bool
     load: float
-    def __init__(self, service: _Optional[str] = ..., replicas: _Optional[int] = ..., reason: _Optional[str] = ..., pinned: _Optional[bool] = ..., load: _Optional[float] = ...) -> None: ...
+    load_unknown: bool
+    forecast_load: float
+    forecast_lead_s: float
+    policy: str
+    def __init__(self, service: _Optional[str] = ..., replicas: _Optional[int] = ..., reason: _Optional[str] = ..., pinned: _Optional[bool] = ..., load: _Optional[float] = ..., load_unknown: _Optional[bool] = ..., forecast_load: _Optional[float] = ..., forecast_lead_s: _Optional[float] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class ScalingDecided(_message.Message):
     __slots__ = ("run_id", "services", "decided_at_unix_ms")
