@@ -1,0 +1,60 @@
+"""The quantizer on the bus: model.quantized carries fp / RTN / AWQ perplexities and what
+is served; a failed gate is a stage.failed naming them, or, with the fallback, an fp32
+model.quantized that says why."""
+
+from __future__ import annotations
+
+import asyncio
+
+from lmforge.artifacts import ArtifactStore
+from lmforge.contracts import subjects
+from lmforge.contracts.v1 import events_pb2 as ev
+from services.quantizer.handlers import QuantizerService
+
+
+def _trained(tmp_path, trained_model, prepared_dataset, run_id: str) -> ev.ModelTrained:
+    store = ArtifactStore(tmp_path / "artifacts")
+    model, dataset = store.put_dir(trained_model.path), store.put_dir(prepared_dataset.path)
+    return ev.ModelTrained(
+        run_id=run_id, model_name="m",
+        model=ev.ArtifactRef(digest=model.digest, size_bytes=model.size_bytes),
+        dataset=ev.ArtifactRef(digest=dataset.digest, size_bytes=dataset.size_bytes))
+
+
+def test_a_failed_gate_is_a_stage_failure_naming_the_figures(harness, tmp_path, trained_model,
+                                                             prepared_dataset):
+    event = _trained(tmp_path, trained_model, prepared_dataset, "strict")
+
+    async def scenario():
+        async with harness.service(QuantizerService, home=tmp_path,
+                                   quantizer_max_ppl_increase=0.0,
+                                   quantizer_calibration_samples=8):
+            await harness.publish(event, "strict")
+            return await harness.wait_for(subjects.STAGE_FAILED, 1, run_id="strict")
+
+    (failed,) = asyncio.run(scenario())
+    assert failed.stage == "quantizer" and not failed.dead_lettered
+    assert "quality gate failed" in failed.reason
+    for figure in ("fp ", "RTN int4 ", "AWQ int4 "):
+        assert figure in failed.reason
+
+
+def test_the_fallback_serves_fp32_and_the_event_says_why(harness, tmp_path, trained_model,
+                                                         prepared_dataset):
+    event = _trained(tmp_path, trained_model, prepared_dataset, "lenient")
+
+    async def scenario():
+        async with harness.service(QuantizerService, home=tmp_path,
+                                   quantizer_max_ppl_increase=0.0,
+                                   quantizer_on_gate_failure="serve-fp",
+                                   quantizer_calibration_samples=8):
+            await harness.publish(event, "lenient")
+            return await harness.wait_for(subjects.MODEL_QUANTIZED, 1, run_id="lenient")
+
+    (quantized,) = asyncio.run(scenario())
+    assert quantized.method == "awq-int4" and not quantized.passed_quality_gate
+    assert quantized.served == "fp32" and "quality gate failed" in quantized.served_reason
+    assert min(quantized.perplexity_fp, quantized.perplexity_rtn_int4,
+               quantized.perplexity_awq_int4) > 0
+    assert quantized.perplexity_after == quantized.perplexity_awq_int4
+    assert quantized.weight_format == "awq-gemm" and quantized.quantized.digest
