@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,14 +208,18 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                     out_dir: Path, config: PrepConfig, *,
                     roots: Sequence[str | os.PathLike[str]] | None = None,
                     log: DecisionLog | None = None, seen: SignatureIndex | None = None,
-                    kept_path: Path | None = None) -> PrepStats:
+                    kept_path: Path | None = None,
+                    timings: dict[str, float] | None = None) -> PrepStats:
     """Build the dataset directory in `out_dir` (which must be empty or absent).
 
     `fmt` and `text_field` override the read config's ("" keeps it). `roots`
     are the allowed data roots; a direct call without them allows the source's
     own directory. With `kept_path`, the kept documents are also written there
-    as JSONL (id, text, split, weight) for the `lmforge prep` dry run.
+    as JSONL (id, text, split, weight) for the `lmforge prep` dry run. `timings`, if
+    given, gets the seconds of each phase (curate: read to near-dup and the split;
+    semantic; tokenizer; pack) for the benchmark.
     """
+    clock = _PhaseClock(timings)
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt or text_field:
         read = config.read
@@ -242,6 +247,7 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                     stats.train_documents += 1
         if config.near_dup.enabled:
             near_dup.updated_index().save(out_dir / "near_dup_index")
+        clock.lap("curate")
         stats.records_read = log.tallies[("read", "records")]
         stats.dropped = {reason: n for (_, reason), n in sorted(log.counts.items())}
         stats.tallies = {f"{stage}.{what}": n for (stage, what), n in sorted(log.tallies.items())}
@@ -271,12 +277,14 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
             stats.tallies = {f"{stage}.{what}": n
                              for (stage, what), n in sorted(log.tallies.items())}
 
+        clock.lap("semantic")
         tokenizer = train_bpe_tokenizer(_texts(train_spool), config.vocab_size)
         save_tokenizer(tokenizer, out_dir / "tokenizer", model_max_length=config.seq_len)
         vocab_size = tokenizer.get_vocab_size()
         eos_id = tokenizer.token_to_id(EOS_TOKEN)
         if eos_id is None:
             raise RuntimeError(f"the trained tokenizer lacks its end-of-text token {EOS_TOKEN!r}")
+        clock.lap("tokenizer")
         dtype = token_dtype(vocab_size)
         parts: dict[str, dict[str, Any]] = {}
         weights: dict[str, list[float]] = {}
@@ -291,6 +299,7 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
             writer.close()
             parts[part] = writer.manifest()
             weights[part] = writer.weights.tolist()
+        clock.lap("pack")
         stats.train_tokens = int(parts["train"]["tokens"])
         stats.heldout_tokens = int(parts["heldout"]["tokens"])
         stats.vocab_size = vocab_size
@@ -344,6 +353,20 @@ def _semantic(config: SemanticConfig, train_spool: Path, heldout_spool: Path, ou
                     _write(f, doc)
         kept_spool.replace(train_spool)
     return result.labels
+
+
+class _PhaseClock:
+    """Seconds per phase into `timings` (nothing when it is None)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[phase] = round(now - self.last, 3)
+        self.last = now
 
 
 def _summary(counts: dict[str, int]) -> str:

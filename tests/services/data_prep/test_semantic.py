@@ -291,3 +291,12 @@ def test_a_split_without_text_chunks_saves_an_empty_index_that_search_says_is_em
     assert result.index is not None
     result.index.save(tmp_path / "index")
     assert search(tmp_path / "index", "anything", embedder=embedder) == []
+
+
+def test_a_static_embedder_is_refused_for_decontamination_and_dedup_but_not_for_weights():
+    with pytest.raises(ValueError, match="cannot decide what is a copy"):
+        SemanticConfig(embedder="model2vec:/models/m2v")
+    with pytest.raises(ValueError, match="cannot decide what is a copy"):
+        SemanticConfig(embedder="model2vec:/models/m2v", decontaminate=False,
+                       semantic_dedup=True)
+    SemanticConfig(embedder="model2vec:/models/m2v", decontaminate=False)
