@@ -8,7 +8,9 @@ manifest and each file's digest, so a flipped bit is refused, not loaded.
 
 The default backend is a local directory (LMFORGE_HOME/artifacts). Writes
 are atomic: files are copied into a temporary directory on the same file
-system, fsynced and renamed into place.
+system, fsynced and renamed into place. With a remote tier
+(`lmforge.object_store`, LMFORGE_ARTIFACT_URL) every artifact stored is also
+uploaded, and one missing locally is downloaded, verified and kept.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmforge.object_store import RemoteArtifacts
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
@@ -73,10 +79,11 @@ def _fsync_tree(root: Path) -> None:
 
 
 class ArtifactStore:
-    """A local, content-addressed directory store."""
+    """A local, content-addressed directory store, with an optional remote tier."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, remote: RemoteArtifacts | None = None) -> None:
         self.root = Path(root).resolve()
+        self.remote = remote
         (self.root / "sha256").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
 
@@ -104,6 +111,7 @@ class ArtifactStore:
         if target.exists():
             if move:
                 shutil.rmtree(source, ignore_errors=True)
+            self._mirror(digest, target)
             return StoredArtifact(digest, target, size)
         staging = self.scratch_dir("put-")
         try:
@@ -123,23 +131,65 @@ class ArtifactStore:
             shutil.rmtree(staging, ignore_errors=True)
             if move and source.exists():
                 shutil.rmtree(source, ignore_errors=True)
+        self._mirror(digest, target)
         return StoredArtifact(digest, target, size)
+
+    def _mirror(self, digest: str, location: Path) -> None:
+        """Upload to the remote tier unless it is there already. A failure is raised
+        (ObjectStoreError): work whose output another machine cannot read is not done."""
+        if self.remote is not None and not self.remote.has(digest):
+            self.remote.upload(digest, location)
 
     def exists(self, digest: str) -> bool:
         return (self._location(digest) / MANIFEST).is_file()
 
     def get_dir(self, digest: str, *, verify: bool = True) -> Path:
-        """The directory holding `digest`, checked file by file unless verify=False."""
+        """The directory holding `digest`, checked file by file unless verify=False;
+        fetched from the remote tier (and always verified) if it is only there."""
         location = self._location(digest)
         manifest_path = location / MANIFEST
+        if not manifest_path.is_file() and self.remote is not None:
+            self._fetch(digest, location)
+            return location
         if not manifest_path.is_file():
             raise ArtifactError(f"artifact {digest} is not in the store at {self.root}")
         if verify:
             self.verify(digest)
         return location
 
+    def delete(self, digest: str) -> None:
+        """Remove an artifact here and from the remote tier (old checkpoints)."""
+        shutil.rmtree(self._location(digest), ignore_errors=True)
+        if self.remote is not None:
+            self.remote.delete(digest)
+
+    def _fetch(self, digest: str, location: Path) -> None:
+        from lmforge.object_store import ObjectStoreError
+
+        assert self.remote is not None
+        staging = self.scratch_dir("fetch-")
+        try:
+            payload = staging / "payload"
+            payload.mkdir()
+            try:
+                self.remote.download(digest, payload)
+            except ObjectStoreError as exc:
+                raise ArtifactError(f"artifact {digest} is neither in the store at "
+                                    f"{self.root} nor fetchable: {exc}") from exc
+            self._verify_at(digest, payload)
+            _fsync_tree(payload)
+            try:
+                payload.rename(location)
+            except OSError:
+                if not (location / MANIFEST).is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def verify(self, digest: str) -> None:
-        location = self._location(digest)
+        self._verify_at(digest, self._location(digest))
+
+    def _verify_at(self, digest: str, location: Path) -> None:
         try:
             manifest = json.loads((location / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError) as exc:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 from google.protobuf.message import Message
 
-from lmforge.artifacts import ArtifactError, ArtifactStore
+from lmforge.artifacts import ArtifactError
 from lmforge.contracts import names
 from lmforge.contracts.names import Bucket
 from lmforge.contracts.v1 import events_pb2 as ev
@@ -66,7 +66,7 @@ class Service(Generic[SettingsT]):
     def __init__(self, settings: SettingsT, bus: Bus) -> None:
         self.settings = settings
         self.bus = bus
-        self.store = ArtifactStore(settings.artifacts_dir)
+        self.store = settings.artifact_store()
         # Set on SIGTERM; domain code running in worker threads polls it.
         self.stopping = threading.Event()
 

@@ -12,10 +12,13 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from lmforge.artifacts import ArtifactStore
 
 DEFAULT_HOME = Path(".lmforge")
 
@@ -38,6 +41,13 @@ class PlatformSettings(BaseSettings):
         "(s3://bucket/prefix/), os.pathsep or comma separated.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    artifact_url: str = Field(
+        "", description="Object-store URL (s3://bucket/prefix, or any fsspec URL) that every "
+        "artifact is also uploaded to and fetched from when missing locally: checkpoints a "
+        "trainer on another machine resumes from. Empty: local disk only.")
+    artifact_s3_endpoint_url: str = Field(
+        "", description="S3-protocol endpoint for artifact_url (MinIO, a test server); empty: "
+        "AWS_ENDPOINT_URL.")
 
     @field_validator("data_roots", mode="before")
     @classmethod
@@ -69,6 +79,14 @@ class PlatformSettings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.home.resolve() / "artifacts"
+
+    def artifact_store(self) -> ArtifactStore:
+        """The artifact store: LMFORGE_HOME/artifacts, plus the remote tier if configured."""
+        from lmforge.artifacts import ArtifactStore
+        from lmforge.object_store import remote_artifacts
+
+        return ArtifactStore(self.artifacts_dir, remote=remote_artifacts(
+            self.artifact_url, self.artifact_s3_endpoint_url))
 
 
 class ServiceSettings(PlatformSettings):

@@ -33,11 +33,13 @@ class DistributedTrainingError(RuntimeError):
 
 def write_job(directory: Path, *, config: TrainConfig, dataset_dir: Path, store_root: Path,
               checkpoint_root: Path, run_id: str, device: str = "cpu",
-              peak_flops: float = 0.0) -> Path:
+              peak_flops: float = 0.0, artifact_url: str = "",
+              artifact_endpoint_url: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     job = {"config": config_to_dict(config), "dataset_dir": str(dataset_dir),
            "store_root": str(store_root), "checkpoint_root": str(checkpoint_root),
            "run_id": run_id, "device": device, "peak_flops": peak_flops,
+           "artifact_url": artifact_url, "artifact_endpoint_url": artifact_endpoint_url,
            "stop_file": str(directory / "STOP"), "result_file": str(directory / "result.json")}
     path = directory / "job.json"
     path.write_text(json.dumps(job, indent=1))

@@ -24,6 +24,7 @@ from services.trainer.checkpoints import CheckpointRef
 from services.trainer.config import TrainConfig
 from services.trainer.jobs import TrainingJob, run_training_job
 from services.trainer.settings import TrainerSettings
+from services.trainer.spot_notices import Notice, NoticeWatcher
 from services.trainer.training import Progress, TrainResult
 
 log = logging.getLogger("lmforge.trainer")
@@ -62,6 +63,29 @@ class TrainerService(Service[TrainerSettings]):
         super().__init__(settings, bus)
         if settings.trainer_threads:
             torch.set_num_threads(settings.trainer_threads)
+        self.stop_reason = "SIGTERM (spot notice or shutdown)"
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Watch the spot notice endpoints while consuming: a notice stops the service the
+        way SIGTERM does (the job in hand checkpoints and is handed back), with the notice
+        as the reason in `training.preempted`."""
+        loop = asyncio.get_running_loop()
+
+        def on_notice(notice: Notice) -> None:
+            self.stop_reason = notice.reason()
+            self.stopping.set()
+            stop.set()
+
+        def from_watcher(notice: Notice) -> None:
+            loop.call_soon_threadsafe(on_notice, notice)
+
+        watcher = NoticeWatcher(self.settings.notice_sources(), self.settings.trainer_spot_poll_s,
+                                from_watcher)
+        watcher.start()
+        try:
+            await stop.wait()
+        finally:
+            watcher.stop()
 
     def stage_config(self) -> dict[str, object]:
         """Threads and checkpoints kept do not change the model; the plan in the event does."""
@@ -109,7 +133,7 @@ class TrainerService(Service[TrainerSettings]):
             log.info("preempted at step %d; handing back", result.step)
             return ev.TrainingPreempted(
                 run_id=event.run_id, step=result.step,
-                reason="SIGTERM (spot notice or shutdown)",
+                reason=self.stop_reason,
                 checkpoint=ev.ArtifactRef(digest=result.checkpoint.digest), scheduled=event)
         assert result.model_dir is not None, "a finished job has saved its model"
         stored = await asyncio.to_thread(self.store.put_dir, result.model_dir, move=True)

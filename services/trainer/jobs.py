@@ -51,7 +51,10 @@ def run_training_job(job: TrainingJob, *, stop: threading.Event,
         job_file = write_job(job.home / "jobs" / job.run_id, config=config,
                              dataset_dir=job.dataset_dir, store_root=job.store.root,
                              checkpoint_root=job.checkpoint_root, run_id=job.run_id,
-                             device=job.device, peak_flops=job.peak_flops)
+                             device=job.device, peak_flops=job.peak_flops,
+                             artifact_url=job.store.remote.url if job.store.remote else "",
+                             artifact_endpoint_url=(job.store.remote.endpoint_url
+                                                    if job.store.remote else ""))
         return launch(job_file, config.world_size, stop=stop, on_progress=on_progress,
                       on_checkpoint=on_checkpoint, log_path=job_file.parent / "ranks.log")
     index = CheckpointIndex(job.checkpoint_root, job.run_id, job.store,

@@ -25,6 +25,7 @@ def main(job_path: str) -> int:
     import torch.distributed as dist
 
     from lmforge.artifacts import ArtifactStore
+    from lmforge.object_store import remote_artifacts
     from services.trainer.checkpoints import CheckpointIndex
     from services.trainer.config import config_from_dict
     from services.trainer.distributed import emit
@@ -47,7 +48,8 @@ def main(job_path: str) -> int:
 
     threading.Thread(target=poll_stop_file, daemon=True).start()
     config = config_from_dict(job["config"])
-    store = ArtifactStore(Path(job["store_root"]))
+    store = ArtifactStore(Path(job["store_root"]), remote=remote_artifacts(
+        job.get("artifact_url", ""), job.get("artifact_endpoint_url", "")))
     index = CheckpointIndex(Path(job["checkpoint_root"]), job["run_id"], store,
                             keep=config.checkpoint.keep)
     trainer = Trainer(config, Path(job["dataset_dir"]), store, index, device=device,

@@ -372,7 +372,7 @@ def cmd_prep(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     """The training passages nearest a query, from the semantic index of the dataset the
     model was last trained on (found in the run events; searched by data-prep's code)."""
-    from lmforge.artifacts import ArtifactError, ArtifactStore
+    from lmforge.artifacts import ArtifactError
     from lmforge.cli.runs import model_dataset
 
     settings = _settings()
@@ -384,7 +384,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         console.print(f"[red]no dataset was prepared for a model named {args.model!r}[/]")
         return EXIT_FAILED
     try:
-        dataset = ArtifactStore(settings.artifacts_dir).get_dir(digest)
+        dataset = settings.artifact_store().get_dir(digest)
     except ArtifactError as exc:
         console.print(f"[red]the dataset of {args.model!r} cannot be read: {exc}[/]")
         return EXIT_FAILED

@@ -1,4 +1,4 @@
-"""data-prep fixtures: a real S3-protocol server (moto's server mode) on 127.0.0.1.
+"""A real S3-protocol server (moto's server mode) on 127.0.0.1, for every test that needs one.
 
 `s3_endpoint` starts one server for the session on a free port. `s3` points
 this test's AWS environment at it (fake keys, the endpoint through
