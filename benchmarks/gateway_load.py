@@ -41,8 +41,8 @@ def build_model(directory: Path, preset: str = "tiny") -> Path:
     from transformers import AutoModelForCausalLM
 
     from lmforge.modeling import llama_config
+    from lmforge.presets import PRESETS
     from services.data_prep.prepare import PrepConfig, prepare_dataset
-    from services.scheduler.planning import PRESETS
 
     prepare_dataset(ROOT / "tests/data/fortunes-sample.txt", "text", "", directory / "ds",
                     PrepConfig(vocab_size=4096, seq_len=128))

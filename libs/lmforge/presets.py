@@ -23,7 +23,8 @@ class ModelPreset:
     seq_len: int = 128
     """data-prep's default context (LMFORGE_DATAPREP_SEQ_LEN)."""
     micro_batch: int = 16
-    """The scheduler's default micro-batch (LMFORGE_SCHEDULER_MICRO_BATCH)."""
+    """Sequences per optimizer step the planner keeps by default (the global batch: micro-batch
+    x accumulation x devices), and the trainer's micro-batch for `TrainConfig.from_preset`."""
     warmup_steps: int = 10
 
     def parameters(self, vocab_size: int) -> int:
@@ -52,6 +53,9 @@ PRESETS: dict[str, ModelPreset] = {
                     intermediate_size=2816, learning_rate=3e-4),
         ModelPreset(name="1b", hidden_size=2048, num_layers=16, num_heads=32,
                     intermediate_size=5632, learning_rate=3e-4),
+        # Llama-2-7B's shape (Touvron et al. 2023), for planning at that scale.
+        ModelPreset(name="7b", hidden_size=4096, num_layers=32, num_heads=32,
+                    intermediate_size=11008, learning_rate=3e-4),
         # The test suite's model: small enough that a few steps take a second on a CPU.
         ModelPreset(name="test-tiny", hidden_size=64, num_layers=2, num_heads=4,
                     intermediate_size=160, learning_rate=3e-3, seq_len=64, micro_batch=8,

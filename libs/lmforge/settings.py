@@ -48,6 +48,9 @@ class PlatformSettings(BaseSettings):
     artifact_s3_endpoint_url: str = Field(
         "", description="S3-protocol endpoint for artifact_url (MinIO, a test server); empty: "
         "AWS_ENDPOINT_URL.")
+    catalog: Path | None = Field(
+        None, description="A JSON file of instance types merged over the shipped catalog "
+        "(libs/lmforge/catalog.json): the planner's prices, memory and TFLOP/s.")
 
     @field_validator("data_roots", mode="before")
     @classmethod

@@ -1,51 +1,87 @@
 """scheduler's bus wiring.
 
-dataset.prepared -> plan_training -> training.scheduled
+dataset.prepared -> plan_training (over the pool's catalog types, with the measured
+throughput in the THROUGHPUT bucket) -> training.scheduled
 training.preempted -> the same job again (attempt + 1), resuming from its checkpoint
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
+import logging
 
+from lmforge.calibration import Calibration
+from lmforge.catalog import Catalog, InstanceType, load_catalog
 from lmforge.contracts import subjects
-from lmforge.contracts.names import ServiceName
+from lmforge.contracts.names import Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.service import Bus, Service
-from services.scheduler.planning import Parallelism, Plan, PlanRequest, PoolSpec, plan_training
+from services.scheduler.memory_model import GIB
+from services.scheduler.planner import (
+    DEFAULT_EPOCHS,
+    Plan,
+    PlanError,
+    PlanReport,
+    PlanRequest,
+    plan_training,
+)
 from services.scheduler.settings import SchedulerSettings
 
-
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when the local CPUs compute bf16 natively rather than emulating it."""
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def machine_memory_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+log = logging.getLogger("lmforge.scheduler")
 
 
 def plan_to_proto(plan: Plan) -> ev.ResourcePlan:
-    p = plan.preset
+    p, o = plan.preset, plan.option
     return ev.ResourcePlan(
         preset=p.name, hidden_size=p.hidden_size, num_layers=p.num_layers,
         num_heads=p.num_heads, intermediate_size=p.intermediate_size,
-        seq_len=plan.seq_len, micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
-        max_steps=plan.max_steps, learning_rate=plan.learning_rate,
-        warmup_steps=plan.warmup_steps, checkpoint_interval=plan.checkpoint_interval,
-        precision=plan.precision, device=plan.device, pool=plan.pool,
-        parameters=plan.parameters, estimated_seconds=plan.estimated_seconds,
-        seed=plan.seed, vocab_size=plan.vocab_size, family="llama",
-        **dataclasses.asdict(plan.parallelism),
-        estimated_memory_gib=plan.memory.total_bytes / (1 << 30),
+        seq_len=plan.seq_len, micro_batch=o.micro_batch, grad_accum=o.grad_accum,
+        max_steps=o.max_steps, learning_rate=plan.learning_rate,
+        warmup_steps=plan.warmup_steps, checkpoint_interval=o.checkpoint_interval,
+        precision=o.precision, device=o.instance.device, pool=o.instance.name,
+        parameters=plan.parameters, estimated_seconds=o.seconds,
+        seed=plan.seed, vocab_size=plan.vocab_size, family=plan.family,
+        **dataclasses.asdict(plan.parallelism), compile=o.compiled,
+        estimated_memory_gib=plan.memory.total_bytes / GIB,
+        instance_type=o.instance.name, market=o.market, price_usd_per_hour=o.price_per_hour,
+        estimated_usd=o.usd, preemptions_per_hour=o.instance.preemptions_per_hour(o.market),
+        checkpoint_cost_s=o.checkpoint_cost_s, checkpoint_interval_s=o.checkpoint_interval_s,
+        time_budget_s=plan.time_budget_s, planned_flops_per_device=o.step.flops_per_device,
+        throughput_source=o.step.source, memory_headroom_gib=o.headroom_gib,
+        device_memory_gib=o.instance.memory_gib,
     )
+
+
+def plan_request(event: ev.DatasetPrepared, settings: SchedulerSettings,
+                 pool: list[InstanceType]) -> PlanRequest:
+    """The run's own asks (`TrainingRequest`) over the scheduler's defaults; asking for a
+    type this pool does not offer is refused, not quietly replaced."""
+    t = event.training
+    offered = [i.name for i in pool]
+    wanted = tuple(t.instance_types) or tuple(offered)
+    missing = [name for name in wanted if name not in offered]
+    if missing:
+        raise PlanError(f"instance type(s) {missing} asked for, but this scheduler's pool "
+                        f"offers {offered} (LMFORGE_SCHEDULER_INSTANCE_TYPES)")
+    return PlanRequest(
+        train_tokens=event.stats.train_tokens, vocab_size=event.vocab_size,
+        seq_len=event.seq_len,
+        time_budget_s=event.time_budget_s or settings.scheduler_time_budget_s,
+        budget_usd=t.budget_usd, preset=t.model_size or settings.scheduler_preset,
+        family=t.family or "llama", instance_types=wanted, precision=t.precision,
+        compile=t.compile, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
+        global_batch=t.global_batch or settings.scheduler_global_batch,
+        epochs=t.epochs or DEFAULT_EPOCHS, market=t.market)
+
+
+def describe_choice(report: PlanReport) -> str:
+    o = report.plan.option
+    line = (f"{o.label}: {o.describe()}; {o.max_steps} steps, {o.seconds:.0f} s, "
+            f"${o.usd:.2f}, {o.headroom_gib:.1f} GiB headroom, {o.step.source} throughput "
+            f"{o.step.flops_per_device / 1e9:.1f} GFLOP/s per device, checkpoint every "
+            f"{o.checkpoint_interval} steps")
+    return f"{line}; {report.note}" if report.note else line
 
 
 class SchedulerService(Service[SchedulerSettings]):
@@ -54,43 +90,33 @@ class SchedulerService(Service[SchedulerSettings]):
 
     def __init__(self, settings: SchedulerSettings, bus: Bus) -> None:
         super().__init__(settings, bus)
-        precision = settings.scheduler_precision
-        if precision == "auto":
-            precision = ("bf16" if settings.scheduler_device == "cuda" or cpu_has_native_bf16()
-                         else "fp32")
-        memory = settings.scheduler_device_memory_gib or (
-            machine_memory_gib() if settings.scheduler_device == "cpu" else 80.0)
-        self.pool = PoolSpec(device=settings.scheduler_device,
-                             sustained_gflops=settings.scheduler_pool_gflops,
-                             precision=precision, memory_gib=memory)
+        self.catalog: Catalog = load_catalog(settings.catalog)
+        self.pool = self.catalog.select(settings.scheduler_instance_types)
 
     def stage_config(self) -> dict[str, object]:
-        """The settings and the pool they resolve to on this machine (precision, memory)."""
-        return {**super().stage_config(), "pool": dataclasses.asdict(self.pool)}
+        """The settings and the catalog entries they resolve to on this machine (memory,
+        precision, prices): a changed catalog makes a new plan."""
+        return {**super().stage_config(),
+                "pool": [dataclasses.asdict(instance) for instance in self.pool]}
 
-    def plan_request(self, event: ev.DatasetPrepared) -> PlanRequest:
-        s = self.settings
-        return PlanRequest(
-            train_tokens=event.stats.train_tokens,
-            vocab_size=event.vocab_size,
-            seq_len=event.seq_len,
-            time_budget_s=event.time_budget_s or s.scheduler_time_budget_s,
-            preset=s.scheduler_preset,
-            micro_batch=s.scheduler_micro_batch,
-            parallelism=Parallelism(
-                engine=s.scheduler_engine, zero_stage=s.scheduler_zero_stage,
-                world_size=s.scheduler_world_size,
-                gradient_checkpointing=s.scheduler_gradient_checkpointing,
-                offload_optimizer=s.scheduler_offload_optimizer,
-                offload_params=s.scheduler_offload_params),
-        )
+    async def calibrations(self) -> dict[str, Calibration]:
+        bucket = self.bus.key_value(Bucket.THROUGHPUT)
+        found: dict[str, Calibration] = {}
+        for key in await bucket.keys():
+            data = await bucket.get(key)
+            if data:
+                found[key] = Calibration.from_json(data)
+        return found
 
     @subscriber(subjects.DATASET_PREPARED, cache_outputs=(ev.TrainingScheduled,))
     async def on_prepared(self, event: ev.DatasetPrepared, delivery: Delivery
                           ) -> ev.TrainingScheduled:
-        plan = plan_training(self.plan_request(event), self.pool)
+        request = plan_request(event, self.settings, self.pool)
+        types = [i for i in self.pool if i.name in request.instance_types]
+        report = plan_training(request, types, await self.calibrations())
+        log.info("run %s planned on %s", event.run_id, describe_choice(report))
         return ev.TrainingScheduled(run_id=event.run_id, model_name=event.model_name,
-                                    dataset=event.dataset, plan=plan_to_proto(plan))
+                                    dataset=event.dataset, plan=plan_to_proto(report.plan))
 
     @subscriber(subjects.TRAINING_PREEMPTED)
     async def on_preempted(self, event: ev.TrainingPreempted, delivery: Delivery

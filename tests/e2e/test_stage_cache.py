@@ -45,7 +45,7 @@ def test_unchanged_data_runs_no_stage_and_one_changed_byte_runs_them_all(tmp_pat
     harness = MemoryHarness()
     settings = dict(home=home, data_roots=[data], dataprep_vocab_size=512,
                     dataprep_seq_len=32, scheduler_time_budget_s=2.0,
-                    scheduler_micro_batch=4, dataprep_semantic=False)
+                    scheduler_global_batch=4, dataprep_semantic=False)
 
     async def run(run_id: str, path: Path) -> dict[str, dict[str, str]]:
         await harness.publish(ev.DatasetReady(run_id=run_id, dataset_uri=str(path),

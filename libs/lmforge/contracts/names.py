@@ -47,6 +47,8 @@ class Bucket(StrEnum):
     """The gateway's request rate and backlog per 5-minute bucket (the forecast's history)."""
     MODEL_DATASETS = "lmforge_model_datasets"
     """The last dataset prepared for each model name (its near-dup index dedups the next)."""
+    THROUGHPUT = "lmforge_throughput"
+    """Measured training FLOP/s per instance type and precision (lmforge.calibration)."""
 
 
 class Header(StrEnum):

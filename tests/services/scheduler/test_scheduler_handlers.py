@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from lmforge.catalog import load_catalog
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from services.scheduler.handlers import SchedulerService
@@ -19,8 +20,7 @@ def _prepared(run_id: str, train_tokens: int) -> ev.DatasetPrepared:
 
 def test_prepared_dataset_is_planned_and_a_tiny_one_refused(harness, tmp_path):
     async def scenario():
-        async with harness.service(SchedulerService, home=tmp_path,
-                                   scheduler_precision="fp32"):
+        async with harness.service(SchedulerService, home=tmp_path):
             await harness.publish(_prepared("ok", 200_000), "ok")
             await harness.publish(_prepared("tiny", 10), "tiny")
             (scheduled,) = await harness.wait_for(subjects.TRAINING_SCHEDULED, 1, run_id="ok")
@@ -29,7 +29,12 @@ def test_prepared_dataset_is_planned_and_a_tiny_one_refused(harness, tmp_path):
 
     scheduled, failed = asyncio.run(scenario())
     assert scheduled.plan.max_steps >= 1 and scheduled.plan.seq_len == 64
-    assert scheduled.plan.precision == "fp32" and scheduled.plan.vocab_size == 1024
+    local = load_catalog().types["local-cpu"]
+    plan = scheduled.plan
+    assert plan.precision == local.native_precision() and plan.vocab_size == 1024
+    assert (plan.instance_type, plan.device, plan.market) == ("local-cpu", "cpu", "on-demand")
+    assert plan.time_budget_s == 30 and plan.estimated_seconds <= 30
+    assert plan.estimated_usd == 0 and plan.throughput_source == "catalog"
     assert "fewer than one sequence of 64" in failed.reason and not failed.dead_lettered
 
 
