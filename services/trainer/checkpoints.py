@@ -35,6 +35,11 @@ REMOTE_INDEX = "checkpoints"
 class CheckpointRef:
     step: int
     digest: str
+    seconds: float = 0.0
+    """Measured wall time to write and store it (0 where not measured, e.g. read back)."""
+    size_bytes: int = 0
+    next_interval: int = 0
+    """Steps to the next checkpoint, as re-planned from the measured cost (0 = unchanged)."""
 
 
 class CheckpointIndex:

@@ -103,11 +103,16 @@ class ScheduleConfig:
     """Linear warm-up from ~0 to the peak learning rate."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at this fraction of the peak."""
+    time_budget_s: float = 0.0
+    """Wall seconds of this attempt (calibration included) after which the trainer
+    checkpoints, stops and reports the steps it reached; 0 = no budget."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, f"schedule.max_steps {self.max_steps} must be >= 1")
         _check(self.warmup_steps >= 0, "schedule.warmup_steps must be >= 0")
         _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]")
+        _check(self.time_budget_s >= 0,
+               f"schedule.time_budget_s {self.time_budget_s} must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -116,10 +121,15 @@ class CheckpointConfig:
     """Checkpoint every this many optimizer steps (and always on SIGTERM)."""
     keep: int = 3
     """Checkpoints kept per run; older ones are deleted."""
+    preemptions_per_hour: float = 0.0
+    """The plan's preemption rate: when > 0, each checkpoint's measured cost re-plans the
+    interval by Young/Daly, √(2 · cost · MTBF); 0 = keep `interval`."""
 
     def __post_init__(self) -> None:
         _check(self.interval >= 1, f"checkpoint.interval {self.interval} must be >= 1")
         _check(self.keep >= 1, f"checkpoint.keep {self.keep} must be >= 1")
+        _check(self.preemptions_per_hour >= 0,
+               f"checkpoint.preemptions_per_hour {self.preemptions_per_hour} must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -227,6 +237,8 @@ class TrainConfig:
             "learning_rate": self.optimizer.learning_rate,
             "max_steps": self.schedule.max_steps, "warmup_steps": self.schedule.warmup_steps,
             "checkpoint_interval": self.checkpoint.interval,
+            "preemptions_per_hour": self.checkpoint.preemptions_per_hour,
+            "time_budget_s": self.schedule.time_budget_s,
             "engine": e.kind, "precision": e.precision, "zero_stage": e.zero_stage,
             "offload_optimizer": e.offload_optimizer, "offload_params": e.offload_params,
             "gradient_checkpointing": e.gradient_checkpointing, "compile": e.compile,
@@ -245,8 +257,11 @@ class TrainConfig:
                               grad_accum=max(1, plan.grad_accum)),
             optimizer=OptimizerConfig(learning_rate=plan.learning_rate),
             schedule=ScheduleConfig(max_steps=plan.max_steps,
-                                    warmup_steps=min(plan.warmup_steps, plan.max_steps)),
-            checkpoint=CheckpointConfig(interval=max(1, plan.checkpoint_interval)),
+                                    warmup_steps=min(plan.warmup_steps, plan.max_steps),
+                                    time_budget_s=getattr(plan, "time_budget_s", 0.0)),
+            checkpoint=CheckpointConfig(
+                interval=max(1, plan.checkpoint_interval),
+                preemptions_per_hour=getattr(plan, "preemptions_per_hour", 0.0)),
             engine=EngineConfig(
                 kind=getattr(plan, "engine", "") or "plain",
                 precision=plan.precision or "fp32",

@@ -49,6 +49,11 @@ class Engine(Protocol):
     model: PreTrainedModel
 
     def train_step(self, micro_batches: list[torch.Tensor]) -> float: ...
+    def calibration_pass(self, micro_batch: torch.Tensor) -> bool:
+        """One forward and backward whose gradients are dropped, leaving the weights,
+        optimizer and schedule as they were (the trainer times these before its first
+        step); False where the engine cannot do that without touching its state."""
+        ...
     def learning_rate(self) -> float: ...
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
@@ -115,6 +120,15 @@ class PlainEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(total)
+
+    def calibration_pass(self, micro_batch: torch.Tensor) -> bool:
+        x = micro_batch.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                            enabled=self.dtype is not None):
+            loss = self.forward(input_ids=x, labels=x).loss
+        loss.backward()  # unscaled: an fp16 overflow here does not matter, nothing steps
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def learning_rate(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
@@ -203,6 +217,12 @@ class DeepSpeedEngine:
             self.engine.step()  # steps the optimizer at the accumulation boundary only
             total += loss.detach().float() / len(micro_batches)
         return float(total)
+
+    def calibration_pass(self, micro_batch: torch.Tensor) -> bool:
+        """DeepSpeed counts every backward towards its accumulation boundary and its
+        ZeRO hooks reduce gradients into the optimizer's partitions: a pass outside
+        a step would shift both. The trainer times its first steps instead."""
+        return False
 
     def learning_rate(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

@@ -2,21 +2,27 @@
 
 training.scheduled -> run_training_job (in a worker thread) -> model.trained,
 with training.progress at most once a second and training.checkpointed after
-each checkpoint. SIGTERM (a spot notice) makes the loop checkpoint and stop;
-the handler then publishes training.preempted, which the scheduler turns into
-a new training.scheduled that resumes from that checkpoint.
+each checkpoint. The first progress carries the calibration (achieved FLOP/s per
+device), which is also stored in the THROUGHPUT bucket under the plan's instance
+type for the scheduler's next plan, with the measured checkpoint write rate.
+SIGTERM (a spot notice) makes the loop checkpoint and stop; the handler then
+publishes training.preempted, which the scheduler turns into a new
+training.scheduled that resumes from that checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import replace
 
 import torch
 from google.protobuf.message import Message
 
+from lmforge.calibration import Calibration
 from lmforge.contracts import subjects
-from lmforge.contracts.names import ServiceName
+from lmforge.contracts.names import Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.service import Bus, Service
@@ -40,7 +46,9 @@ def progress_event(event: ev.TrainingScheduled, delivery: int, p: Progress
     return ev.TrainingProgress(
         run_id=event.run_id, step=p.step, total_steps=p.total_steps, loss=p.loss,
         learning_rate=p.learning_rate, tokens_per_second=p.tokens_per_second,
-        eta_seconds=p.eta_seconds, mfu=p.mfu, attempt=event.attempt, delivery=delivery)
+        eta_seconds=p.eta_seconds, mfu=p.mfu, attempt=event.attempt, delivery=delivery,
+        measured_flops=p.measured_flops, calibration=p.calibration,
+        instance_type=event.plan.instance_type if p.measured_flops else "")
 
 
 def trained_event(event: ev.TrainingScheduled, result: TrainResult, digest: str, size: int,
@@ -52,7 +60,15 @@ def trained_event(event: ev.TrainingScheduled, result: TrainResult, digest: str,
         train_tokens=result.train_tokens, steps=result.step,
         wall_seconds=result.wall_seconds, parameters=result.parameters,
         final_loss=result.final_loss, resumed_from_step=result.resumed_from_step,
-        peak_memory_bytes=result.peak_memory_bytes, device=device, world_size=world_size)
+        peak_memory_bytes=result.peak_memory_bytes, device=device, world_size=world_size,
+        stopped_at_budget=result.stopped_at_budget, planned_steps=result.planned_steps)
+
+
+def measured_calibration(plan: ev.ResourcePlan, p: Progress) -> Calibration:
+    return Calibration(instance_type=plan.instance_type, precision=plan.precision,
+                       flops_per_device=p.measured_flops, hidden_size=plan.hidden_size,
+                       compiled=plan.compile, zero_stage=plan.zero_stage,
+                       measured_at_unix=time.time(), how=p.calibration)
 
 
 class TrainerService(Service[TrainerSettings]):
@@ -109,6 +125,8 @@ class TrainerService(Service[TrainerSettings]):
                           store=self.store, home=self.settings.home.resolve(), device=device,
                           peak_flops=self.settings.trainer_peak_tflops * 1e12)
         loop = asyncio.get_running_loop()
+        throughput = self.bus.key_value(Bucket.THROUGHPUT)
+        measured: list[Calibration] = []
 
         def publish_from_thread(message: Message, suffix: str) -> None:
             # No timeout: while NATS restarts the publish waits for it, and so does
@@ -116,15 +134,33 @@ class TrainerService(Service[TrainerSettings]):
             asyncio.run_coroutine_threadsafe(
                 delivery.publish(message, suffix=suffix), loop).result()
 
+        def remember(calibration: Calibration) -> None:
+            if not calibration.instance_type:
+                log.info("calibration not stored: the plan names no instance type")
+                return
+            measured[:] = [calibration]
+            asyncio.run_coroutine_threadsafe(
+                throughput.put(calibration.key, calibration.to_json()), loop).result()
+
         def on_progress(p: Progress) -> None:
             # A resumed job publishes its steps again under new ids (not deduplicated).
             publish_from_thread(progress_event(event, delivery.deliveries, p),
                                 f"delivery-{delivery.deliveries}-step-{p.step}")
+            if p.measured_flops:
+                log.info("calibrated: %.1f GFLOP/s per device on %s (%s)",
+                         p.measured_flops / 1e9, event.plan.instance_type or device,
+                         p.calibration)
+                remember(measured_calibration(event.plan, p))
 
         def on_checkpoint(ref: CheckpointRef) -> None:
             publish_from_thread(ev.TrainingCheckpointed(
                 run_id=event.run_id, step=ref.step,
-                checkpoint=ev.ArtifactRef(digest=ref.digest)), f"step-{ref.step}")
+                checkpoint=ev.ArtifactRef(digest=ref.digest, size_bytes=ref.size_bytes),
+                checkpoint_seconds=ref.seconds, next_interval=ref.next_interval),
+                f"step-{ref.step}")
+            if measured and ref.seconds and ref.size_bytes:
+                remember(replace(measured[0],
+                                 checkpoint_gb_per_s=ref.size_bytes / ref.seconds / 1e9))
 
         result = await asyncio.to_thread(run_training_job, job, stop=self.stopping,
                                          on_progress=on_progress, on_checkpoint=on_checkpoint)

@@ -10,6 +10,16 @@ RNG state come back from the checkpoint. A stop request (SIGTERM, a spot
 notice, or a stop file written by the service) is honoured between steps by
 every rank together: checkpoint, then return.
 
+Before the first step the loop calibrates: it times a few forward/backward
+passes whose gradients are dropped (the weights, optimizer, schedule and RNG
+stay as they were, so a calibrated run trains exactly as an uncalibrated one)
+and reports the achieved FLOP/s per device with its first progress; the
+scheduler's next plan for the device type uses it. DeepSpeed cannot run a pass
+outside a step, so there the first steps are timed instead, and the report says
+so. At the plan's time budget every rank checkpoints and the run ends there,
+reporting the steps it reached. With a preemption rate in the plan, each
+checkpoint's measured cost re-plans the interval by Young/Daly.
+
 With several ranks (torchrun), every rank runs this loop; checkpoints are
 written by all ranks into one directory that rank 0 then stores and indexes;
 evaluation and export happen on rank 0 after the weights are consolidated.
@@ -18,12 +28,13 @@ evaluation and export happen on rank 0 after the weights are consolidated.
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.artifacts import ArtifactStore
+from lmforge.checkpoint_interval import checkpoint_interval_steps
 from lmforge.modeling import (
     llama_config,
     load_token_stream,
@@ -46,6 +58,11 @@ from services.trainer.engines import Engine, build_engine
 if TYPE_CHECKING:  # transformers is imported where a model is built, not here
     from transformers import PreTrainedModel
 
+log = logging.getLogger("lmforge.trainer")
+
+CALIBRATION_PASSES = 3
+"""Timed forward/backward passes (after one untimed warm-up, which also compiles)."""
+
 
 @dataclass(slots=True)
 class Progress:
@@ -56,6 +73,10 @@ class Progress:
     tokens_per_second: float
     eta_seconds: float
     mfu: float = 0.0
+    measured_flops: float = 0.0
+    """Achieved training FLOP/s per device from the calibration (first report only)."""
+    calibration: str = ""
+    """How `measured_flops` was measured."""
 
 
 @dataclass(slots=True)
@@ -72,6 +93,9 @@ class TrainResult:
     checkpoint: CheckpointRef | None = None
     peak_memory_bytes: int = 0
     losses: list[float] = field(default_factory=list)
+    stopped_at_budget: bool = False
+    """The time budget ended the run at `step`, before `planned_steps`."""
+    planned_steps: int = 0
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -280,12 +304,42 @@ class Trainer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _mean_loss_and_stop(self, loss: float, stop: bool) -> tuple[float, bool]:
+    def _mean_loss_and_stops(self, loss: float, stop: bool, over_budget: bool
+                             ) -> tuple[float, bool, bool]:
+        """The mean loss, and whether any rank was asked to stop or ran out of budget
+        (so that all of them checkpoint at the same step)."""
         if self.world_size == 1:
-            return loss, stop
-        t = torch.tensor([loss, float(stop)], dtype=torch.float64)
+            return loss, stop, over_budget
+        t = torch.tensor([loss, float(stop), float(over_budget)], dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t[0]) / self.world_size, bool(t[1] > 0)
+        return float(t[0]) / self.world_size, bool(t[1] > 0), bool(t[2] > 0)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- calibration ------------------------------------------------------------------
+
+    def calibrate(self, flops_per_token: float) -> tuple[float, str]:
+        """Achieved FLOP/s of one device over timed passes that change nothing; (0, "")
+        where the engine cannot run such a pass."""
+        batch = micro_batch(self.train_tokens, self.config, self.step, 0, self.rank,
+                            self.sampler)
+        rng = torch.get_rng_state()
+        try:
+            if not self.engine.calibration_pass(batch):  # warm-up (and compile)
+                return 0.0, ""
+            self._synchronize()
+            started = time.perf_counter()
+            for _ in range(CALIBRATION_PASSES):
+                self.engine.calibration_pass(batch)
+            self._synchronize()
+            elapsed = time.perf_counter() - started
+        finally:
+            torch.set_rng_state(rng)
+        flops = CALIBRATION_PASSES * batch.numel() * flops_per_token / max(elapsed, 1e-9)
+        return flops, (f"{CALIBRATION_PASSES} timed forward/backward passes of micro-batch "
+                       f"{self.config.batch.micro_batch} before the first step")
 
     # -- checkpoints ----------------------------------------------------------------
 
@@ -304,7 +358,7 @@ class Trainer:
                 {"step": self.step, "world_size": self.world_size,
                  "engine": self.config.engine.kind}))
             stored = self.store.put_dir(work, move=True)
-            ref = CheckpointRef(self.step, stored.digest)
+            ref = CheckpointRef(self.step, stored.digest, size_bytes=stored.size_bytes)
             self.index.add(ref)
         return self._broadcast(ref)
 
@@ -347,40 +401,81 @@ class Trainer:
         flops_per_token = training_flops_per_token(
             self.parameters, self.hf_config.num_hidden_layers, self.hf_config.hidden_size,
             config.batch.seq_len)
+        measured_flops, calibration = self.calibrate(flops_per_token)
+        # Without a pass outside a step (DeepSpeed), the steps after the first are timed.
+        timed_from = (self.step + 1, 0.0) if not measured_flops else None
+        budget = config.schedule.time_budget_s
+        interval, last_checkpoint, step_seconds = config.checkpoint.interval, self.step, 0.0
+        stopped_at_budget = False
         last_report, window_tokens, window_start = 0.0, 0, time.perf_counter()
         while self.step < max_steps:
+            step_started = time.perf_counter()
             batches = [micro_batch(self.train_tokens, config, self.step, m, self.rank,
                                    self.sampler)
                        for m in range(config.batch.grad_accum)]
             loss = self.engine.train_step(batches)
             self.step += 1
-            loss, stopping = self._mean_loss_and_stop(loss, stop is not None and stop.is_set())
-            losses.append(loss)
-            window_tokens += tokens_per_step
             now = time.perf_counter()
+            over_budget = bool(budget) and now - started >= budget and self.step < max_steps
+            loss, stopping, over_budget = self._mean_loss_and_stops(
+                loss, stop is not None and stop.is_set(), over_budget)
+            losses.append(loss)
+            step_seconds = now - step_started if not step_seconds else (
+                0.8 * step_seconds + 0.2 * (now - step_started))
+            window_tokens += tokens_per_step
+            if timed_from is not None and self.step == timed_from[0]:
+                self._synchronize()
+                timed_from = (self.step, time.perf_counter())
+            elif timed_from is not None and self.step == timed_from[0] + CALIBRATION_PASSES:
+                self._synchronize()
+                elapsed = time.perf_counter() - timed_from[1]
+                measured_flops = (CALIBRATION_PASSES * tokens_per_step / self.world_size
+                                  * flops_per_token / max(elapsed, 1e-9))
+                calibration = (f"training steps {timed_from[0] + 1}-{self.step} timed (the "
+                               f"{config.engine.kind} engine runs no pass outside a step)")
+                timed_from = None
             if self.rank == 0 and on_progress and (
-                    now - last_report >= progress_every_s or self.step == max_steps):
+                    now - last_report >= progress_every_s or self.step == max_steps
+                    or (measured_flops and calibration)):
                 rate = window_tokens / max(now - window_start, 1e-9)
                 on_progress(Progress(
                     self.step, max_steps, loss, self.engine.learning_rate(), rate,
                     (max_steps - self.step) * tokens_per_step / max(rate, 1e-9),
-                    rate * flops_per_token / self.peak_flops if self.peak_flops else 0.0))
+                    rate * flops_per_token / self.peak_flops if self.peak_flops else 0.0,
+                    measured_flops, calibration))
+                measured_flops, calibration = 0.0, ""  # reported once
                 last_report, window_tokens, window_start = now, 0, now
-            if stopping or (self.step % config.checkpoint.interval == 0
-                            and self.step < max_steps):
+            if stopping or over_budget or (self.step - last_checkpoint >= interval
+                                           and self.step < max_steps):
+                checkpoint_started = time.perf_counter()
                 ref = self.save_checkpoint()
+                cost = time.perf_counter() - checkpoint_started
+                last_checkpoint = self.step
+                if config.checkpoint.preemptions_per_hour > 0:
+                    # Rank 0's measurement decides, so every rank checkpoints together.
+                    interval = self._broadcast(checkpoint_interval_steps(
+                        step_seconds=step_seconds, total_steps=max_steps,
+                        checkpoint_cost_s=cost,
+                        preemptions_per_hour=config.checkpoint.preemptions_per_hour))
+                ref = replace(ref, seconds=cost, next_interval=interval)
                 if self.rank == 0 and on_checkpoint:
                     on_checkpoint(ref)
                 if stopping:
                     return TrainResult(preempted=True, step=self.step, checkpoint=ref,
                                        resumed_from_step=resumed_from, losses=losses,
-                                       parameters=self.parameters)
+                                       parameters=self.parameters, planned_steps=max_steps)
+                if over_budget:
+                    log.warning("time budget of %.0f s reached at step %d of %d: "
+                                "checkpointed, stopping there", budget, self.step, max_steps)
+                    stopped_at_budget = True
+                    break
         state = self.engine.export_state_dict()  # collective under ZeRO-3
         result = TrainResult(
             preempted=False, step=self.step, final_loss=losses[-1] if losses else float("nan"),
             train_tokens=(self.step - resumed_from) * tokens_per_step,
             parameters=self.parameters, resumed_from_step=resumed_from, losses=losses,
-            peak_memory_bytes=peak_memory_bytes(self.device))
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            stopped_at_budget=stopped_at_budget, planned_steps=max_steps)
         if self.rank == 0:
             assert state is not None, "rank 0 holds the consolidated weights"
             model = self._export_model(state)

@@ -89,3 +89,32 @@ def test_config_errors_name_the_field():
         EngineConfig(kind="plain", zero_stage=2)
     with pytest.raises(ConfigError, match=r"engine\.precision 'fp8'"):
         EngineConfig(precision="fp8")
+
+
+def test_the_time_budget_stops_the_run_at_a_checkpoint_with_the_steps_reached(
+        tmp_path, artifact_store, prepared_dataset):
+    config = tiny_train_config(max_steps=100_000, checkpoint_interval=100_000)
+    config.schedule.time_budget_s = 1.5
+    trainer = Trainer(config, prepared_dataset.path, artifact_store,
+                      CheckpointIndex(tmp_path, "budget", artifact_store))
+    checkpoints = []
+    result = trainer.run(on_checkpoint=checkpoints.append)
+    assert result.stopped_at_budget and not result.preempted
+    assert 1 <= result.step < result.planned_steps == 100_000
+    assert result.wall_seconds < 1.5 + 30  # stopped, then evaluated and saved the model
+    # It checkpointed where it stopped (the interval alone would never have).
+    assert [ref.step for ref in checkpoints] == [result.step] and checkpoints[0].seconds > 0
+    assert result.model_dir is not None and result.train_tokens == result.step * 8 * 64
+
+
+def test_calibration_reports_flops_and_leaves_training_unchanged(tmp_path, artifact_store,
+                                                                 prepared_dataset):
+    progress = []
+    calibrated = _trainer(tmp_path, artifact_store, prepared_dataset, "calibrated")
+    run = calibrated.run(on_progress=progress.append)
+    first = progress[0]
+    assert first.measured_flops > 0 and "before the first step" in first.calibration
+    assert all(p.measured_flops == 0 for p in progress[1:])  # reported once
+    uncalibrated = _trainer(tmp_path, artifact_store, prepared_dataset, "plain")
+    uncalibrated.calibrate = lambda flops_per_token: (0.0, "")  # type: ignore[method-assign]
+    assert run.losses == pytest.approx(uncalibrated.run().losses, abs=1e-6)
