@@ -1,6 +1,7 @@
 """lmforge: your own language model, from your own text to your own gRPC endpoint.
 
   lmforge up [-d]                       start NATS and the seven services
+  lmforge plan DATA --model-size 1b --budget-hours 4   price the training on the catalog
   lmforge run DATA --model-name NAME    clean, train, quantize, export and serve DATA
   lmforge generate --model NAME "..."   stream a completion from the gateway
   lmforge status | runs | scale | down
@@ -27,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lmforge.contracts.names import SERVICES, Bucket, ServiceName
+from lmforge.presets import PRESETS
 from lmforge.settings import PlatformSettings, load_settings
 
 if TYPE_CHECKING:
@@ -200,6 +202,26 @@ def dataset_spec(data: str) -> str:
     return str(Path(data).expanduser().absolute())
 
 
+def training_request(args: argparse.Namespace) -> Any:
+    """The `run` flags that shape the plan, as dataset.ready's TrainingRequest."""
+    from lmforge.contracts.v1 import events_pb2 as ev
+
+    return ev.TrainingRequest(
+        model_size=args.model_size or "", budget_usd=args.budget_usd or 0.0,
+        instance_types=[t.strip() for t in (args.types or "").split(",") if t.strip()],
+        family=args.family or "", precision=args.precision or "", compile=args.compile or "",
+        micro_batch=args.micro_batch or 0, grad_accum=args.grad_accum or 0,
+        global_batch=args.global_batch or 0, epochs=args.epochs or 0.0,
+        market=args.market or "")
+
+
+def cmd_plan(argv: list[str]) -> int:
+    """The scheduler's planner over the catalog, run by its module (the CLI imports no
+    service); every argument goes to it (`lmforge plan --help`)."""
+    return subprocess.run([sys.executable, "-m", "services.scheduler.plan_command", *argv],
+                          check=False).returncode
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from lmforge.bus import EventBus
     from lmforge.contracts.v1 import events_pb2 as ev
@@ -212,7 +234,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or default_run_id(spec, args.model_name)
     event = ev.DatasetReady(run_id=run_id, dataset_uri=spec, format=args.format,
                             text_field=args.text_field, model_name=args.model_name,
-                            schema_version=1, time_budget_s=args.time_budget or 0.0)
+                            schema_version=1, time_budget_s=args.time_budget or 0.0,
+                            training=training_request(args))
     nats_url = _nats_url(settings)
 
     async def publish() -> None:
@@ -498,10 +521,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSONL field, CSV/TSV or Parquet column with the text")
     run.add_argument("--run-id", help="idempotency key (default: from the data and name)")
     run.add_argument("--time-budget", type=float, help="training seconds (default: scheduler's)")
+    plan_flags = run.add_argument_group(
+        "plan", "what the scheduler's planner must honour (default: its choice; "
+        "`lmforge plan` shows the options); a type the scheduler's pool lacks fails the run")
+    plan_flags.add_argument("--model-size", choices=sorted(PRESETS),
+                            help="model preset (default: LMFORGE_SCHEDULER_PRESET)")
+    plan_flags.add_argument("--budget-usd", type=float, help="dollar budget for training")
+    plan_flags.add_argument("--types", help="comma-separated catalog instance types")
+    plan_flags.add_argument("--family", choices=("llama", "qwen2"))
+    plan_flags.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                            help="default: bf16 where the device has it, else fp16, else fp32")
+    plan_flags.add_argument("--compile", choices=("on", "off"), help="torch.compile")
+    plan_flags.add_argument("--micro-batch", type=int, help="sequences per device per pass")
+    plan_flags.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    plan_flags.add_argument("--global-batch", type=int, help="sequences per optimizer step")
+    plan_flags.add_argument("--epochs", type=float, help="passes over the data (default 4)")
+    plan_flags.add_argument("--market", choices=("spot", "on-demand"))
     run.add_argument("--follow", action="store_true", help="show progress until served")
     run.add_argument("--timeout", type=float, default=3600, help="seconds to follow")
     run.add_argument("--json", action="store_true", help="JSON lines instead of bars")
     run.set_defaults(func=cmd_run)
+
+    sub.add_parser("plan", help="rank the hardware and layouts for a run: hours, $, memory "
+                   "headroom, checkpoint interval, and why the others were refused "
+                   "(`lmforge plan --help`)")
 
     runs = sub.add_parser("runs", help="what every run is doing")
     runs.add_argument("--json", action="store_true")
@@ -543,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its own parser, in the scheduler's module
+        return cmd_plan(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from lmforge.catalog import load_catalog
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
@@ -51,3 +53,31 @@ def test_preempted_job_is_scheduled_again_as_the_next_attempt(harness, tmp_path)
 
     (again,) = asyncio.run(scenario())
     assert again.attempt == 2 and again.plan.max_steps == 40
+
+
+def test_every_trainer_option_is_reachable_from_the_run_request():
+    from services.scheduler.handlers import plan_request, plan_to_proto
+    from services.scheduler.planner import PlanError, plan_training
+    from services.scheduler.settings import SchedulerSettings
+    from services.trainer.config import TrainConfig
+
+    settings = SchedulerSettings(scheduler_instance_types=["gcp-t4", "local-cpu"])
+    pool = load_catalog().select(settings.scheduler_instance_types)
+    event = _prepared("opts", 2_000_000)
+    event.time_budget_s = 600  # room for torch.compile's warm-up
+    event.training.CopyFrom(ev.TrainingRequest(
+        model_size="small", family="qwen2", compile="on", grad_accum=4, global_batch=16,
+        instance_types=["gcp-t4"]))
+    request = plan_request(event, settings, pool)
+    report = plan_training(request, [i for i in pool if i.name in request.instance_types])
+    config = TrainConfig.from_plan(plan_to_proto(report.plan))
+    assert config.model.family == "qwen2" and config.engine.compile
+    assert config.engine.precision == "fp16"  # a T4 has no bf16: fp16 with the scaler
+    assert (config.batch.micro_batch, config.batch.grad_accum) == (4, 4)
+    assert config.schedule.time_budget_s == 600
+    assert config.checkpoint.preemptions_per_hour == report.plan.option.instance \
+        .preemptions_per_hour(report.plan.option.market)
+    event.training.instance_types[:] = ["aws-p5-h100"]
+    with pytest.raises(PlanError, match=r"\['aws-p5-h100'\] asked for, but this "
+                                        r"scheduler's pool offers \['gcp-t4', 'local-cpu'\]"):
+        plan_request(event, settings, pool)

@@ -1,0 +1,74 @@
+"""`lmforge plan` ranks the catalog's options and says why the others were refused;
+`lmforge run`'s flags reach the plan through dataset.ready."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli.main import build_parser, training_request
+from services.scheduler import plan_command
+
+PLAN_1B = ["--model-size", "1b", "--budget-hours", "4", "--budget-usd", "50",
+           "--tokens", "300000000", "--seq-len", "2048", "--vocab-size", "32000",
+           "--global-batch", "256", "--types", "gcp-t4,gcp-a2-a100-80gb,aws-p5-h100"]
+
+
+@pytest.mark.processes
+def test_lmforge_plan_json_ranks_options_within_both_budgets(tmp_path: Path):
+    data = tmp_path / "corpus.txt"
+    data.write_text("some text\n")
+    env = {**os.environ, "LMFORGE_HOME": str(tmp_path / "home"),
+           "LMFORGE_NATS_URL": "nats://127.0.0.1:1"}
+    done = subprocess.run([sys.executable, "-m", "lmforge.cli.main", "plan", str(data),
+                           *PLAN_1B, "--json"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    chosen = report["chosen"]
+    assert report["ranked"][0] == chosen and chosen["complete"]
+    assert chosen["hours"] <= 4 and chosen["usd"] <= 50 and chosen["headroom_gib"] >= 0
+    assert [o["usd"] for o in report["ranked"]] == sorted(o["usd"] for o in report["ranked"])
+    reasons = {r["option"]: r["reason"] for r in report["refused"]}
+    assert "over the $50.00 budget" in reasons["gcp-a2-a100-80gb x8 on-demand"]
+    assert "over the 4.00 h budget" in reasons["gcp-t4 x1 spot"]
+    assert any("unreachable" in n for n in report["notes"])  # said, not hidden
+
+
+def test_plan_without_a_fitting_option_exits_1_with_the_reasons(tmp_path, capsys):
+    code = plan_command.main([str(tmp_path), "--model-size", "7b", "--tokens", "10000000",
+                              "--budget-hours", "1", "--types", "local-cpu", "--no-calibration",
+                              "--json"])
+    assert code == plan_command.EXIT_NO_PLAN
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert "local-cpu x1 on-demand: does not fit" in error
+
+
+def test_plan_estimates_tokens_from_the_data_and_says_so(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("x" * 40_000)
+    code = plan_command.main([str(tmp_path), "--budget-hours", "1", "--types", "local-cpu",
+                              "--no-calibration", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["request"]["train_tokens"] == 10_000
+    assert any("estimated from 40,000 bytes at 4 bytes/token" in n for n in report["notes"])
+    assert report["chosen"]["instance_type"] == "local-cpu" and report["chosen"]["usd"] == 0
+
+
+def test_run_flags_become_the_training_request():
+    args = build_parser().parse_args([
+        "run", "data.txt", "--model-name", "m", "--model-size", "124m", "--budget-usd", "20",
+        "--types", "gcp-t4, gcp-g2-l4", "--family", "qwen2", "--precision", "fp16",
+        "--compile", "on", "--grad-accum", "4", "--global-batch", "32", "--market", "spot"])
+    request = training_request(args)
+    assert (request.model_size, request.budget_usd, list(request.instance_types)) == (
+        "124m", 20.0, ["gcp-t4", "gcp-g2-l4"])
+    assert (request.family, request.precision, request.compile, request.grad_accum,
+            request.global_batch, request.market) == ("qwen2", "fp16", "on", 4, 32, "spot")
+    assert training_request(build_parser().parse_args(
+        ["run", "data.txt", "--model-name", "m"])).ByteSize() == 0  # nothing asked
