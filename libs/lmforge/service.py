@@ -11,6 +11,7 @@ hands back), flush the spans and exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import json
@@ -37,6 +38,7 @@ from lmforge.dispatch import (
     declared_options,
 )
 from lmforge.failures import BadInput
+from lmforge.probes import HEALTH
 from lmforge.settings import ServiceSettings, load_settings
 from lmforge.telemetry import setup_telemetry, shutdown_telemetry
 
@@ -164,22 +166,35 @@ async def _main(service_type: type[Service[S]], settings: S) -> None:
 
     def on_signal(signum: int) -> None:
         log.info("received %s; stopping after the work in hand", signal.Signals(signum).name)
+        HEALTH.set_not_ready(f"draining after {signal.Signals(signum).name}")
         service.stopping.set()
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    heartbeat = asyncio.create_task(beat_while_alive(stop))
+    HEALTH.require("nats", lambda: bus.nc is not None and bus.nc.is_connected)
     await service.start()
     log.info("%s consuming from %s", service_type.name, settings.nats_url)
     mark_ready()
     try:
         await service.serve(stop)
     finally:
+        heartbeat.cancel()
         await bus.close()
 
 
+async def beat_while_alive(stop: asyncio.Event, *, every_s: float = 5.0) -> None:
+    """Tell /healthz the event loop still runs: a wedged loop stops beating."""
+    while not stop.is_set():
+        HEALTH.beat()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every_s)
+
+
 def mark_ready() -> None:
-    """Tell the supervisor this process consumes (it passes LMFORGE_READY_FILE)."""
+    """Tell /readyz, and the supervisor (it passes LMFORGE_READY_FILE), that this consumes."""
+    HEALTH.set_ready()
     path = os.environ.get("LMFORGE_READY_FILE")
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

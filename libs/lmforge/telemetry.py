@@ -22,7 +22,9 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
+
+from lmforge.probes import serve_probes
 
 _provider: TracerProvider | None = None
 _metrics_port: int | None = None
@@ -71,7 +73,7 @@ class JsonLogFormatter(logging.Formatter):
 
 def setup_telemetry(service: str, *, metrics_port: int | None = None, log_level: str = "INFO"
                     ) -> int | None:
-    """Configure logging, tracing and (if a port is given) the /metrics endpoint.
+    """Configure logging, tracing and (if a port is given) /metrics, /healthz and /readyz.
 
     Returns the metrics port actually bound (useful when 0 asked for a free one).
     Safe to call twice: the second call is a no-op.
@@ -98,7 +100,7 @@ def setup_telemetry(service: str, *, metrics_port: int | None = None, log_level:
     trace.set_tracer_provider(_provider)
 
     if metrics_port is not None:
-        server, _thread = start_http_server(metrics_port)
+        server = serve_probes(metrics_port)
         _metrics_port = server.server_address[1]
     return _metrics_port
 
