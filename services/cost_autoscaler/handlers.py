@@ -3,8 +3,8 @@ ledger fed by model.trained.
 
 SRE pins (`lmforge scale trainer=2`) live in the `lmforge_scale_pins`
 key-value bucket and always win. A decision is published when it changes;
-the supervisor (or, on Kubernetes, the operator acting on Deployments)
-applies it.
+an `Actuator` (actuators.py) applies it: the `lmforge up` supervisor, or the
+Kubernetes API.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from lmforge.contracts.names import SERVICES, Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, KeyValue, subscriber
 from lmforge.service import Service
+from services.cost_autoscaler.actuators import build_actuator
 from services.cost_autoscaler.observing import RequestRate, consumer_backlogs
 from services.cost_autoscaler.policy import (
     PolicyConfig,
@@ -76,6 +77,11 @@ class AutoscalerService(Service[AutoscalerSettings]):
             backlog_per_replica=s.autoscaler_backlog_per_replica,
             trainer_jobs_per_replica=s.autoscaler_trainer_jobs_per_replica,
             rps_per_replica=s.autoscaler_rps_per_replica))
+        try:
+            actuator = build_actuator(s)
+        except (RuntimeError, ValueError) as exc:
+            log.error("%s", exc)
+            raise SystemExit(2) from None
         rate = RequestRate(s.autoscaler_gateway_metrics)
         pins_kv = self.bus.key_value(Bucket.SCALE_PINS)
         current: dict[str, int] = {name: s.autoscaler_min_replicas or 1 for name in SERVICES}
@@ -103,6 +109,8 @@ class AutoscalerService(Service[AutoscalerSettings]):
                     await self.bus.publish(event, msg_id=f"scaling-{now_ms}-{sequence}")
                     last_published = key
                     current = {d.service: d.replicas for d in decisions}
+                # Every round, not only on a change: someone may have scaled by hand.
+                await actuator.apply(decisions)
             except Exception as exc:  # observing failed this round: try again next round
                 log.warning("scaling round failed: %s", exc)
             with contextlib.suppress(asyncio.TimeoutError):

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from lmforge.contracts.names import SERVICES, ServiceName
 from lmforge.settings import ServiceSettings
+from services.cost_autoscaler.actuators import Workload
+
+POD_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def default_workloads() -> dict[str, Workload]:
+    """deploy/k8s's names: a Deployment per service, the gateway a StatefulSet."""
+    workloads = {str(s): Workload("deployment", str(s)) for s in SERVICES
+                 if s != ServiceName.COST_AUTOSCALER}
+    workloads[ServiceName.INFERENCE_GATEWAY] = Workload("statefulset",
+                                                        ServiceName.INFERENCE_GATEWAY)
+    return workloads
 
 
 class AutoscalerSettings(ServiceSettings):
@@ -28,7 +42,49 @@ class AutoscalerSettings(ServiceSettings):
         description="Pool prices, e.g. 'cpu=0.10,cuda=2.50'.",
     )
 
-    @field_validator("autoscaler_gateway_metrics", mode="before")
+    autoscaler_actuator: Literal["supervisor", "kubernetes"] = Field(
+        "supervisor", description="Who applies decisions: the `lmforge up` supervisor, or "
+        "the Kubernetes API (the scale subresource of each service's workload).")
+    autoscaler_kubernetes_namespace: str = Field(
+        "", description="Namespace of the workloads; empty: the pod's own namespace.")
+    autoscaler_kubernetes_workloads: Annotated[dict[str, Workload], NoDecode] = Field(
+        default_factory=default_workloads,
+        description="service=deployment/NAME or service=statefulset/NAME, comma separated.")
+    autoscaler_keda_scaled: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Services whose workload a KEDA ScaledObject of the "
+        "same name scales: left to KEDA unless pinned (then paused at the pin).")
+
+    @field_validator("autoscaler_kubernetes_workloads", mode="before")
+    @classmethod
+    def _parse_workloads(cls, value: object) -> object:
+        if isinstance(value, str):
+            workloads = {}
+            for item in filter(None, (v.strip() for v in value.split(","))):
+                service, sep, workload = item.partition("=")
+                if not sep:
+                    raise ValueError(f"workload {item!r} is not service=kind/name")
+                workloads[service.strip()] = Workload.parse(workload.strip())
+            return workloads
+        return value
+
+    @field_validator("autoscaler_kubernetes_workloads", "autoscaler_keda_scaled")
+    @classmethod
+    def _known_services(cls, value: dict[str, Workload] | list[str]
+                        ) -> dict[str, Workload] | list[str]:
+        unknown = sorted(set(value) - set(SERVICES))
+        if unknown:
+            raise ValueError(f"unknown services {unknown}; known: {', '.join(SERVICES)}")
+        return value
+
+    def kubernetes_namespace(self) -> str:
+        if self.autoscaler_kubernetes_namespace:
+            return self.autoscaler_kubernetes_namespace
+        if POD_NAMESPACE_FILE.is_file():
+            return POD_NAMESPACE_FILE.read_text().strip()
+        raise ValueError("LMFORGE_AUTOSCALER_KUBERNETES_NAMESPACE is empty and this is not "
+                         f"a pod ({POD_NAMESPACE_FILE} is missing): name the namespace")
+
+    @field_validator("autoscaler_gateway_metrics", "autoscaler_keda_scaled", mode="before")
     @classmethod
     def _parse_list(cls, value: object) -> object:
         if isinstance(value, str):
