@@ -1,9 +1,11 @@
-"""A backend on onnxruntime: the exporter's ONNX logits graph.
+"""A backend on onnxruntime: the exporter's ONNX decoder graph, stepped with its KV cache.
 
-The exported graph maps input_ids [batch, sequence] to logits without a KV
-cache, so each new token re-runs the whole sequence: correct and dependency-
-light (no torch kernels at serving time beyond sampling), but O(n²) in the
-generated length — use the PyTorch backend for long generations. Sampling and
+The prompt runs once with an empty cache; every later step feeds only the last
+sampled token and the cache the previous step returned (lmforge.onnx_decoder),
+so a step's cost no longer grows with the output as it did with the old
+logits-only graph, which re-ran the whole sequence for each token
+(benchmarks/onnx_decode.py measures both). An export without the cache inputs
+is refused at load with what to do, never served the slow way. Sampling and
 incremental detokenisation are the PyTorch engine's (decoding.py), so a seeded
 request gives the same text on either backend.
 """
@@ -18,9 +20,8 @@ import numpy as np
 import torch
 
 from lmforge.modeling import load_tokenizer
-from services.inference_gateway.engines.base import (
-    EncodedPrompt,
-)
+from lmforge.onnx_decoder import DecoderCache, OnnxDecoder
+from services.inference_gateway.engines.base import EncodedPrompt
 from services.inference_gateway.engines.in_process import InProcessEngine
 
 
@@ -28,13 +29,7 @@ class OnnxEngine(InProcessEngine):
     """The exported directory's onnx/model.onnx, with the tokenizer of its hf/ directory."""
 
     def __init__(self, export_dir: Path, *, version: str, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(export_dir / "onnx" / "model.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
+        self.decoder = OnnxDecoder(export_dir / "onnx" / "model.onnx", threads=threads)
         self.tokenizer = load_tokenizer(export_dir / "hf")
         config = json.loads((export_dir / "hf" / "config.json").read_text())
         self.eos_token_id: int = config["eos_token_id"]
@@ -42,12 +37,12 @@ class OnnxEngine(InProcessEngine):
         self.version = version
 
     def next_logits_fn(self, prompt: EncodedPrompt) -> Callable[[int | None], torch.Tensor]:
-        ids = list(prompt.token_ids)
+        cache: DecoderCache | None = None
 
         def next_logits(token: int | None) -> torch.Tensor:
-            if token is not None:
-                ids.append(token)
-            logits = self.session.run(["logits"], {"input_ids": np.array([ids], np.int64)})[0]
+            nonlocal cache
+            ids = prompt.token_ids if token is None else (token,)
+            logits, cache = self.decoder.forward(np.array([ids], np.int64), cache)
             return torch.from_numpy(logits[0, -1])
 
         return next_logits

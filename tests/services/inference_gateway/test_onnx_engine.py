@@ -7,9 +7,11 @@ import asyncio
 import shutil
 import threading
 
+import onnx
 import pytest
 
-from services.exporter.onnx_export import export_logits_onnx
+from lmforge.onnx_decoder import NotADecoderGraphError
+from services.exporter.onnx_export import export_decoder_onnx
 from services.inference_gateway.engines import build_engine
 from services.inference_gateway.engines.base import Engine, SamplingParams
 from services.inference_gateway.engines.onnx import OnnxEngine
@@ -20,14 +22,15 @@ from services.inference_gateway.settings import GatewaySettings
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory, trained_model):
-    """An exported directory as the exporter writes it: hf/ and onnx/model.onnx."""
+    """An exported directory as the exporter writes it: hf/ and onnx/model.onnx, the
+    decoder graph with its KV cache."""
     from lmforge.modeling import load_causal_lm
 
     export = tmp_path_factory.mktemp("export")
     shutil.copytree(trained_model.path, export / "hf")
     model = load_causal_lm(trained_model.path)
-    export_logits_onnx(model, export / "onnx" / "model.onnx",
-                       max_seq_len=model.config.max_position_embeddings)
+    export_decoder_onnx(model, export / "onnx" / "model.onnx",
+                        max_seq_len=model.config.max_position_embeddings)
     return export
 
 
@@ -41,6 +44,46 @@ def test_onnx_backend_matches_torch_greedy_and_seeded(export):
         got = list(onnx_engine.stream(onnx_engine.encode_prompt("A fortune:"), params))
         assert "".join(p.text for p in got) == "".join(p.text for p in want)
         assert got[-1].finish_reason == want[-1].finish_reason
+
+
+def test_onnx_backend_feeds_one_token_per_step_through_the_cache(export):
+    """The prompt runs once; each later step runs one token on a cache that grows by
+    one (the logits-only graph re-ran the whole sequence: O(n) per step)."""
+    engine = OnnxEngine(export, version="o")
+    calls = []
+    forward = engine.decoder.forward
+
+    def recording_forward(input_ids, cache=None):
+        calls.append((input_ids.shape, 0 if cache is None else cache.length))
+        return forward(input_ids, cache)
+
+    engine.decoder.forward = recording_forward  # type: ignore[method-assign]
+    prompt = engine.encode_prompt("A fortune:")
+    pieces = list(engine.stream(prompt, SamplingParams(max_new_tokens=12)))
+    assert pieces[-1].finish_reason in ("length", "eos")
+    steps = pieces[-1].completion_tokens + (pieces[-1].finish_reason == "eos")
+    n = len(prompt.token_ids)
+    assert calls[0] == ((1, n), 0)
+    assert calls[1:] == [((1, 1), n + i) for i in range(steps - 1)]
+
+
+def test_an_export_without_the_cache_graph_is_refused_at_load(export, tmp_path):
+    """An export from before the KV cache is not served the slow way: it is refused,
+    saying what to do."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "hf").symlink_to(export / "hf")
+    ids = onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64,
+                                             ["batch", "sequence"])
+    logits = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.INT64,
+                                                ["batch", "sequence"])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["input_ids"],
+                                                          ["logits"])], "g", [ids], [logits])
+    (old / "onnx").mkdir()
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]),
+              str(old / "onnx" / "model.onnx"))
+    with pytest.raises(NotADecoderGraphError, match="re-export"):
+        OnnxEngine(old, version="old")
 
 
 @pytest.mark.parametrize(("settings", "kind"), [
