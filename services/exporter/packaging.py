@@ -25,7 +25,6 @@ from lmforge.modeling import evaluation_windows
 from lmforge.onnx_decoder import OnnxDecoder, heldout_perplexity
 from services.exporter.onnx_export import (
     ONNX_OPSET,
-    PARITY_STEPS,
     check_decode_against_torch,
     export_decoder_onnx,
 )
@@ -80,8 +79,8 @@ def write_export(model: PreTrainedModel, model_dir: Path, heldout: np.ndarray, w
     max_seq = model.config.max_position_embeddings
     graph = work / ONNX_GRAPH
     export_decoder_onnx(model, graph, max_seq_len=max_seq)
-    diff = check_decode_against_torch(model, graph, heldout, max_seq_len=max_seq,
-                                      tolerance=options.tolerance)
+    diff, steps = check_decode_against_torch(model, graph, heldout, max_seq_len=max_seq,
+                                             tolerance=options.tolerance)
     windows = evaluation_windows(heldout, max_seq, options.perplexity_windows)
     perplexity = heldout_perplexity(OnnxDecoder(graph), windows)
     int8_perplexity = 0.0
@@ -89,7 +88,7 @@ def write_export(model: PreTrainedModel, model_dir: Path, heldout: np.ndarray, w
         quantize_decoder_int8(graph, work / ONNX_INT8_GRAPH)
         int8_perplexity = heldout_perplexity(OnnxDecoder(work / ONNX_INT8_GRAPH), windows)
     write_triton_repository(graph, work / TRITON_REPOSITORY, options.triton)
-    report = ExportReport(onnx_max_abs_diff=diff, onnx_parity_steps=PARITY_STEPS,
+    report = ExportReport(onnx_max_abs_diff=diff, onnx_parity_steps=steps,
                           onnx_opset=ONNX_OPSET, onnx_heldout_perplexity=perplexity,
                           onnx_int8_heldout_perplexity=int8_perplexity,
                           triton_model=options.triton.name)

@@ -14,6 +14,7 @@ from services.exporter.onnx_export import (
     PARITY_STEPS,
     OnnxMismatchError,
     check_decode_against_torch,
+    parity_steps,
 )
 from services.exporter.packaging import ONNX_GRAPH, ONNX_INT8_GRAPH
 
@@ -49,15 +50,23 @@ def test_cached_decode_matches_pytorch_over_32_steps(export_dir, trained_model,
     assert report.onnx_max_abs_diff < 1e-4
     model = load_causal_lm(trained_model.path)
     heldout = load_token_stream(prepared_dataset.path, "heldout")
-    diff = check_decode_against_torch(model, work / ONNX_GRAPH, heldout,
-                                      max_seq_len=model.config.max_position_embeddings)
-    assert diff < 1e-4
+    diff, steps = check_decode_against_torch(model, work / ONNX_GRAPH, heldout,
+                                             max_seq_len=model.config.max_position_embeddings)
+    assert diff < 1e-4 and steps == 32
     # A graph that no longer matches the weights is refused, not shipped.
     for p in model.parameters():
         p.data.mul_(1.5)
     with pytest.raises(OnnxMismatchError, match="over 32 cached decode steps"):
         check_decode_against_torch(model, work / ONNX_GRAPH, heldout,
                                    max_seq_len=model.config.max_position_embeddings)
+
+
+def test_a_short_context_checks_as_many_steps_as_fit():
+    """A 32-token context (the e2e tests' data-prep setting) cannot hold a prompt and 32
+    steps: the check runs 30 and says so, instead of refusing the export."""
+    assert parity_steps(32) == 30 and parity_steps(64) == PARITY_STEPS
+    with pytest.raises(ValueError, match="no room"):
+        parity_steps(2)
 
 
 def test_each_step_extends_the_cache_by_the_tokens_fed(export_dir):
