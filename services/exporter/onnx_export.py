@@ -15,8 +15,9 @@ the decode steps.
 
 The check decodes in onnxruntime and in PyTorch side by side, step by step,
 feeding both the same tokens: a prompt, then 32 single tokens through the cache
-(fewer only where the model's context is shorter), at batch 1 and batch 3. The largest absolute logit difference over all
-steps is reported and must stay under a tolerance.
+(fewer only where the model's context is shorter), at batch 1 and batch 3. The
+largest absolute logit difference over all steps is reported and must stay
+under a tolerance.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ class GatewaySettings(ServiceSettings):
     gateway_http: bool = Field(True, description="Serve the OpenAI-compatible HTTP API.")
     gateway_remote_models: Annotated[list[RemoteTritonConfig], NoDecode] = Field(
         default_factory=list, description="Models served by a remote Triton/KServe v2 server: "
-        "'name=host:port/remote_model,...'.")
+        "'name=host:port/remote_model[@convention],...', convention lmforge (default), vllm "
+        "or trtllm.")
     gateway_backend: str = Field("torch", pattern="^(torch|onnx)$",
                                  description="Local backend for exported models.")
     gateway_dtype: str = Field("fp32", pattern="^(fp32|bf16)$",

@@ -4,9 +4,11 @@
   slot_decoder.py its KV cache): the torch backend with batching on, the default;
 - torch.py: one request at a time on in-process PyTorch
   (LMFORGE_GATEWAY_BATCHING=false);
-- onnx.py: onnxruntime on the exporter's graph (LMFORGE_GATEWAY_BACKEND=onnx);
+- onnx.py: onnxruntime on the exporter's decoder graph and its KV cache
+  (LMFORGE_GATEWAY_BACKEND=onnx);
 - remote_triton.py: a model of a remote Triton / KServe v2 server
-  (LMFORGE_GATEWAY_REMOTE_MODELS).
+  (LMFORGE_GATEWAY_REMOTE_MODELS), its request tensors in the remote model's
+  convention (llm_conventions.py).
 
 All local engines sample with sampling.py and turn tokens into text with
 decoding.py. `build_engine` is the one place that chooses among the local ones;

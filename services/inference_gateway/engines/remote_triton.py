@@ -1,12 +1,19 @@
 """A backend that forwards to a remote Triton (or any KServe v2 gRPC) server.
 
-For deployments where the model runs in Triton Inference Server (the
-exporter's model repository) and lmforge's gateway stays the front door:
-limits, back-pressure, metrics and the three APIs are the gateway's; the
-tokens come from the remote model's decoupled `ModelStreamInfer`, speaking
-the LLM convention (text_input/max_tokens/temperature/top_p/seed ->
-text_output). Tested against a second lmforge gateway, which speaks the same
-protocol.
+For deployments where the model runs in Triton Inference Server and lmforge's
+gateway stays the front door: limits, back-pressure, metrics and the three APIs
+are the gateway's; the tokens come from the remote model's decoupled
+`ModelStreamInfer` as `text_output` pieces. The request's tensors follow the
+remote model's convention (llm_conventions.py): another lmforge gateway's,
+Triton's vLLM backend's or the TensorRT-LLM ensemble's. Tested against a second
+lmforge gateway, and against in-test servicers that check each convention's
+tensors.
+
+The last piece is the response flagged `triton_final_response`, or, where the
+server sends the final flag without a response (TensorRT-LLM may), the end of
+the stream. vLLM and TensorRT-LLM report neither a finish reason nor token
+counts: the last piece says "stop" and the count is of responses, one per
+decoding step in streaming mode.
 
 Failures say whose they are. A server that cannot be reached (down, refused,
 timed out) or that answers with an error is `UpstreamFailed` (UNAVAILABLE /
@@ -23,13 +30,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
-import numpy.typing as npt
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from services.inference_gateway.engines.base import EncodedPrompt, Piece, SamplingParams
+from services.inference_gateway.engines.llm_conventions import (
+    OUTPUT,
+    LlmConvention,
+    convention_named,
+)
 from services.inference_gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -50,21 +59,23 @@ class RemoteTritonConfig:
     """The model's name on the remote server."""
     version: str = "remote"
     """The version this gateway reports for it."""
+    convention: str = "lmforge"
+    """The request tensors the remote model takes: lmforge, vllm or trtllm."""
+
+    def __post_init__(self) -> None:
+        convention_named(self.convention)  # an unknown one stops the gateway at start
 
     @classmethod
     def parse(cls, item: str) -> RemoteTritonConfig:
-        """One `name=host:port/remote_model` item; raises ValueError saying what is wrong."""
+        """One `name=host:port/remote_model[@convention]` item; raises ValueError saying
+        what is wrong."""
         name, sep, target = item.strip().partition("=")
+        target, at, convention = target.partition("@")
         url, slash, remote_model = target.partition("/")
-        if not (sep and slash and name and url and remote_model):
-            raise ValueError(f"item {item!r} is not name=host:port/remote_model")
-        return cls(name=name, url=url, remote_model=remote_model)
-
-
-def _tensor(name: str, datatype: str, value: object, dtype: npt.DTypeLike) -> InferInput:
-    tensor = InferInput(name, [1], datatype)
-    tensor.set_data_from_numpy(np.array([value], dtype=dtype))
-    return tensor
+        if not (sep and slash and name and url and remote_model) or (at and not convention):
+            raise ValueError(f"item {item!r} is not name=host:port/remote_model[@convention]")
+        return cls(name=name, url=url, remote_model=remote_model,
+                   convention=convention or "lmforge")
 
 
 class RemoteTritonEngine:
@@ -73,20 +84,13 @@ class RemoteTritonEngine:
     def __init__(self, config: RemoteTritonConfig) -> None:
         self.config = config
         self.version = config.version
+        self.convention: LlmConvention = convention_named(config.convention)
 
     def encode_prompt(self, prompt: str) -> EncodedPrompt:
         """The remote side tokenizes; the prompt travels as text."""
         if not prompt:
             raise InvalidRequest("prompt is empty")
         return EncodedPrompt(prompt)
-
-    @staticmethod
-    def _inputs(prompt: str, params: SamplingParams) -> list[InferInput]:
-        return [_tensor("text_input", "BYTES", prompt.encode(), np.object_),
-                _tensor("max_tokens", "INT32", params.max_new_tokens, np.int32),
-                _tensor("temperature", "FP32", params.temperature, np.float32),
-                _tensor("top_p", "FP32", params.top_p, np.float32),
-                _tensor("seed", "UINT64", params.seed, np.uint64)]
 
     def _where(self) -> str:
         return f"remote model {self.config.remote_model!r} at {self.config.url}"
@@ -117,9 +121,9 @@ class RemoteTritonEngine:
 
         async def requests() -> AsyncIterator[dict[str, object]]:
             yield {"model_name": self.config.remote_model,
-                   "inputs": self._inputs(prompt.text, params)}
+                   "inputs": self.convention.inputs(prompt.text, params)}
 
-        count = 0
+        count, prompt_tokens = 0, 0
         try:
             async for result, error in client.stream_infer(requests()):
                 if error is not None:
@@ -127,19 +131,20 @@ class RemoteTritonEngine:
                 if cancelled.is_set():
                     return
                 count += 1
-                response = result.get_response()
-                p = response.parameters
-                text = result.as_numpy("text_output")[0].decode("utf-8")
-                final = p["triton_final_response"].bool_param if \
-                    "triton_final_response" in p else False
-                finish = (p["finish_reason"].string_param if "finish_reason" in p
-                          else ("length" if final else ""))
+                p = result.get_response().parameters
+                text = result.as_numpy(OUTPUT).reshape(-1)[0].decode("utf-8")
+                final = "triton_final_response" in p and p["triton_final_response"].bool_param
+                finish = p["finish_reason"].string_param if "finish_reason" in p else "stop"
                 tokens = p["completion_tokens"].int64_param if "completion_tokens" in p \
                     else count
-                prompt_tokens = p["prompt_tokens"].int64_param if "prompt_tokens" in p else 0
+                if "prompt_tokens" in p:
+                    prompt_tokens = p["prompt_tokens"].int64_param
                 yield Piece(text, int(tokens), int(prompt_tokens), finish if final else "")
                 if final:
                     return
+            # The stream ended with no response flagged final: the server sent the final
+            # flag on its own (an empty final response, which this client is not sent).
+            yield Piece("", count, prompt_tokens, "stop")
         except grpc.aio.AioRpcError as exc:  # the stream itself failed: refused, reset, ...
             raise self._call_error(exc.code().name, exc.details() or "") from None
         except InferenceServerException as exc:

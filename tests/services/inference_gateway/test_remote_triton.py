@@ -41,7 +41,9 @@ def test_remote_backend_streams_what_the_remote_model_generates(trained_model):
         front_registry.install("fortune-remote", _remote("fortune-remote", backend.port,
                                                          "fortune"))
         front = await start_gateway(front_registry, serving=True, max_concurrency=4)
-        request = dict(prompt="A fortune:", max_new_tokens=12, temperature=0.9, seed=8)
+        # top_k travels too (it was dropped: the remote sampled from the whole vocabulary).
+        request = dict(prompt="A fortune:", max_new_tokens=12, temperature=1.5, seed=8,
+                       top_k=3)
         direct = await _generate(backend.port, "fortune", **request)
         via = await _generate(front.port, "fortune-remote", **request)
         await front.stop()
