@@ -11,6 +11,8 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from lmforge.contracts.names import SERVICES, ServiceName
 from lmforge.settings import ServiceSettings
 from services.cost_autoscaler.actuators import Workload
+from services.cost_autoscaler.forecasting import ForecastConfig
+from services.cost_autoscaler.policy import PolicyConfig
 
 POD_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -33,7 +35,32 @@ class AutoscalerSettings(ServiceSettings):
     autoscaler_backlog_per_replica: int = Field(4, ge=1)
     autoscaler_trainer_jobs_per_replica: int = Field(
         1, ge=1, description="Training jobs (running + queued) one trainer replica takes on.")
-    autoscaler_rps_per_replica: float = Field(20.0, gt=0)
+    autoscaler_rps_per_replica: float = Field(
+        20.0, gt=0, description="Requests/s one gateway replica serves with its p99 latency "
+        "within AUTOSCALER_SLO_P99_MS: fill it from benchmarks/gateway_load.py "
+        "(requests_per_s of a run whose e2e_p99_ms is within the SLO).")
+    autoscaler_slo_p99_ms: float = Field(
+        500.0, gt=0, description="The p99 latency SLO the replica capacity was measured at.")
+    autoscaler_scale_down_after: int = Field(
+        3, ge=1, description="Consecutive low readings before a service scales in.")
+    autoscaler_scale_in_cooldown_s: float = Field(
+        300.0, ge=0, description="No scale-in sooner than this after a service's last change.")
+    autoscaler_gateway_cold_start_s: float = Field(
+        120.0, ge=0, description="Seconds from asking for a gateway replica to its serving "
+        "(process start + model load); the forecast lead must cover it.")
+    autoscaler_forecast: bool = Field(
+        True, description="Provision the gateway for the forecast load (off: reactive only).")
+    autoscaler_forecast_lead_s: float = Field(
+        900.0, gt=0, description="How far ahead the gateway is provisioned.")
+    autoscaler_forecast_quantile: float = Field(
+        0.9, ge=0.5, lt=1.0, description="Upper quantile of the forecast provisioned for.")
+    autoscaler_forecast_refit_s: float = Field(
+        6 * 3600.0, ge=300, description="Seconds between forecast fits (not every round).")
+    autoscaler_history_days: float = Field(
+        28.0, gt=1, description="Days of 5-minute load history kept (and fitted on).")
+    autoscaler_gateway_hardware: str = Field(
+        "cpu", description="The hardware a gateway replica runs on (a key of "
+        "AUTOSCALER_PRICE_PER_HOUR): serving is priced as its replica-hours.")
     autoscaler_gateway_metrics: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Gateway /metrics URLs, comma separated."
     )
@@ -84,6 +111,26 @@ class AutoscalerSettings(ServiceSettings):
         raise ValueError("LMFORGE_AUTOSCALER_KUBERNETES_NAMESPACE is empty and this is not "
                          f"a pod ({POD_NAMESPACE_FILE} is missing): name the namespace")
 
+    autoscaler_spot_price_per_hour: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict, description="Spot prices by device or instance type, "
+        "e.g. 'cuda=0.90' (a plan's own price, from the planner's catalog, comes first).")
+    autoscaler_stage_hardware: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="What the stages that do not say run on, e.g. "
+        "'quantizer=cuda' (default cpu for data-prep, scheduler, quantizer, exporter).")
+
+    @field_validator("autoscaler_stage_hardware", mode="before")
+    @classmethod
+    def _parse_hardware(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = {}
+            for item in filter(None, (v.strip() for v in value.split(","))):
+                stage, sep, hardware = item.partition("=")
+                if not sep or not hardware.strip():
+                    raise ValueError(f"stage hardware {item!r} is not stage=hardware")
+                pairs[stage.strip()] = hardware.strip()
+            return pairs
+        return value
+
     @field_validator("autoscaler_gateway_metrics", "autoscaler_keda_scaled", mode="before")
     @classmethod
     def _parse_list(cls, value: object) -> object:
@@ -91,7 +138,8 @@ class AutoscalerSettings(ServiceSettings):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
-    @field_validator("autoscaler_price_per_hour", mode="before")
+    @field_validator("autoscaler_price_per_hour", "autoscaler_spot_price_per_hour",
+                     mode="before")
     @classmethod
     def _parse_prices(cls, value: object) -> object:
         if isinstance(value, str):
@@ -108,4 +156,24 @@ class AutoscalerSettings(ServiceSettings):
     def _bounds(self) -> AutoscalerSettings:
         if self.autoscaler_min_replicas > self.autoscaler_max_replicas:
             raise ValueError("min_replicas exceeds max_replicas")
+        if self.autoscaler_forecast_lead_s < self.autoscaler_gateway_cold_start_s:
+            raise ValueError(
+                f"LMFORGE_AUTOSCALER_FORECAST_LEAD_S={self.autoscaler_forecast_lead_s:g} is "
+                f"shorter than a replica's cold start (LMFORGE_AUTOSCALER_GATEWAY_COLD_START_S="
+                f"{self.autoscaler_gateway_cold_start_s:g}): replicas would come up too late")
         return self
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(
+            min_replicas=self.autoscaler_min_replicas, max_replicas=self.autoscaler_max_replicas,
+            backlog_per_replica=self.autoscaler_backlog_per_replica,
+            trainer_jobs_per_replica=self.autoscaler_trainer_jobs_per_replica,
+            rps_per_replica=self.autoscaler_rps_per_replica,
+            scale_down_after=self.autoscaler_scale_down_after,
+            scale_in_cooldown_s=self.autoscaler_scale_in_cooldown_s)
+
+    def forecast_config(self) -> ForecastConfig:
+        return ForecastConfig(lead_s=self.autoscaler_forecast_lead_s,
+                              refit_every_s=self.autoscaler_forecast_refit_s,
+                              quantile=self.autoscaler_forecast_quantile,
+                              max_history_days=self.autoscaler_history_days)

@@ -5,6 +5,8 @@
   lmforge run DATA --model-name NAME    clean, train, quantize, export and serve DATA
   lmforge generate --model NAME "..."   stream a completion from the gateway
   lmforge status | runs | scale | down
+  lmforge cost [RUN]                    what each run and serving cost
+  lmforge scaling replay TRACE.csv      replay a load trace through the scaling policies
 
 Exit codes: 0 ok, 1 the operation failed (a run failed, nothing running),
 2 bad usage or settings, 3 timed out.
@@ -344,10 +346,13 @@ def _reuse_note(reused_from: dict[str, str]) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from lmforge.cli.cost import read_ledger
     from lmforge.cli.runs import collect_runs
 
+    url = _nats_url(_settings())
     try:
-        runs = asyncio.run(collect_runs(_nats_url(_settings())))
+        runs = asyncio.run(collect_runs(url))
+        ledger, _serving = asyncio.run(read_ledger(url))
     except ConnectionError as exc:
         return _unreachable(exc)
     if args.json:
@@ -359,20 +364,22 @@ def cmd_runs(args: argparse.Namespace) -> int:
                            "resumed_at_step": r.resumed_at_step,
                            "queue_position": r.queue_position, "data_kept": r.data_kept,
                            "data_dropped": r.data_dropped, "quantization": r.quantization,
-                           "served": r.served}
+                           "served": r.served,
+                           "cost_usd": (ledger.get(r.run_id) or {}).get("total_usd")}
                           for r in runs.values()]))
         return 0
     table = Table(title="runs")
     for column in ("run", "model", "stage", "status", "data kept", "steps", "perplexity",
-                   "served", "detail"):
+                   "served", "cost", "detail"):
         table.add_column(column)
     for r in sorted(runs.values(), key=lambda r: r.started):
+        cost = (ledger.get(r.run_id) or {}).get("total_usd")
         table.add_row(r.run_id, r.model_name, r.stage,
                       f"queued #{r.queue_position}" if r.queue_position else r.status,
                       r.data_kept,
                       f"{r.step}/{r.total_steps}" if r.total_steps else "",
                       f"{r.perplexity:.1f}" if r.perplexity else "",
-                      r.served[:100],
+                      r.served[:100], "" if cost is None else f"${cost:.4f}",
                       r.failure[:80] or _reuse_note(r.reused_from) or (
                           f"resumed {r.resumes}x, last at step {r.resumed_at_step}"
                           if r.resumes else ""))
@@ -489,6 +496,75 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- cost and scaling --------------------------------------------------------------------
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    """The cost ledger the autoscaler keeps: one run's charges, or every run's, and serving
+    (replica-hours, $ per 1M tokens)."""
+    from lmforge.cli.cost import read_ledger
+
+    try:
+        runs, serving = asyncio.run(read_ledger(_nats_url(_settings())))
+    except ConnectionError as exc:
+        return _unreachable(exc)
+    if args.run and args.run not in runs:
+        console.print(f"[red]no cost recorded for run {args.run!r}[/] (the autoscaler prices "
+                      f"a run's stages as they finish; `lmforge runs` lists the runs)")
+        return EXIT_FAILED
+    chosen = {args.run: runs[args.run]} if args.run else runs
+    if args.json:
+        print(json.dumps({"runs": chosen, "serving": serving}))
+        return 0
+    out = Console()
+    for run_id, entry in chosen.items():
+        table = Table(title=f"run {run_id} ({entry.get('model_name', '')}): "
+                      f"${entry['total_usd']:.4f}{_savings_note(entry)}")
+        for column in ("stage", "attempt", "hardware", "market", "wall s", "$/h", "$", "note"):
+            table.add_column(column)
+        for charge in entry["charges"].values():
+            table.add_row(charge["stage"], str(charge["attempt"]),
+                          f"{charge['count']}x {charge['hardware']}", charge["market"],
+                          f"{charge['wall_seconds']:.1f}", f"{charge['usd_per_hour']:.4f}",
+                          f"{charge['cost_usd']:.4f}",
+                          (f"reused from {charge['reused_from']}; " if charge["reused_from"]
+                           else "") + charge["note"])
+        out.print(table)
+    if serving:
+        per_million = serving.get("usd_per_million_tokens")
+        out.print(f"serving: {serving['replica_hours']:.3f} replica-hours of "
+                  f"{serving['hardware']} = ${serving['cost_usd']:.4f}; "
+                  f"{serving['tokens']:.0f} tokens generated; "
+                  + (f"${per_million:.4f} per 1M tokens" if per_million is not None
+                     else "no tokens yet"))
+        if serving.get("unknown_seconds"):
+            out.print(f"  tokens unknown for {serving['unknown_seconds']:.0f}s "
+                      f"(the gateway's /metrics did not answer)")
+    elif not chosen:
+        console.print("no costs recorded yet")
+    return 0
+
+
+def _savings_note(entry: dict[str, Any]) -> str:
+    savings = entry.get("spot_savings_usd")
+    if savings is None:
+        return " (on-demand price of some hardware unknown: savings not claimed)"
+    return f", saved ${savings:.4f} against on-demand" if savings else ""
+
+
+def cmd_scaling_replay(args: argparse.Namespace) -> int:
+    """The autoscaler's replay, run by its module (the CLI imports no service)."""
+    command = [sys.executable, "-m", "services.cost_autoscaler.replay", str(args.trace),
+               "--policies", args.policies, "--train-days", str(args.train_days)]
+    for flag, value in (("--slo-p99-ms", args.slo_p99_ms),
+                        ("--rps-per-replica", args.rps_per_replica),
+                        ("--max-replicas", args.max_replicas)):
+        if value is not None:
+            command += [flag, str(value)]
+    if args.json:
+        command.append("--json")
+    return subprocess.run(command, check=False).returncode
+
+
 # -- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -582,6 +658,37 @@ def build_parser() -> argparse.ArgumentParser:
     scale = sub.add_parser("scale", help="pin replicas: SERVICE=N, or SERVICE=auto to unpin")
     scale.add_argument("assignments", nargs="+")
     scale.set_defaults(func=cmd_scale)
+
+    cost = sub.add_parser("cost", help="what each run cost, stage by stage, and serving",
+                          description="Reads the autoscaler's cost ledger: every stage priced "
+                          "as wall time x the hourly price of its hardware x the device count, "
+                          "every attempt of a preempted run included, spot savings against "
+                          "on-demand, and serving as gateway replica-hours and $ per 1M tokens.")
+    cost.add_argument("run", nargs="?", help="one run id (default: every run)")
+    cost.add_argument("--json", action="store_true")
+    cost.set_defaults(func=cmd_cost)
+
+    scaling = sub.add_parser("scaling", help="autoscaling tools")
+    scaling_sub = scaling.add_subparsers(dest="scaling_command", required=True)
+    replay = scaling_sub.add_parser(
+        "replay", help="replay a request-rate trace through the scaling policies",
+        description="Replays TRACE.csv (minute,requests_per_s; one row a minute) through the "
+        "autoscaler's own policy code in simulated time and reports, per policy, "
+        "replica-hours and dollars, SLO-violation minutes (demand above the capacity of the "
+        "ready replicas) and scale events. Settings: LMFORGE_AUTOSCALER_*.")
+    replay.add_argument("trace", type=Path)
+    replay.add_argument("--slo-p99-ms", type=float,
+                        help="p99 SLO (default LMFORGE_AUTOSCALER_SLO_P99_MS, 500)")
+    replay.add_argument("--rps-per-replica", type=float,
+                        help="replica capacity at that SLO (default "
+                        "LMFORGE_AUTOSCALER_RPS_PER_REPLICA)")
+    replay.add_argument("--policies", default="static,reactive,predictive")
+    replay.add_argument("--train-days", type=float, default=0.0,
+                        help="leading days that are history only (the forecast's), not scored")
+    replay.add_argument("--max-replicas", type=int,
+                        help="default LMFORGE_AUTOSCALER_MAX_REPLICAS")
+    replay.add_argument("--json", action="store_true")
+    replay.set_defaults(func=cmd_scaling_replay)
     return parser
 
 

@@ -75,7 +75,10 @@ CONSUMES: dict[ServiceName, tuple[Subject, ...]] = {
     ServiceName.QUANTIZER: (subjects.MODEL_TRAINED,),
     ServiceName.EXPORTER: (subjects.MODEL_QUANTIZED,),
     ServiceName.INFERENCE_GATEWAY: (subjects.MODEL_EXPORTED,),
-    ServiceName.COST_AUTOSCALER: (subjects.MODEL_TRAINED,),
+    # The cost ledger prices every stage from the event that closes it.
+    ServiceName.COST_AUTOSCALER: (subjects.DATASET_PREPARED, subjects.TRAINING_SCHEDULED,
+                                  subjects.TRAINING_PREEMPTED, subjects.MODEL_TRAINED,
+                                  subjects.MODEL_QUANTIZED, subjects.MODEL_EXPORTED),
 }
 """The subjects each service consumes (checked by the bus when a handler registers)."""
 

@@ -5,7 +5,6 @@ from services.cost_autoscaler.policy import (
     PolicyConfig,
     ReactivePolicy,
     ServiceLoad,
-    training_cost,
 )
 
 
@@ -43,12 +42,23 @@ def test_sre_pin_wins_over_load():
     assert got["exporter"].replicas == 2
 
 
-def test_metrics_parsing_and_cost():
+def test_metrics_parsing():
     text = ('# HELP x\nlmforge_gateway_requests_total{code="OK",model="a"} 12.0\n'
             'lmforge_gateway_requests_total{code="NOT_FOUND",model="b"} 3.0\n'
             'lmforge_gateway_requests_created{code="OK",model="a"} 1.7e9\n')
     assert parse_request_total(text) == 15.0
-    assert training_cost(1800, "cuda", {"cuda": 2.0}) == 1.0
+
+
+def test_scale_in_waits_for_the_cooldown_after_a_change():
+    policy = ReactivePolicy(PolicyConfig(max_replicas=4, scale_down_after=1,
+                                         scale_in_cooldown_s=300))
+    busy = {"exporter": ServiceLoad("exporter", backlog=16)}
+    idle = {"exporter": ServiceLoad("exporter", backlog=0)}
+    assert _by_service(policy.decide(busy, {"exporter": 1}, {}, now_s=0))["exporter"].replicas == 4
+    held = _by_service(policy.decide(idle, {"exporter": 4}, {}, now_s=200))["exporter"]
+    assert held.replicas == 4 and "cooldown" in held.reason
+    later = _by_service(policy.decide(idle, {"exporter": 4}, {}, now_s=301))
+    assert later["exporter"].replicas == 1
 
 
 def test_a_second_queued_training_run_asks_for_a_second_trainer():

@@ -1,0 +1,54 @@
+"""What an hour of hardware costs: the one seam a hardware catalog plugs into.
+
+Today the prices are the autoscaler's settings: `AUTOSCALER_PRICE_PER_HOUR`
+(on-demand, per device or instance type) and `AUTOSCALER_SPOT_PRICE_PER_HOUR`.
+A training attempt whose plan carries the planner's own price
+(`ResourcePlan.price_usd_per_hour`, from its catalog) is charged that price,
+and its on-demand equivalent comes from here: when this book does not know
+the type, the saving is unknown (None), never 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SPOT = "spot"
+ON_DEMAND = "on-demand"
+
+
+@dataclass(frozen=True, slots=True)
+class HourlyPrice:
+    """One device (or instance) for one hour, in the market it ran in."""
+
+    usd_per_hour: float
+    on_demand_usd_per_hour: float | None
+    """What the same hour costs on demand; None when not known (no saving claimed)."""
+    source: str
+
+
+class UnknownHardwareError(LookupError):
+    """No price for a device or instance type."""
+
+
+@dataclass(frozen=True, slots=True)
+class PriceBook:
+    on_demand: dict[str, float]
+    spot: dict[str, float]
+
+    def price(self, hardware: str, *, market: str = ON_DEMAND) -> HourlyPrice:
+        """$/h of one `hardware` in `market` ("spot" or "on-demand")."""
+        on_demand = self.on_demand.get(hardware)
+        if market == SPOT:
+            if hardware not in self.spot:
+                raise UnknownHardwareError(
+                    f"no spot price for {hardware!r} (LMFORGE_AUTOSCALER_SPOT_PRICE_PER_HOUR "
+                    f"knows {sorted(self.spot) or 'nothing'})")
+            return HourlyPrice(self.spot[hardware], on_demand, "autoscaler settings (spot)")
+        if on_demand is None:
+            raise UnknownHardwareError(
+                f"no price for {hardware!r} (LMFORGE_AUTOSCALER_PRICE_PER_HOUR knows "
+                f"{sorted(self.on_demand)})")
+        return HourlyPrice(on_demand, on_demand, "autoscaler settings")
+
+    def on_demand_price(self, hardware: str) -> float | None:
+        return self.on_demand.get(hardware)
