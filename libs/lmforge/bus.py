@@ -65,14 +65,15 @@ log = logging.getLogger("lmforge.bus")
 class NatsKeyValue:
     """A JetStream key-value bucket behind the `dispatch.KeyValue` protocol."""
 
-    def __init__(self, js: JetStreamContext, bucket: str) -> None:
+    def __init__(self, js: JetStreamContext, bucket: str, *, replicas: int = 1) -> None:
         self.js = js
         self.bucket = bucket
+        self.replicas = replicas
         self._kv: NatsKV | None = None
 
     async def _open(self) -> NatsKV:
         if self._kv is None:
-            self._kv = await ensure_kv(self.js, self.bucket)
+            self._kv = await ensure_kv(self.js, self.bucket, replicas=self.replicas)
         return self._kv
 
     async def get(self, key: str) -> bytes | None:
@@ -140,6 +141,7 @@ class EventBus:
         self._js: JetStreamContext | None = None
         self._subscriptions: list[Subscription] = []
         self._buckets: dict[str, NatsKeyValue] = {}
+        self.stream_replicas = 1
         self._tasks: list[asyncio.Task[None]] = []
         self._handling: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
@@ -154,8 +156,11 @@ class EventBus:
 
     # -- connection -----------------------------------------------------------------
 
-    async def connect(self, url: str, *, connect_timeout_s: float = 30.0) -> None:
-        """Connect (retrying until `connect_timeout_s`) and make sure the streams exist."""
+    async def connect(self, url: str, *, connect_timeout_s: float = 30.0,
+                      stream_replicas: int = 1) -> None:
+        """Connect (retrying until `connect_timeout_s`) and make sure the streams exist,
+        with `stream_replicas` copies each (LMFORGE_STREAM_REPLICAS)."""
+        self.stream_replicas = stream_replicas
         deadline = time.monotonic() + connect_timeout_s
         self.connection_log = ConnectionLog(self.service, url)
         while True:
@@ -180,7 +185,7 @@ class EventBus:
                                           f"{connect_timeout_s:.0f}s: {exc}") from exc
                 await asyncio.sleep(0.5)
         self._js = self.nc.jetstream()
-        await ensure_streams(self._js)
+        await ensure_streams(self._js, replicas=stream_replicas)
 
     async def close(self, *, grace_s: float = 60.0) -> None:
         """Stop fetching, let in-flight handlers finish (up to `grace_s`), disconnect."""
@@ -205,7 +210,8 @@ class EventBus:
 
     def key_value(self, bucket: Bucket) -> NatsKeyValue:
         if bucket not in self._buckets:
-            self._buckets[bucket] = NatsKeyValue(self.js, bucket)
+            self._buckets[bucket] = NatsKeyValue(self.js, bucket,
+                                                 replicas=self.stream_replicas)
         return self._buckets[bucket]
 
     # -- publishing -----------------------------------------------------------------
@@ -318,8 +324,9 @@ def _raw(msg: Msg) -> RawMessage:
                       stream_seq=msg.metadata.sequence.stream, keep_alive=msg.in_progress)
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create (or update) the file-backed streams; safe for every process to call."""
+async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """Create (or update) the file-backed streams, `replicas` copies each (R3 on a
+    three-node cluster); safe for every process to call."""
     wanted = [
         api.StreamConfig(
             name=subjects.STREAM,
@@ -328,12 +335,14 @@ async def ensure_streams(js: JetStreamContext) -> None:
             retention=api.RetentionPolicy.LIMITS,
             duplicate_window=120.0,
             max_age=30 * 24 * 3600.0,
+            num_replicas=replicas,
         ),
         api.StreamConfig(
             name=subjects.DEAD_LETTER_STREAM,
             subjects=[f"{subjects.DEAD_LETTER_PREFIX}.>"],
             storage=api.StorageType.FILE,
             duplicate_window=120.0,
+            num_replicas=replicas,
         ),
     ]
     for config in wanted:
@@ -343,14 +352,16 @@ async def ensure_streams(js: JetStreamContext) -> None:
             await js.update_stream(config)
 
 
-async def ensure_kv(js: JetStreamContext, bucket: str, *, history: int = 1) -> NatsKV:
-    """A file-backed key-value bucket, created on first use."""
+async def ensure_kv(js: JetStreamContext, bucket: str, *, history: int = 1,
+                    replicas: int = 1) -> NatsKV:
+    """A file-backed key-value bucket (`replicas` copies), created on first use."""
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         try:
             return await js.create_key_value(
                 bucket=bucket, history=history, storage=api.StorageType.FILE, direct=True,
+                replicas=replicas,
             )
         except nats.js.errors.BadRequestError:  # created by a sibling meanwhile
             return await js.key_value(bucket)

@@ -159,7 +159,7 @@ async def _main(service_type: type[Service[S]], settings: S) -> None:
     from lmforge.bus import EventBus
 
     bus = EventBus(service_type.name)
-    await bus.connect(settings.nats_url)
+    await bus.connect(settings.nats_url, stream_replicas=settings.stream_replicas)
     service = service_type(settings, bus)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

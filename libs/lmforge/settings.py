@@ -41,6 +41,9 @@ class PlatformSettings(BaseSettings):
         "(s3://bucket/prefix/), os.pathsep or comma separated.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    stream_replicas: int = Field(
+        1, ge=1, le=5, description="JetStream replicas of every stream and key-value bucket: "
+        "1 on one nats-server, 3 on a three-node cluster (deploy/k8s).")
     artifact_url: str = Field(
         "", description="Object-store URL (s3://bucket/prefix, or any fsspec URL) that every "
         "artifact is also uploaded to and fetched from when missing locally: checkpoints a "

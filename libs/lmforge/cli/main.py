@@ -478,8 +478,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
     async def write() -> None:
         from lmforge.cli.runs import connect_nats
 
-        nc = await connect_nats(_nats_url(_settings()))
-        kv = await ensure_kv(nc.jetstream(), Bucket.SCALE_PINS)
+        settings = _settings()
+        nc = await connect_nats(_nats_url(settings))
+        kv = await ensure_kv(nc.jetstream(), Bucket.SCALE_PINS,
+                             replicas=settings.stream_replicas)
         for service, replicas in pins.items():
             if replicas is None:
                 await kv.delete(service)
