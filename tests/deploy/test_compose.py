@@ -38,3 +38,65 @@ def test_a_broken_compose_file_is_caught(tmp_path):
     broken = tmp_path / "docker-compose.yml"
     broken.write_text("services:\n  x:\n    image: a\n    ports: 12\n    depends_on: [ghost]\n")
     assert _config(broken).returncode != 0
+
+
+def _resolved(*files: str) -> dict:
+    args = [str(COMPOSE)]
+    for name in files:
+        args += ["-f", str(REPO_ROOT / name)]
+    done = subprocess.run([*args, "config", "--format", "yaml"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def test_compose_runs_the_images_and_settings_that_kubernetes_runs():
+    services = _resolved("docker-compose.yml")["services"]
+    kustomization = yaml.safe_load((REPO_ROOT / "deploy/k8s/base/kustomization.yaml").read_text())
+    k8s_images = {f"{i['name']}:{i['newTag']}" for i in kustomization["images"]}
+    assert {services[name]["image"] for name in SERVICE_MODULES} == k8s_images
+    k8s_config = yaml.safe_load((REPO_ROOT / "deploy/k8s/base/config.yaml").read_text())["data"]
+    shared = ("LMFORGE_HOME", "LMFORGE_METRICS_PORT", "OTEL_EXPORTER_OTLP_PROTOCOL",
+              "OMP_WAIT_POLICY")
+    for name in SERVICE_MODULES:
+        env = services[name]["environment"]
+        assert {k: env[k] for k in shared} == {k: k8s_config[k] for k in shared}, name
+        # Compose's healthcheck asks what the kubelet asks (the gateway: gRPC health).
+        probe = " ".join(services[name]["healthcheck"]["test"])
+        assert ("/readyz" in probe) != (name == "inference-gateway"), name
+
+
+def test_the_nats_cluster_option_runs_three_nodes_and_every_stream_at_r3():
+    resolved = _resolved("docker-compose.yml", "deploy/compose/nats-cluster.yml")
+    services = resolved["services"]
+    nodes = [n for n in ("nats", "nats-2", "nats-3") if n in services]
+    assert len(nodes) == 3
+    for node in nodes:
+        command = services[node]["command"]
+        assert "-js" in command and "--routes" in command
+    for name in SERVICE_MODULES:
+        env = services[name]["environment"]
+        assert env["LMFORGE_STREAM_REPLICAS"] == "3"
+        assert env["LMFORGE_NATS_URL"].count("nats://") == 3
+        assert env["OTEL_SERVICE_NAME"] == name  # the override adds, it does not replace
+
+
+def test_metrics_traces_and_dashboards_have_somewhere_to_go():
+    services = _resolved("docker-compose.yml")["services"]
+    prometheus = yaml.safe_load((REPO_ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    nats_job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "nats")
+    assert nats_job["static_configs"][0]["targets"] == ["nats-exporter:7777"]
+    assert "-port" in services["nats-exporter"]["command"]
+    collector = yaml.safe_load((REPO_ROOT / "deploy/otel/collector.yaml").read_text())
+    assert collector["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
+    assert "otlp/jaeger" in collector["service"]["pipelines"]["traces"]["exporters"]
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    mounts = {v["target"]: v["source"] for v in services["grafana"]["volumes"]}
+    assert mounts["/var/lib/grafana/dashboards"] == str(REPO_ROOT / "deploy/grafana/dashboards")
+    provisioning = REPO_ROOT / "deploy/grafana/provisioning"
+    assert mounts["/etc/grafana/provisioning"] == str(provisioning)
+    sources = yaml.safe_load((provisioning / "datasources/lmforge.yaml").read_text())
+    urls = {d["type"]: d["url"] for d in sources["datasources"]}
+    assert urls == {"prometheus": "http://prometheus:9090", "jaeger": "http://jaeger:16686"}
+    provider = yaml.safe_load((provisioning / "dashboards/lmforge.yaml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
