@@ -10,6 +10,7 @@ import pytest
 
 from lmforge.runtime.nats_server import NatsServer
 from services.trainer.config import PRESETS, TrainConfig
+from tests.base_model_fixtures import base_models  # noqa: F401 - fixture
 from tests.s3_server import s3, s3_endpoint  # noqa: F401 - fixtures for every test
 
 # Two busy cores make OpenMP spin; every test process and child stays passive.

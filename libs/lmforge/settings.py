@@ -40,6 +40,13 @@ class PlatformSettings(BaseSettings):
         description="Where datasets may be read from: directories and object-store prefixes "
         "(s3://bucket/prefix/), os.pathsep or comma separated.",
     )
+    model_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Where base models (local Hugging Face directories) may be read from, "
+        "os.pathsep or comma separated; empty: the data roots.")
+    base_model_allow_pickle: bool = Field(
+        False, description="Accept base models stored as pickle (.bin) checkpoints; off: "
+        "safetensors only (unpickling runs code the file carries).")
     log_level: str = Field("INFO", description="Python logging level.")
     stream_replicas: int = Field(
         1, ge=1, le=5, description="JetStream replicas of every stream and key-value bucket: "
@@ -55,7 +62,7 @@ class PlatformSettings(BaseSettings):
         None, description="A JSON file of instance types merged over the shipped catalog "
         "(libs/lmforge/catalog.json): the planner's prices, memory and TFLOP/s.")
 
-    @field_validator("data_roots", mode="before")
+    @field_validator("data_roots", "model_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
@@ -81,6 +88,12 @@ class PlatformSettings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
         return level
+
+    def base_model_roots(self) -> list[Path]:
+        """Where base models may be read from (LMFORGE_MODEL_ROOTS, else the data roots)."""
+        from lmforge.base_models import model_roots
+
+        return model_roots(self.model_roots, self.data_roots)
 
     @property
     def artifacts_dir(self) -> Path:

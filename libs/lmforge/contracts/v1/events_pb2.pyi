@@ -35,7 +35,7 @@ class DatasetReady(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., format: _Optional[str] = ..., text_field: _Optional[str] = ..., model_name: _Optional[str] = ..., schema_version: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., training: _Optional[_Union[TrainingRequest, _Mapping]] = ...) -> None: ...
 
 class TrainingRequest(_message.Message):
-    __slots__ = ("model_size", "budget_usd", "instance_types", "family", "precision", "compile", "micro_batch", "grad_accum", "global_batch", "epochs", "market")
+    __slots__ = ("model_size", "budget_usd", "instance_types", "family", "precision", "compile", "micro_batch", "grad_accum", "global_batch", "epochs", "market", "base_model", "adaptation", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "base_weights", "gradient_checkpointing", "chat_template", "eval_set", "packing")
     MODEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_TYPES_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,17 @@ class TrainingRequest(_message.Message):
     GLOBAL_BATCH_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MARKET_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTATION_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    LORA_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    BASE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SET_FIELD_NUMBER: _ClassVar[int]
+    PACKING_FIELD_NUMBER: _ClassVar[int]
     model_size: str
     budget_usd: float
     instance_types: _containers.RepeatedScalarFieldContainer[str]
@@ -58,7 +69,30 @@ class TrainingRequest(_message.Message):
     global_batch: int
     epochs: float
     market: str
-    def __init__(self, model_size: _Optional[str] = ..., budget_usd: _Optional[float] = ..., instance_types: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., precision: _Optional[str] = ..., compile: _Optional[str] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., global_batch: _Optional[int] = ..., epochs: _Optional[float] = ..., market: _Optional[str] = ...) -> None: ...
+    base_model: str
+    adaptation: str
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: _containers.RepeatedScalarFieldContainer[str]
+    base_weights: str
+    gradient_checkpointing: str
+    chat_template: str
+    eval_set: str
+    packing: str
+    def __init__(self, model_size: _Optional[str] = ..., budget_usd: _Optional[float] = ..., instance_types: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., precision: _Optional[str] = ..., compile: _Optional[str] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., global_batch: _Optional[int] = ..., epochs: _Optional[float] = ..., market: _Optional[str] = ..., base_model: _Optional[str] = ..., adaptation: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., base_weights: _Optional[str] = ..., gradient_checkpointing: _Optional[str] = ..., chat_template: _Optional[str] = ..., eval_set: _Optional[str] = ..., packing: _Optional[str] = ...) -> None: ...
+
+class TaskEval(_message.Message):
+    __slots__ = ("examples", "exact_match", "macro_f1", "labels")
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EXACT_MATCH_FIELD_NUMBER: _ClassVar[int]
+    MACRO_F1_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    examples: int
+    exact_match: float
+    macro_f1: float
+    labels: int
+    def __init__(self, examples: _Optional[int] = ..., exact_match: _Optional[float] = ..., macro_f1: _Optional[float] = ..., labels: _Optional[int] = ...) -> None: ...
 
 class DatasetStats(_message.Message):
     __slots__ = ("records_read", "records_kept", "empty_dropped", "duplicates_dropped", "invalid_utf8_skipped", "oversized_skipped", "malformed_skipped", "train_tokens", "heldout_tokens", "train_documents", "heldout_documents", "dropped", "tallies")
@@ -125,7 +159,7 @@ class DatasetPrepared(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., vocab_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., stats: _Optional[_Union[DatasetStats, _Mapping]] = ..., time_budget_s: _Optional[float] = ..., training: _Optional[_Union[TrainingRequest, _Mapping]] = ...) -> None: ...
 
 class ResourcePlan(_message.Message):
-    __slots__ = ("preset", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len", "micro_batch", "grad_accum", "max_steps", "learning_rate", "warmup_steps", "checkpoint_interval", "precision", "device", "pool", "parameters", "estimated_seconds", "seed", "vocab_size", "family", "engine", "zero_stage", "offload_optimizer", "offload_params", "gradient_checkpointing", "world_size", "compile", "estimated_memory_gib", "instance_type", "market", "price_usd_per_hour", "estimated_usd", "preemptions_per_hour", "checkpoint_cost_s", "checkpoint_interval_s", "time_budget_s", "planned_flops_per_device", "throughput_source", "memory_headroom_gib", "device_memory_gib")
+    __slots__ = ("preset", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len", "micro_batch", "grad_accum", "max_steps", "learning_rate", "warmup_steps", "checkpoint_interval", "precision", "device", "pool", "parameters", "estimated_seconds", "seed", "vocab_size", "family", "engine", "zero_stage", "offload_optimizer", "offload_params", "gradient_checkpointing", "world_size", "compile", "estimated_memory_gib", "instance_type", "market", "price_usd_per_hour", "estimated_usd", "preemptions_per_hour", "checkpoint_cost_s", "checkpoint_interval_s", "time_budget_s", "planned_flops_per_device", "throughput_source", "memory_headroom_gib", "device_memory_gib", "base_model", "adaptation", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "base_weights", "trainable_parameters", "adaptation_reason")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +200,15 @@ class ResourcePlan(_message.Message):
     THROUGHPUT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_HEADROOM_GIB_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MEMORY_GIB_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTATION_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    LORA_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    BASE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTATION_REASON_FIELD_NUMBER: _ClassVar[int]
     preset: str
     hidden_size: int
     num_layers: int
@@ -206,7 +249,16 @@ class ResourcePlan(_message.Message):
     throughput_source: str
     memory_headroom_gib: float
     device_memory_gib: float
-    def __init__(self, preset: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., pool: _Optional[str] = ..., parameters: _Optional[int] = ..., estimated_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., vocab_size: _Optional[int] = ..., family: _Optional[str] = ..., engine: _Optional[str] = ..., zero_stage: _Optional[int] = ..., offload_optimizer: _Optional[bool] = ..., offload_params: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., world_size: _Optional[int] = ..., compile: _Optional[bool] = ..., estimated_memory_gib: _Optional[float] = ..., instance_type: _Optional[str] = ..., market: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., estimated_usd: _Optional[float] = ..., preemptions_per_hour: _Optional[float] = ..., checkpoint_cost_s: _Optional[float] = ..., checkpoint_interval_s: _Optional[float] = ..., time_budget_s: _Optional[float] = ..., planned_flops_per_device: _Optional[float] = ..., throughput_source: _Optional[str] = ..., memory_headroom_gib: _Optional[float] = ..., device_memory_gib: _Optional[float] = ...) -> None: ...
+    base_model: str
+    adaptation: str
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: _containers.RepeatedScalarFieldContainer[str]
+    base_weights: str
+    trainable_parameters: int
+    adaptation_reason: str
+    def __init__(self, preset: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., checkpoint_interval: _Optional[int] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., pool: _Optional[str] = ..., parameters: _Optional[int] = ..., estimated_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., vocab_size: _Optional[int] = ..., family: _Optional[str] = ..., engine: _Optional[str] = ..., zero_stage: _Optional[int] = ..., offload_optimizer: _Optional[bool] = ..., offload_params: _Optional[bool] = ..., gradient_checkpointing: _Optional[bool] = ..., world_size: _Optional[int] = ..., compile: _Optional[bool] = ..., estimated_memory_gib: _Optional[float] = ..., instance_type: _Optional[str] = ..., market: _Optional[str] = ..., price_usd_per_hour: _Optional[float] = ..., estimated_usd: _Optional[float] = ..., preemptions_per_hour: _Optional[float] = ..., checkpoint_cost_s: _Optional[float] = ..., checkpoint_interval_s: _Optional[float] = ..., time_budget_s: _Optional[float] = ..., planned_flops_per_device: _Optional[float] = ..., throughput_source: _Optional[str] = ..., memory_headroom_gib: _Optional[float] = ..., device_memory_gib: _Optional[float] = ..., base_model: _Optional[str] = ..., adaptation: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., base_weights: _Optional[str] = ..., trainable_parameters: _Optional[int] = ..., adaptation_reason: _Optional[str] = ...) -> None: ...
 
 class TrainingScheduled(_message.Message):
     __slots__ = ("run_id", "model_name", "dataset", "plan", "attempt")
@@ -281,7 +333,7 @@ class TrainingPreempted(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., checkpoint: _Optional[_Union[ArtifactRef, _Mapping]] = ..., reason: _Optional[str] = ..., scheduled: _Optional[_Union[TrainingScheduled, _Mapping]] = ...) -> None: ...
 
 class ModelTrained(_message.Message):
-    __slots__ = ("run_id", "model_name", "model", "dataset", "heldout_perplexity", "train_tokens", "steps", "wall_seconds", "parameters", "final_loss", "resumed_from_step", "peak_memory_bytes", "device", "world_size", "stopped_at_budget", "planned_steps")
+    __slots__ = ("run_id", "model_name", "model", "dataset", "heldout_perplexity", "train_tokens", "steps", "wall_seconds", "parameters", "final_loss", "resumed_from_step", "peak_memory_bytes", "device", "world_size", "stopped_at_budget", "planned_steps", "base_model", "adaptation", "trainable_parameters", "adapter_dir", "task_eval", "assistant_perplexity")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +350,12 @@ class ModelTrained(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     STOPPED_AT_BUDGET_FIELD_NUMBER: _ClassVar[int]
     PLANNED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTATION_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_DIR_FIELD_NUMBER: _ClassVar[int]
+    TASK_EVAL_FIELD_NUMBER: _ClassVar[int]
+    ASSISTANT_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     model: ArtifactRef
@@ -314,10 +372,16 @@ class ModelTrained(_message.Message):
     world_size: int
     stopped_at_budget: bool
     planned_steps: int
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., heldout_perplexity: _Optional[float] = ..., train_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., parameters: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., world_size: _Optional[int] = ..., stopped_at_budget: _Optional[bool] = ..., planned_steps: _Optional[int] = ...) -> None: ...
+    base_model: str
+    adaptation: str
+    trainable_parameters: int
+    adapter_dir: str
+    task_eval: TaskEval
+    assistant_perplexity: float
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., heldout_perplexity: _Optional[float] = ..., train_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., parameters: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., world_size: _Optional[int] = ..., stopped_at_budget: _Optional[bool] = ..., planned_steps: _Optional[int] = ..., base_model: _Optional[str] = ..., adaptation: _Optional[str] = ..., trainable_parameters: _Optional[int] = ..., adapter_dir: _Optional[str] = ..., task_eval: _Optional[_Union[TaskEval, _Mapping]] = ..., assistant_perplexity: _Optional[float] = ...) -> None: ...
 
 class ModelQuantized(_message.Message):
-    __slots__ = ("run_id", "model_name", "model", "quantized", "dataset", "method", "bits", "group_size", "perplexity_before", "perplexity_after", "passed_quality_gate", "perplexity_fp", "perplexity_rtn_int4", "perplexity_awq_int4", "served", "served_reason", "weight_format", "quantize_seconds")
+    __slots__ = ("run_id", "model_name", "model", "quantized", "dataset", "method", "bits", "group_size", "perplexity_before", "perplexity_after", "passed_quality_gate", "perplexity_fp", "perplexity_rtn_int4", "perplexity_awq_int4", "served", "served_reason", "weight_format", "quantize_seconds", "task_eval_fp", "task_eval_quantized")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +400,8 @@ class ModelQuantized(_message.Message):
     SERVED_REASON_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TASK_EVAL_FP_FIELD_NUMBER: _ClassVar[int]
+    TASK_EVAL_QUANTIZED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     model: ArtifactRef
@@ -354,7 +420,9 @@ class ModelQuantized(_message.Message):
     served_reason: str
     weight_format: str
     quantize_seconds: float
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., quantized: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., method: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., passed_quality_gate: _Optional[bool] = ..., perplexity_fp: _Optional[float] = ..., perplexity_rtn_int4: _Optional[float] = ..., perplexity_awq_int4: _Optional[float] = ..., served: _Optional[str] = ..., served_reason: _Optional[str] = ..., weight_format: _Optional[str] = ..., quantize_seconds: _Optional[float] = ...) -> None: ...
+    task_eval_fp: TaskEval
+    task_eval_quantized: TaskEval
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., quantized: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., method: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., passed_quality_gate: _Optional[bool] = ..., perplexity_fp: _Optional[float] = ..., perplexity_rtn_int4: _Optional[float] = ..., perplexity_awq_int4: _Optional[float] = ..., served: _Optional[str] = ..., served_reason: _Optional[str] = ..., weight_format: _Optional[str] = ..., quantize_seconds: _Optional[float] = ..., task_eval_fp: _Optional[_Union[TaskEval, _Mapping]] = ..., task_eval_quantized: _Optional[_Union[TaskEval, _Mapping]] = ...) -> None: ...
 
 class ModelExported(_message.Message):
     __slots__ = ("run_id", "model_name", "export", "onnx_max_abs_diff", "onnx_opset", "version", "onnx_parity_steps", "onnx_heldout_perplexity", "onnx_int8_heldout_perplexity", "triton_model", "precision", "precision_reason")
