@@ -312,3 +312,19 @@ def load_base_model(info: BaseModelInfo, *, dtype: Any = None) -> PreTrainedMode
     return AutoModelForCausalLM.from_pretrained(
         str(info.directory), dtype=dtype or torch.float32, local_files_only=True,
         use_safetensors=info.weight_format == "safetensors")
+
+
+def base_model_fingerprint(info: BaseModelInfo) -> str:
+    """A digest of what makes the base what it is, for the stage caches: its config,
+    tokenizer and generation files' bytes and its weight files' names and sizes (hashing
+    gigabytes of weights on every event would cost more than the cache saves)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("config.json", GENERATION_CONFIG, *TOKENIZER_FILES):
+        path = info.directory / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for name in info.weight_files:
+        digest.update(f"{name}:{(info.directory / name).stat().st_size}\0".encode())
+    return digest.hexdigest()

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from google.protobuf.message import Message
 
+from lmforge.base_models import BaseModelInfo, base_model_fingerprint, inspect_base_model
 from lmforge.contracts import subjects
 from lmforge.contracts.names import Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
@@ -70,16 +71,27 @@ class DataPrepService(Service[DataPrepSettings]):
         return list_dataset_files(event.dataset_uri, self.settings.data_roots,
                                   config=replace(config.read, format=event.format or "auto"))
 
+    def base_model(self, event: ev.DatasetReady) -> BaseModelInfo | None:
+        """The run's base model, checked (or BaseModelError naming the file and reason)."""
+        if not event.training.base_model:
+            return None
+        return inspect_base_model(event.training.base_model, self.settings.base_model_roots(),
+                                  allow_pickle=self.settings.base_model_allow_pickle)
+
     async def stage_inputs(self, event: Message) -> bytes:
-        """The request without its path, the digest of the dataset's bytes (every file), and
-        the earlier dataset whose near-dup index this run dedups against, if any."""
+        """The request without its path, the digest of the dataset's bytes (every file), the
+        base model's fingerprint, and the earlier dataset whose near-dup index this run
+        dedups against, if any."""
         assert isinstance(event, ev.DatasetReady)
         files = await asyncio.to_thread(self._specs, event)
+        base = await asyncio.to_thread(self.base_model, event)
         request = ev.DatasetReady(format=event.format, text_field=event.text_field,
                                   time_budget_s=event.time_budget_s, training=event.training)
         contents = await asyncio.to_thread(dataset_digest, files, config=self.prep_config.read)
         earlier = await self._earlier_dataset(event.model_name)
-        return request.SerializeToString(deterministic=True) + f"{contents}|{earlier}".encode()
+        base_print = base_model_fingerprint(base) if base is not None else ""
+        return request.SerializeToString(deterministic=True) + \
+            f"{contents}|{earlier}|{base_print}".encode()
 
     async def _earlier_dataset(self, model_name: str) -> str:
         if not self.settings.dataprep_near_dup_earlier_runs:
@@ -108,6 +120,7 @@ class DataPrepService(Service[DataPrepSettings]):
     async def on_dataset_ready(self, event: ev.DatasetReady, delivery: Delivery
                                ) -> ev.DatasetPrepared:
         await asyncio.to_thread(self._specs, event)
+        base = await asyncio.to_thread(self.base_model, event)
         config = self.prep_config
         earlier = await self._earlier_dataset(event.model_name)
         decisions = DecisionLog()
@@ -115,7 +128,7 @@ class DataPrepService(Service[DataPrepSettings]):
         work = self.store.scratch_dir("dataset-")
         stats = await asyncio.to_thread(
             prepare_dataset, event.dataset_uri, event.format, event.text_field or "text", work,
-            config, roots=self.settings.data_roots, seen=seen, log=decisions)
+            config, roots=self.settings.data_roots, seen=seen, log=decisions, base=base)
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)
         if self.settings.dataprep_near_dup_earlier_runs:
             await self.bus.key_value(Bucket.MODEL_DATASETS).put(event.model_name,

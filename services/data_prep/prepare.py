@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.base_models import BaseModelInfo
 from services.data_prep.cleaning import (
     ExactDeduplicator,
     document_digest,
@@ -41,10 +42,10 @@ from services.data_prep.quality import QualityConfig, QualityFilter
 from services.data_prep.semantic import SemanticConfig
 from services.data_prep.semantic import curate as semantic_curate
 from services.data_prep.sources import DatasetInputError, ReadConfig, iter_documents
-from services.data_prep.tokenizer_training import (
-    EOS_TOKEN,
-    save_tokenizer,
-    train_bpe_tokenizer,
+from services.data_prep.tokenizer_choice import (
+    DatasetTokenizer,
+    base_tokenizer,
+    trained_tokenizer,
 )
 
 
@@ -209,7 +210,8 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                     roots: Sequence[str | os.PathLike[str]] | None = None,
                     log: DecisionLog | None = None, seen: SignatureIndex | None = None,
                     kept_path: Path | None = None,
-                    timings: dict[str, float] | None = None) -> PrepStats:
+                    timings: dict[str, float] | None = None,
+                    base: BaseModelInfo | None = None) -> PrepStats:
     """Build the dataset directory in `out_dir` (which must be empty or absent).
 
     `fmt` and `text_field` override the read config's ("" keeps it). `roots`
@@ -217,7 +219,8 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
     own directory. With `kept_path`, the kept documents are also written there
     as JSONL (id, text, split, weight) for the `lmforge prep` dry run. `timings`, if
     given, gets the seconds of each phase (curate: read to near-dup and the split;
-    semantic; tokenizer; pack) for the benchmark.
+    semantic; tokenizer; pack) for the benchmark. With `base` (a checked base model),
+    the documents are tokenized with the base's tokenizer instead of a trained one.
     """
     clock = _PhaseClock(timings)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -278,12 +281,11 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                              for (stage, what), n in sorted(log.tallies.items())}
 
         clock.lap("semantic")
-        tokenizer = train_bpe_tokenizer(_texts(train_spool), config.vocab_size)
-        save_tokenizer(tokenizer, out_dir / "tokenizer", model_max_length=config.seq_len)
-        vocab_size = tokenizer.get_vocab_size()
-        eos_id = tokenizer.token_to_id(EOS_TOKEN)
-        if eos_id is None:
-            raise RuntimeError(f"the trained tokenizer lacks its end-of-text token {EOS_TOKEN!r}")
+        chosen: DatasetTokenizer = (
+            base_tokenizer(base, out_dir / "tokenizer") if base is not None
+            else trained_tokenizer(_texts(train_spool), config.vocab_size,
+                                   out_dir / "tokenizer", seq_len=config.seq_len))
+        tokenizer, vocab_size, eos_id = chosen.tokenizer, chosen.vocab_size, chosen.eos_id
         clock.lap("tokenizer")
         dtype = token_dtype(vocab_size)
         parts: dict[str, dict[str, Any]] = {}
@@ -323,6 +325,8 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
         "vocab_size": vocab_size,
         "seq_len": config.seq_len,
         "eos_token_id": eos_id,
+        "pad_token_id": chosen.pad_id,
+        "tokenizer": chosen.source,
         "dtype": dtype.name,
         "train": parts["train"],
         "heldout": parts["heldout"],
