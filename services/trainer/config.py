@@ -23,6 +23,10 @@ from lmforge.presets import PRESETS
 FAMILIES = ("llama", "qwen2")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENGINES = ("plain", "deepspeed")
+ADAPTATIONS = ("full", "lora")
+BASE_WEIGHTS = ("", "int8", "int4")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every attention and MLP projection of the Llama and Qwen2 layouts."""
 
 
 class ConfigError(BadInput, ValueError):
@@ -162,6 +166,38 @@ class EngineConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class AdapterConfig:
+    """How a base model is adapted: every weight (full), or low-rank adapters (LoRA)."""
+
+    kind: str = "full"
+    """full: every weight trains (continued pre-training, or from scratch); lora: the base
+    is frozen and peft's LoRA adapters train."""
+    rank: int = 8
+    """LoRA rank r of each adapter pair (A: r x in, B: out x r)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the update is (alpha / rank) * B A."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    targets: tuple[str, ...] = LORA_TARGETS
+    """Module names (suffixes) that get adapters."""
+    base_weights: str = ""
+    """LoRA: hold the frozen base in int8 or int4 (QLoRA, bitsandbytes on CUDA only);
+    "": in the training precision's master dtype (fp32)."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ADAPTATIONS, f"adapter.kind {self.kind!r} not in {ADAPTATIONS}")
+        _check(self.rank >= 1, f"adapter.rank {self.rank} must be >= 1")
+        _check(self.alpha > 0, f"adapter.alpha {self.alpha} must be > 0")
+        _check(0 <= self.dropout < 1, f"adapter.dropout {self.dropout} not in [0, 1)")
+        _check(bool(self.targets), "adapter.targets must name at least one module")
+        _check(self.base_weights in BASE_WEIGHTS,
+               f"adapter.base_weights {self.base_weights!r} not in {BASE_WEIGHTS}")
+        _check(not self.base_weights or self.kind == "lora",
+               f"adapter.base_weights={self.base_weights!r} needs adapter.kind='lora' (full "
+               "fine-tuning updates the base weights, which cannot stay quantized)")
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -169,6 +205,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     seed: int = 1234
     """Seeds the initial weights and, with the step and rank, every batch."""
     world_size: int = 1
@@ -179,6 +216,9 @@ class TrainConfig:
         _check(self.schedule.warmup_steps <= self.schedule.max_steps,
                f"schedule.warmup_steps {self.schedule.warmup_steps} exceeds "
                f"max_steps {self.schedule.max_steps}")
+        _check(self.adapter.kind == "full" or self.model.pretrained_dir is not None,
+               "adapter.kind='lora' needs a base model (model.pretrained_dir): adapters on "
+               "random weights learn nothing useful")
 
     @classmethod
     def from_preset(cls, name: str, /, **overrides: Any) -> TrainConfig:
@@ -225,8 +265,8 @@ class TrainConfig:
     def plan_fields(self) -> dict[str, Any]:
         """This config as `lmforge.v1.ResourcePlan` fields: `from_plan` reads them back.
 
-        Optimizer details, the learning-rate floor, checkpoints kept and a
-        pretrained directory are not part of a plan; `from_plan` gives them their
+        Optimizer details, the learning-rate floor and checkpoints kept are not
+        part of a plan; `from_plan` gives them their
         defaults.
         """
         m, b, e = self.model, self.batch, self.engine
@@ -243,16 +283,32 @@ class TrainConfig:
             "offload_optimizer": e.offload_optimizer, "offload_params": e.offload_params,
             "gradient_checkpointing": e.gradient_checkpointing, "compile": e.compile,
             "seed": self.seed, "world_size": self.world_size,
+            "base_model": str(m.pretrained_dir or ""),
+            "adaptation": self.adapter.kind if m.pretrained_dir else "",
+            "lora_rank": self.adapter.rank, "lora_alpha": self.adapter.alpha,
+            "lora_dropout": self.adapter.dropout, "lora_targets": list(self.adapter.targets),
+            "base_weights": self.adapter.base_weights,
         }
 
     @classmethod
     def from_plan(cls, plan: Any) -> TrainConfig:
         """Build from an `lmforge.v1.ResourcePlan` (or any object with its fields)."""
+        base_model = getattr(plan, "base_model", "")
+        adapter = AdapterConfig()
+        if base_model and getattr(plan, "adaptation", "") == "lora":
+            adapter = AdapterConfig(
+                kind="lora", rank=plan.lora_rank or adapter.rank,
+                alpha=plan.lora_alpha or 2.0 * (plan.lora_rank or adapter.rank),
+                dropout=plan.lora_dropout,
+                targets=tuple(plan.lora_targets) or adapter.targets,
+                base_weights=plan.base_weights)
         return cls(
             model=ModelSpec(family=getattr(plan, "family", "") or "llama",
                             hidden_size=plan.hidden_size, num_layers=plan.num_layers,
                             num_heads=plan.num_heads,
-                            intermediate_size=plan.intermediate_size),
+                            intermediate_size=plan.intermediate_size,
+                            pretrained_dir=Path(base_model) if base_model else None),
+            adapter=adapter,
             batch=BatchConfig(seq_len=plan.seq_len, micro_batch=plan.micro_batch,
                               grad_accum=max(1, plan.grad_accum)),
             optimizer=OptimizerConfig(learning_rate=plan.learning_rate),
@@ -279,6 +335,7 @@ class TrainConfig:
 _COMPONENTS: dict[str, type] = {
     "model": ModelSpec, "batch": BatchConfig, "optimizer": OptimizerConfig,
     "schedule": ScheduleConfig, "checkpoint": CheckpointConfig, "engine": EngineConfig,
+    "adapter": AdapterConfig,
 }
 
 
@@ -334,4 +391,5 @@ def config_from_dict(data: dict) -> TrainConfig:
         model=ModelSpec(**model), batch=BatchConfig(**data["batch"]),
         optimizer=OptimizerConfig(**optimizer), schedule=ScheduleConfig(**data["schedule"]),
         checkpoint=CheckpointConfig(**data["checkpoint"]), engine=EngineConfig(**data["engine"]),
+        adapter=AdapterConfig(**{**data["adapter"], "targets": tuple(data["adapter"]["targets"])}),
         seed=data["seed"], world_size=data["world_size"])

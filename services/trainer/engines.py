@@ -18,6 +18,11 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.trainer.adaptation import (
+    checkpoint_state_dict,
+    is_lora,
+    load_checkpoint_state_dict,
+)
 from services.trainer.config import TrainConfig
 
 if TYPE_CHECKING:  # transformers is imported where a model is built, not here
@@ -134,15 +139,14 @@ class PlainEngine:
         return float(self.scheduler.get_last_lr()[0])
 
     def save(self, directory: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()},
-                  str(directory / "model.safetensors"))
+        save_file(checkpoint_state_dict(self.model), str(directory / "model.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict()}, directory / "engine_state.pt")
 
     def load(self, directory: Path) -> None:
-        self.model.load_state_dict(load_file(str(directory / "model.safetensors"),
-                                             device=str(self.device)))
+        load_checkpoint_state_dict(self.model, load_file(str(directory / "model.safetensors"),
+                                                         device=str(self.device)))
         state = torch.load(directory / "engine_state.pt", weights_only=True,
                            map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -228,10 +232,13 @@ class DeepSpeedEngine:
         return float(self.scheduler.get_last_lr()[0])
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag="engine")
+        # LoRA: the frozen base is not written (it is rebuilt from its directory).
+        self.engine.save_checkpoint(str(directory), tag="engine",
+                                    exclude_frozen_parameters=is_lora(self.model))
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="engine")
+        path, _ = self.engine.load_checkpoint(str(directory), tag="engine",
+                                              load_module_strict=not is_lora(self.model))
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
 

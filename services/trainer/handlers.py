@@ -20,12 +20,14 @@ from dataclasses import replace
 import torch
 from google.protobuf.message import Message
 
+from lmforge.base_models import inspect_base_model
 from lmforge.calibration import Calibration
 from lmforge.contracts import subjects
 from lmforge.contracts.names import Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.service import Bus, Service
+from services.trainer.adaptation import ADAPTER_DIR
 from services.trainer.checkpoints import CheckpointRef
 from services.trainer.config import TrainConfig
 from services.trainer.jobs import TrainingJob, run_training_job
@@ -61,7 +63,10 @@ def trained_event(event: ev.TrainingScheduled, result: TrainResult, digest: str,
         wall_seconds=result.wall_seconds, parameters=result.parameters,
         final_loss=result.final_loss, resumed_from_step=result.resumed_from_step,
         peak_memory_bytes=result.peak_memory_bytes, device=device, world_size=world_size,
-        stopped_at_budget=result.stopped_at_budget, planned_steps=result.planned_steps)
+        stopped_at_budget=result.stopped_at_budget, planned_steps=result.planned_steps,
+        base_model=event.plan.base_model, adaptation=event.plan.adaptation,
+        trainable_parameters=result.trainable_parameters,
+        adapter_dir=ADAPTER_DIR if event.plan.adaptation == "lora" else "")
 
 
 def measured_calibration(plan: ev.ResourcePlan, p: Progress) -> Calibration:
@@ -117,6 +122,11 @@ class TrainerService(Service[TrainerSettings]):
                 ack_wait_s=TRAINING_ACK_WAIT_S)
     async def on_scheduled(self, event: ev.TrainingScheduled, delivery: Delivery
                            ) -> ev.ModelTrained | ev.TrainingPreempted:
+        if event.plan.base_model:
+            # Checked here too: the trainer's roots and pickle setting are its own.
+            await asyncio.to_thread(
+                inspect_base_model, event.plan.base_model, self.settings.base_model_roots(),
+                allow_pickle=self.settings.base_model_allow_pickle)
         config = TrainConfig.from_plan(event.plan)
         config.checkpoint.keep = self.settings.trainer_keep_checkpoints
         (dataset_dir,) = self.input_dirs(event.run_id, event.dataset)

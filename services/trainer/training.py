@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.artifacts import ArtifactStore
+from lmforge.base_models import GENERATION_CONFIG
 from lmforge.checkpoint_interval import checkpoint_interval_steps
 from lmforge.modeling import (
     llama_config,
@@ -51,6 +52,7 @@ from lmforge.modeling import (
     qwen2_config,
     training_flops_per_token,
 )
+from services.trainer.adaptation import load_pretrained, merged_and_adapter, with_lora
 from services.trainer.checkpoints import CheckpointIndex, CheckpointRef
 from services.trainer.config import TrainConfig
 from services.trainer.engines import Engine, build_engine
@@ -92,6 +94,7 @@ class TrainResult:
     resumed_from_step: int = 0
     checkpoint: CheckpointRef | None = None
     peak_memory_bytes: int = 0
+    trainable_parameters: int = 0
     losses: list[float] = field(default_factory=list)
     stopped_at_budget: bool = False
     """The time budget ended the run at `step`, before `planned_steps`."""
@@ -241,13 +244,20 @@ def micro_batch(tokens: np.ndarray, config: TrainConfig, step: int, micro: int,
     return torch.from_numpy(tokens[sampler.positions(rng, config.batch.micro_batch)])
 
 
-def build_model(config: TrainConfig, meta: dict, pad_token_id: int) -> PreTrainedModel:
+def build_model(config: TrainConfig, meta: dict, pad_token_id: int,
+                device: torch.device | None = None) -> PreTrainedModel:
+    """From scratch (the plan's shape, the dataset's vocabulary), or the base model in
+    `model.pretrained_dir`, with LoRA adapters when `adapter.kind` is lora."""
     spec = config.model
     if spec.pretrained_dir is not None:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(str(spec.pretrained_dir),
-                                                    dtype=torch.float32)
+        base = load_pretrained(spec.pretrained_dir, config.adapter,
+                               device or torch.device("cpu"))
+        rows = int(base.config.vocab_size)
+        if rows < meta["vocab_size"]:
+            raise ValueError(f"the dataset's ids go up to {meta['vocab_size']}, the base model "
+                             f"in {spec.pretrained_dir} embeds {rows}: it was not tokenized "
+                             "with this base's tokenizer")
+        return with_lora(base, config.adapter) if config.adapter.kind == "lora" else base
     build = {"llama": llama_config, "qwen2": qwen2_config}[spec.family]
     hf_config = build(vocab_size=meta["vocab_size"], hidden_size=spec.hidden_size,
                       num_layers=spec.num_layers, num_heads=spec.num_heads,
@@ -282,12 +292,17 @@ class Trainer:
                              f"sequence of {config.batch.seq_len}")
         self.sampler = build_window_sampler(len(self.train_tokens), config.batch.seq_len,
                                             load_document_index(dataset_dir, "train"))
-        vocab = json.loads((dataset_dir / "tokenizer" / "tokenizer.json").read_text())
-        self.pad_token_id = vocab["model"]["vocab"].get("<|pad|>", self.meta["eos_token_id"])
+        if "pad_token_id" in self.meta:
+            self.pad_token_id = int(self.meta["pad_token_id"])
+        else:  # datasets prepared before dataset.json recorded it
+            vocab = json.loads((dataset_dir / "tokenizer" / "tokenizer.json").read_text())
+            self.pad_token_id = vocab["model"]["vocab"].get("<|pad|>", self.meta["eos_token_id"])
         torch.manual_seed(config.seed)
-        model = build_model(config, self.meta, self.pad_token_id)
+        model = build_model(config, self.meta, self.pad_token_id, self.device)
         self.hf_config = model.config
         self.parameters = sum(p.numel() for p in model.parameters())
+        self.trainable_parameters = sum(p.numel() for p in model.parameters()
+                                        if p.requires_grad)
         self.engine: Engine = build_engine(model, config, self.device)
         self.step = 0
 
@@ -476,31 +491,43 @@ class Trainer:
             parameters=self.parameters, resumed_from_step=resumed_from, losses=losses,
             peak_memory_bytes=peak_memory_bytes(self.device),
             stopped_at_budget=stopped_at_budget, planned_steps=max_steps)
+        result.trainable_parameters = self.trainable_parameters
         if self.rank == 0:
             assert state is not None, "rank 0 holds the consolidated weights"
-            model = self._export_model(state)
+            out = self.store.scratch_dir("model-")
+            model = self._export_model(state, out)
             heldout = load_token_stream(self.dataset_dir, "heldout")
             result.heldout_perplexity = perplexity(model, heldout, seq_len=config.batch.seq_len)
-            result.model_dir = self._save_hf(model)
+            result.model_dir = self._save_hf(model, out)
         result.wall_seconds = time.perf_counter() - started
         self._barrier()
         return result
 
-    def _export_model(self, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    def _export_model(self, state: dict[str, torch.Tensor], out: Path) -> PreTrainedModel:
+        """The trained weights as a plain transformers model; LoRA's adapter is merged into
+        the base, and also saved alone under `out/adapter`."""
         from transformers import AutoModelForCausalLM
 
+        base_dir = self.config.model.pretrained_dir
+        if self.config.adapter.kind == "lora":
+            assert base_dir is not None, "LoRA adapts a base model"
+            return merged_and_adapter(base_dir, self.config.adapter, state, out)
         model: PreTrainedModel = AutoModelForCausalLM.from_config(self.hf_config)
         model.load_state_dict(state)
         return model.eval()
 
-    def _save_hf(self, model: PreTrainedModel) -> Path:
-        """A Hugging Face directory: config, safetensors, tokenizer, generation config."""
+    def _save_hf(self, model: PreTrainedModel, out: Path) -> Path:
+        """A Hugging Face directory: config, safetensors, tokenizer (the dataset's: a base
+        model's own), generation config (a base model's own, else sampling defaults)."""
         from transformers import GenerationConfig
 
-        out = self.store.scratch_dir("model-")
         model.save_pretrained(str(out), safe_serialization=True)
         for item in (self.dataset_dir / "tokenizer").iterdir():
             shutil.copy2(item, out / item.name)
+        base_dir = self.config.model.pretrained_dir
+        if base_dir is not None and (base_dir / GENERATION_CONFIG).is_file():
+            shutil.copy2(base_dir / GENERATION_CONFIG, out / GENERATION_CONFIG)
+            return out
         GenerationConfig(
             bos_token_id=self.hf_config.bos_token_id, eos_token_id=self.hf_config.eos_token_id,
             pad_token_id=self.hf_config.pad_token_id, do_sample=True, temperature=0.8,
