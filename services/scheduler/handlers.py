@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
+from lmforge.base_models import inspect_base_model
 from lmforge.calibration import Calibration
 from lmforge.catalog import Catalog, InstanceType, load_catalog
 from lmforge.contracts import subjects
@@ -17,6 +19,7 @@ from lmforge.contracts.names import Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.service import Bus, Service
+from services.scheduler.adaptation import Adaptation, AdaptationRequest
 from services.scheduler.memory_model import GIB
 from services.scheduler.planner import (
     DEFAULT_EPOCHS,
@@ -49,8 +52,34 @@ def plan_to_proto(plan: Plan) -> ev.ResourcePlan:
         checkpoint_cost_s=o.checkpoint_cost_s, checkpoint_interval_s=o.checkpoint_interval_s,
         time_budget_s=plan.time_budget_s, planned_flops_per_device=o.step.flops_per_device,
         throughput_source=o.step.source, memory_headroom_gib=o.headroom_gib,
-        device_memory_gib=o.instance.memory_gib,
+        device_memory_gib=o.instance.memory_gib, **adaptation_fields(plan.adaptation),
     )
+
+
+def adaptation_fields(adaptation: Adaptation | None) -> dict[str, Any]:
+    """The plan's base model and adaptation as ResourcePlan fields (none from scratch)."""
+    if adaptation is None:
+        return {}
+    return {"base_model": str(adaptation.base.directory), "adaptation": adaptation.kind,
+            "lora_rank": adaptation.rank, "lora_alpha": adaptation.alpha,
+            "lora_dropout": adaptation.dropout, "lora_targets": list(adaptation.targets),
+            "base_weights": adaptation.base_weights,
+            "trainable_parameters": adaptation.trainable_parameters,
+            "adaptation_reason": adaptation.reason}
+
+
+def adaptation_request(t: ev.TrainingRequest, settings: SchedulerSettings
+                       ) -> AdaptationRequest | None:
+    """The run's base model, checked from its files (the scheduler's roots), and what the
+    user asked of the adaptation; None when the run trains from scratch."""
+    if not t.base_model:
+        return None
+    base = inspect_base_model(t.base_model, settings.base_model_roots(),
+                              allow_pickle=settings.base_model_allow_pickle)
+    return AdaptationRequest(
+        base=base, kind=t.adaptation, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout if t.HasField("lora_dropout") else None,
+        lora_targets=tuple(t.lora_targets), base_weights=t.base_weights)
 
 
 def plan_request(event: ev.DatasetPrepared, settings: SchedulerSettings,
@@ -64,12 +93,15 @@ def plan_request(event: ev.DatasetPrepared, settings: SchedulerSettings,
     if missing:
         raise PlanError(f"instance type(s) {missing} asked for, but this scheduler's pool "
                         f"offers {offered} (LMFORGE_SCHEDULER_INSTANCE_TYPES)")
+    adaptation = adaptation_request(t, settings)
     return PlanRequest(
         train_tokens=event.stats.train_tokens, vocab_size=event.vocab_size,
         seq_len=event.seq_len,
         time_budget_s=event.time_budget_s or settings.scheduler_time_budget_s,
         budget_usd=t.budget_usd, preset=t.model_size or settings.scheduler_preset,
-        family=t.family or "llama", instance_types=wanted, precision=t.precision,
+        family=t.family or (adaptation.base.family if adaptation else "llama"),
+        instance_types=wanted, adaptation=adaptation,
+        gradient_checkpointing=t.gradient_checkpointing, precision=t.precision,
         compile=t.compile, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
         global_batch=t.global_batch or settings.scheduler_global_batch,
         epochs=t.epochs or DEFAULT_EPOCHS, market=t.market)

@@ -70,11 +70,17 @@ class MemoryEstimate:
 
 
 def estimate_memory(parameters: int, preset: ModelPreset, *, micro_batch: int, seq_len: int,
-                    vocab_size: int, parallelism: Parallelism) -> MemoryEstimate:
+                    vocab_size: int, parallelism: Parallelism,
+                    adapters: tuple[int, float] | None = None) -> MemoryEstimate:
+    """`adapters`: LoRA's (trainable parameters, bytes per frozen base parameter); the
+    gradients (4 B) and optimizer (12 B) are then the adapters' alone (adaptation.py)."""
     n = float(parameters)
     par = parallelism
     shard = max(1, par.world_size)
     weights, grads, optimizer = 2 * n, 2 * n, 12 * n
+    if adapters is not None:
+        trainable, frozen_bytes = adapters
+        weights, grads, optimizer = frozen_bytes * n, 4.0 * trainable, 12.0 * trainable
     if par.zero_stage >= 1:
         optimizer /= shard
     if par.zero_stage >= 2:

@@ -32,6 +32,13 @@ from lmforge.checkpoint_interval import (
 )
 from lmforge.failures import BadInput
 from lmforge.presets import PRESETS, ModelPreset
+from services.scheduler.adaptation import (
+    Adaptation,
+    AdaptationError,
+    AdaptationRequest,
+    base_preset,
+    resolve_adaptation,
+)
 from services.scheduler.memory_model import GIB, MemoryEstimate, Parallelism, estimate_memory
 from services.scheduler.throughput_model import StepTime, step_time
 
@@ -83,6 +90,10 @@ class PlanRequest:
     market: str = ""
     """"spot", "on-demand" or "" (either)."""
     seed: int = 1234
+    gradient_checkpointing: str = ""
+    """"on", "off" or "" (the planner decides)."""
+    adaptation: AdaptationRequest | None = None
+    """Adapt this base model (its shape and size replace the preset's); None: from scratch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +166,7 @@ class Plan:
     seed: int
     option: Option
     time_budget_s: float
+    adaptation: Adaptation | None = None
 
     @property
     def parallelism(self) -> Parallelism:
@@ -177,6 +189,15 @@ class PlanReport:
 
 
 def _check_request(request: PlanRequest) -> ModelPreset:
+    if request.gradient_checkpointing not in ("", "on", "off"):
+        raise PlanError(f"gradient checkpointing {request.gradient_checkpointing!r} must be "
+                        "'on', 'off' or ''")
+    if request.adaptation is not None:
+        base = request.adaptation.base
+        if request.family != base.family:
+            raise PlanError(f"family {request.family!r} asked for, but the base model "
+                            f"{base.directory} is {base.family}")
+        return base_preset(base)
     if request.preset not in PRESETS:
         raise PlanError(f"unknown model size {request.preset!r}; known: {sorted(PRESETS)}")
     if request.family not in FAMILIES:
@@ -213,6 +234,7 @@ class _Context:
     preset: ModelPreset
     parameters: int
     calibrations: Mapping[str, Calibration]
+    adaptation: Adaptation | None = None
 
     @property
     def tokens_requested(self) -> int:
@@ -276,11 +298,13 @@ def _rank_key(option: Option, request: PlanRequest) -> tuple:
             p.gradient_checkpointing, option.compiled, -option.micro_batch)
 
 
-def _layouts(instance: InstanceType, count: int) -> Iterator[Parallelism]:
+def _layouts(instance: InstanceType, count: int, checkpointing_asked: str = ""
+             ) -> Iterator[Parallelism]:
+    choices = {"on": (True,), "off": (False,)}.get(checkpointing_asked, (False, True))
     for stage, offload_optimizer, offload_params in LAYOUTS:
         if stage and instance.device == "cpu":
             continue  # one CPU process: no ZeRO, and nowhere to offload to
-        for checkpointing in (False, True):
+        for checkpointing in choices:
             yield Parallelism(engine="deepspeed" if stage else "plain", zero_stage=stage,
                               world_size=count, gradient_checkpointing=checkpointing,
                               offload_optimizer=offload_optimizer, offload_params=offload_params)
@@ -309,11 +333,17 @@ def _search_group(ctx: _Context, instance: InstanceType, market: str, count: int
     best: Option | None = None
     leanest: tuple[MemoryEstimate, Parallelism] | None = None
     over_budget = False
-    for par in _layouts(instance, count):
+    adapting = ctx.adaptation
+    if adapting is not None and adapting.base_weights and instance.device != "cuda":
+        return Refusal(label, f"{adapting.base_weights} base weights (QLoRA) need "
+                       f"bitsandbytes' CUDA kernels; {instance.accelerator} has none")
+    adapters = ((adapting.trainable_parameters, adapting.frozen_bytes_per_parameter)
+                if adapting is not None and adapting.kind == "lora" else None)
+    for par in _layouts(instance, count, request.gradient_checkpointing):
         for micro in micros:
             memory = estimate_memory(ctx.parameters, ctx.preset, micro_batch=micro,
                                      seq_len=request.seq_len, vocab_size=request.vocab_size,
-                                     parallelism=par)
+                                     parallelism=par, adapters=adapters)
             if memory.total_bytes > instance.memory_gib * GIB:
                 if leanest is None or memory.total_bytes < leanest[0].total_bytes:
                     leanest = (memory, par)
@@ -338,11 +368,36 @@ def _search_group(ctx: _Context, instance: InstanceType, market: str, count: int
 
 def plan_training(request: PlanRequest, instances: list[InstanceType],
                   calibrations: Mapping[str, Calibration] | None = None) -> PlanReport:
-    """Search every candidate on `instances` (already filtered to what may be used)."""
+    """Search every candidate on `instances` (already filtered to what may be used).
+
+    Adapting a base model with no adaptation asked for: full fine-tuning where some
+    device fits it, else LoRA, and the plan says why.
+    """
+    asked = request.adaptation
+    try:
+        if asked is None:
+            return _plan(request, instances, calibrations, None)
+        if asked.kind:
+            return _plan(request, instances, calibrations, resolve_adaptation(asked, asked.kind))
+        try:
+            return _plan(request, instances, calibrations, resolve_adaptation(
+                asked, "full", "full fine-tuning fits; chosen as no adaptation was asked for"))
+        except PlanError as full_refused:
+            return _plan(request, instances, calibrations, resolve_adaptation(
+                asked, "lora", f"LoRA, as full fine-tuning has no plan: {full_refused}"))
+    except AdaptationError as exc:
+        raise PlanError(str(exc)) from None
+
+
+def _plan(request: PlanRequest, instances: list[InstanceType],
+          calibrations: Mapping[str, Calibration] | None,
+          adaptation: Adaptation | None) -> PlanReport:
     preset = _check_request(request)
     if not instances:
         raise PlanError("no instance types to plan on")
-    ctx = _Context(request, preset, preset.parameters(request.vocab_size), calibrations or {})
+    parameters = (adaptation.base.parameters if adaptation is not None
+                  else preset.parameters(request.vocab_size))
+    ctx = _Context(request, preset, parameters, calibrations or {}, adaptation)
     options: list[Option] = []
     refused: list[Refusal] = []
     for instance in instances:
@@ -376,7 +431,8 @@ def plan_training(request: PlanRequest, instances: list[InstanceType],
                 f"({request.epochs:g} epochs) within the budget; the chosen one trains "
                 f"{trained:.1%} of them ({chosen.max_steps} of {chosen.steps_needed} steps)")
     plan = Plan(preset=preset, family=request.family, seq_len=request.seq_len,
-                learning_rate=preset.learning_rate,
+                learning_rate=(adaptation.learning_rate if adaptation is not None
+                               else preset.learning_rate), adaptation=adaptation,
                 warmup_steps=min(100, max(1, chosen.max_steps // 10)),
                 parameters=ctx.parameters, vocab_size=request.vocab_size, seed=request.seed,
                 option=chosen, time_budget_s=request.time_budget_s)

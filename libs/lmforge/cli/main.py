@@ -214,7 +214,23 @@ def training_request(args: argparse.Namespace) -> Any:
         family=args.family or "", precision=args.precision or "", compile=args.compile or "",
         micro_batch=args.micro_batch or 0, grad_accum=args.grad_accum or 0,
         global_batch=args.global_batch or 0, epochs=args.epochs or 0.0,
-        market=args.market or "")
+        market=args.market or "", **adaptation_request_fields(args))
+
+
+def adaptation_request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The `run` flags for a base model and how it is adapted, as TrainingRequest fields.
+    Paths are made absolute here: the services resolve them on their own machine."""
+    fields: dict[str, Any] = {
+        "base_model": str(Path(args.base_model).expanduser().absolute())
+        if args.base_model else "",
+        "adaptation": args.adaptation or "", "lora_rank": args.lora_rank or 0,
+        "lora_alpha": args.lora_alpha or 0.0,
+        "lora_targets": [t.strip() for t in (args.lora_targets or "").split(",") if t.strip()],
+        "base_weights": args.base_weights or "",
+        "gradient_checkpointing": args.gradient_checkpointing or ""}
+    if args.lora_dropout is not None:
+        fields["lora_dropout"] = args.lora_dropout
+    return fields
 
 
 def cmd_plan(argv: list[str]) -> int:
@@ -615,6 +631,26 @@ def build_parser() -> argparse.ArgumentParser:
     plan_flags.add_argument("--global-batch", type=int, help="sequences per optimizer step")
     plan_flags.add_argument("--epochs", type=float, help="passes over the data (default 4)")
     plan_flags.add_argument("--market", choices=("spot", "on-demand"))
+    plan_flags.add_argument("--gradient-checkpointing", choices=("on", "off"),
+                            help="recompute activations in backward (less memory)")
+    base_flags = run.add_argument_group(
+        "base model", "adapt a local Hugging Face model (Llama or Qwen2 layout, safetensors) "
+        "instead of training from scratch; data-prep then tokenizes with its tokenizer")
+    base_flags.add_argument("--base-model", metavar="DIR",
+                            help="the model directory, inside LMFORGE_MODEL_ROOTS (default: "
+                            "the data roots); never downloaded")
+    base_flags.add_argument("--adaptation", choices=("full", "lora"),
+                            help="full fine-tuning or LoRA adapters (default: full where it "
+                            "fits, else LoRA)")
+    base_flags.add_argument("--lora-rank", type=int, help="adapter rank (default 8)")
+    base_flags.add_argument("--lora-alpha", type=float, help="adapter scale (default 2 x rank)")
+    base_flags.add_argument("--lora-dropout", type=float, help="adapter dropout (default 0.05)")
+    base_flags.add_argument("--lora-targets", metavar="NAMES",
+                            help="comma-separated modules (default: every attention and MLP "
+                            "projection)")
+    base_flags.add_argument("--base-weights", choices=("int8", "int4"),
+                            help="LoRA: hold the base quantized (QLoRA; CUDA + bitsandbytes "
+                            "only, refused elsewhere)")
     run.add_argument("--follow", action="store_true", help="show progress until served")
     run.add_argument("--timeout", type=float, default=3600, help="seconds to follow")
     run.add_argument("--json", action="store_true", help="JSON lines instead of bars")
