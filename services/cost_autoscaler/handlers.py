@@ -19,6 +19,7 @@ import time
 from google.protobuf.message import Message
 
 from lmforge.bus import EventBus
+from lmforge.catalog import load_catalog
 from lmforge.contracts import subjects
 from lmforge.contracts.names import SERVICES, Bucket, Header, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
@@ -44,8 +45,8 @@ from services.cost_autoscaler.policy import (
 from services.cost_autoscaler.pricing import (
     ON_DEMAND,
     HourlyPrice,
-    PriceBook,
     UnknownHardwareError,
+    price_book,
 )
 from services.cost_autoscaler.settings import AutoscalerSettings
 
@@ -79,8 +80,9 @@ class AutoscalerService(Service[AutoscalerSettings]):
 
     def __init__(self, settings: AutoscalerSettings, bus: Bus) -> None:
         super().__init__(settings, bus)
-        self.prices = PriceBook(settings.autoscaler_price_per_hour,
-                                settings.autoscaler_spot_price_per_hour)
+        self.prices = price_book(load_catalog(settings.catalog),
+                                 settings.autoscaler_price_per_hour,
+                                 settings.autoscaler_spot_price_per_hour)
         self._ledger_lock = asyncio.Lock()
 
     # -- the cost ledger -------------------------------------------------------------
@@ -143,7 +145,7 @@ class AutoscalerService(Service[AutoscalerSettings]):
                     on_demand = plan.price_usd_per_hour / count
                 return hardware, count, market, HourlyPrice(
                     plan.price_usd_per_hour / count, on_demand, "the plan's price"), ""
-            hardware = device or plan.device or "cpu"
+            hardware = plan.instance_type or device or plan.device or "cpu"
             return hardware, count, market, self.prices.price(hardware, market=market), ""
         hardware = device or s.autoscaler_stage_hardware.get(stage, "cpu")
         how = "" if device else f"{stage} runs on {hardware} (LMFORGE_AUTOSCALER_STAGE_HARDWARE)"

@@ -122,3 +122,22 @@ def test_a_stage_on_unpriced_hardware_is_charged_nothing_and_says_so(tmp_path):
     (charge,) = entry["charges"].values()
     assert charge["cost_usd"] == 0 and "NOT PRICED: no price for 'tpu'" in charge["note"]
     assert entry["spot_savings_usd"] is None  # not claimed as 0
+
+
+def test_a_spot_attempt_without_a_plan_price_is_priced_from_the_catalog(tmp_path):
+    from lmforge.catalog import load_catalog
+
+    gpu = next(t for t in load_catalog().types.values() if t.spot_usd_per_hour)
+    harness = MemoryHarness()
+    plan = ev.ResourcePlan(device="cuda", world_size=2, instance_type=gpu.name, market="spot")
+
+    async def scenario():
+        async with harness.service(AutoscalerService, home=tmp_path):
+            await harness.broker.publish(
+                ev.TrainingPreempted(run_id="c", step=3, scheduled=ev.TrainingScheduled(
+                    run_id="c", plan=plan)), msg_id="c:preempted", headers=_timed(3600))
+            return await _ledger_entry(harness, "c")
+
+    (charge,) = asyncio.run(scenario())["charges"].values()
+    assert charge["cost_usd"] == pytest.approx(2 * gpu.spot_usd_per_hour)
+    assert charge["on_demand_cost_usd"] == pytest.approx(2 * gpu.on_demand_usd_per_hour)
