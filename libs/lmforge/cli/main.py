@@ -242,6 +242,7 @@ def cmd_plan(argv: list[str]) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lmforge.bus import EventBus
+    from lmforge.cli.dataset_mounts import container_path
     from lmforge.contracts.v1 import events_pb2 as ev
 
     settings = _settings()
@@ -250,6 +251,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"[red]dataset {spec} does not exist[/]")
         return EXIT_USAGE
     run_id = args.run_id or default_run_id(spec, args.model_name)
+    try:
+        spec = container_path(spec, os.environ.get("LMFORGE_DATASET_MOUNTS", ""))
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        return EXIT_USAGE
     event = ev.DatasetReady(run_id=run_id, dataset_uri=spec, format=args.format,
                             text_field=args.text_field, model_name=args.model_name,
                             schema_version=1, time_budget_s=args.time_budget or 0.0,
