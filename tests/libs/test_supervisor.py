@@ -235,3 +235,63 @@ def test_a_replica_scaled_away_is_reaped_not_left_a_zombie(tmp_path):
         assert not Path(f"/proc/{retired.pid}").exists()
     finally:
         asyncio.run(supervisor.shutdown())
+
+
+# A stand-in service that serves /metrics on the port the supervisor gave it, the way
+# `lmforge.service.run` does, and says it consumes.
+METRICS_SERVICE = """
+import os, time
+from prometheus_client import Counter, start_http_server
+from lmforge.service import mark_ready
+Counter("stand_in_started", "starts").inc()
+start_http_server(int(os.environ["LMFORGE_METRICS_PORT"]))
+mark_ready()
+time.sleep(600)
+"""
+
+
+def test_every_replica_serves_metrics_on_a_port_that_status_lists_and_keeps(tmp_path):
+    from lmforge.cli.metrics import read_samples
+    from lmforge.runtime.scrape_targets import targets_file
+
+    supervisor = Supervisor(
+        home=tmp_path / "home", nats_url="nats://127.0.0.1:1", env={}, gateway="",
+        gateway_metrics_base=0, services=[ServiceName.DATA_PREP, ServiceName.TRAINER],
+        stop_grace_s=10,
+        commands={name: [sys.executable, "-c", METRICS_SERVICE]
+                  for name in (ServiceName.DATA_PREP, ServiceName.TRAINER)})
+    supervisor.services[ServiceName.DATA_PREP].desired = 2
+    supervisor.nats_connected = True
+
+    def services() -> dict[str, Any]:
+        supervisor.reconcile()
+        supervisor.write_state()
+        return supervisor.snapshot()["services"]
+
+    try:
+        running = _wait_for(lambda: all(s["state"] == "running" for s in services().values())
+                            and services(), "the stand-ins never ran")
+        urls = {name: s["metrics_urls"] for name, s in running.items()}
+        assert [len(urls["data-prep"]), len(urls["trainer"])] == [2, 1]
+        every = [url for found in urls.values() for url in found]
+        assert len(set(every)) == 3
+        for url in every:
+            assert read_samples(url, ["stand_in_started_total"], timeout_s=5)[
+                "stand_in_started_total"], url
+        targets = json.loads(targets_file(tmp_path / "home").read_text())
+        assert sorted((t["labels"]["service"], t["labels"]["replica"]) for t in targets) == [
+            ("data-prep", "0"), ("data-prep", "1"), ("trainer", "0")]
+        assert sorted(f"http://{t['targets'][0]}/metrics" for t in targets) == sorted(every)
+
+        # A restarted replica is the same Prometheus target: same port.
+        victim = supervisor.services[ServiceName.TRAINER].replicas[0].process
+        assert victim is not None
+        victim.kill()
+        victim.wait()
+        again = _wait_for(lambda: (s := services()["trainer"])["restarts"] == 1
+                          and s["state"] == "running" and s, "the trainer was not restarted")
+        assert again["metrics_urls"] == urls["trainer"]
+        _wait_for(lambda: read_samples(urls["trainer"][0], ["stand_in_started_total"],
+                                       timeout_s=5), "the restarted trainer serves no metrics")
+    finally:
+        asyncio.run(supervisor.shutdown())

@@ -4,7 +4,9 @@ Creates the JetStream streams first, then starts each service as its own
 process (`python -m services.<module>`), as many replicas as the autoscaler
 decided or an SRE pinned, restarts a process that dies (with backoff, so a
 crash loop does not spin the CPU), and writes its state to
-`<home>/run/supervisor.json` for `lmforge status`. On SIGTERM it stops the
+`<home>/run/supervisor.json` for `lmforge status`. Every replica serves /metrics on
+a port given here and kept across restarts (`scrape_targets`), listed by `status`
+and written as a Prometheus target file. On SIGTERM it stops the
 services gracefully (the trainer checkpoints first), then NATS.
 
 The state file, and with it the NATS URL, appears only once the streams
@@ -49,6 +51,7 @@ from lmforge.contracts import subjects
 from lmforge.contracts.names import SERVICES, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.runtime.nats_server import NatsServer
+from lmforge.runtime.scrape_targets import MetricsPorts, metrics_url, targets_file, write_targets
 
 log = logging.getLogger("lmforge.supervisor")
 
@@ -209,6 +212,10 @@ class Supervisor:
         self.gateway = gateway
         self.http = http
         self.gateway_metrics_base = gateway_metrics_base
+        self.metrics_ports = MetricsPorts(
+            {ServiceName.INFERENCE_GATEWAY: gateway_metrics_base} if gateway_metrics_base
+            else {})
+        """Every replica's /metrics port, kept across its restarts (`status` lists them)."""
         self.stop_grace_s = stop_grace_s
         self.nats_timeout_s = nats_timeout_s
         self.retiring: list[tuple[Replica, float]] = []
@@ -239,8 +246,8 @@ class Supervisor:
             "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "PASSIVE"),
             "PYTHONUNBUFFERED": "1",
         })
-        if replica.service == ServiceName.INFERENCE_GATEWAY:
-            env["LMFORGE_METRICS_PORT"] = str(self.gateway_metrics_base + replica.index)
+        env["LMFORGE_METRICS_PORT"] = str(self.metrics_ports.port(replica.service,
+                                                                   replica.index))
         replica.ready_file.unlink(missing_ok=True)
         with replica.log_path.open("ab") as out:
             # Its own process group: a terminal's Ctrl-C reaches the supervisor only,
@@ -333,13 +340,16 @@ class Supervisor:
                 "restarts": sum(r.restarts for r in state.replicas),
                 "pids": pids,
             }
-            if state.name == ServiceName.INFERENCE_GATEWAY and self.gateway_metrics_base:
-                services[str(state.name)]["metrics_urls"] = [
-                    f"http://127.0.0.1:{self.gateway_metrics_base + r.index}/metrics"
-                    for r in state.replicas]
+            services[str(state.name)]["metrics_urls"] = [
+                metrics_url(port) for port in self._replica_ports(state)]
         return {"pid": os.getpid(), "nats_url": self.nats_url, "nats": nats_status,
                 "gateway": self.gateway, "openai_base_url": self.http,
                 "home": str(self.home), "services": services, "updated": time.time()}
+
+    def _replica_ports(self, state: ServiceState) -> list[int]:
+        """The metrics ports of a service's replicas that have been started."""
+        ports = (self.metrics_ports.known(state.name, r.index) for r in state.replicas)
+        return [port for port in ports if port is not None]
 
     def write_state(self) -> None:
         path = state_file(self.home)
@@ -347,6 +357,10 @@ class Supervisor:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.snapshot(), indent=1))
         tmp.replace(path)
+        write_targets(targets_file(self.home), [
+            (state.name, r.index, port) for state in self.services.values()
+            for r in state.replicas
+            if r.alive() and (port := self.metrics_ports.known(state.name, r.index))])
 
     # -- scaling --------------------------------------------------------------------
 
