@@ -30,7 +30,9 @@ from lmforge.service import Bus, Service
 from services.trainer.adaptation import ADAPTER_DIR
 from services.trainer.checkpoints import CheckpointRef
 from services.trainer.config import TrainConfig
+from services.trainer.gpu_metrics import register_gpu_metrics
 from services.trainer.jobs import TrainingJob, run_training_job
+from services.trainer.metrics import JobMetrics
 from services.trainer.settings import TrainerSettings
 from services.trainer.spot_notices import Notice, NoticeWatcher
 from services.trainer.training import Progress, TrainResult
@@ -84,6 +86,9 @@ class TrainerService(Service[TrainerSettings]):
         super().__init__(settings, bus)
         if settings.trainer_threads:
             torch.set_num_threads(settings.trainer_threads)
+        register_gpu_metrics()
+        if not settings.trainer_peak_tflops:
+            log.info("MFU not reported: LMFORGE_TRAINER_PEAK_TFLOPS is unset")
         self.stop_reason = "SIGTERM (spot notice or shutdown)"
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -152,7 +157,10 @@ class TrainerService(Service[TrainerSettings]):
             asyncio.run_coroutine_threadsafe(
                 throughput.put(calibration.key, calibration.to_json()), loop).result()
 
+        metrics = JobMetrics(event.run_id)
+
         def on_progress(p: Progress) -> None:
+            metrics.progress(p)
             # A resumed job publishes its steps again under new ids (not deduplicated).
             publish_from_thread(progress_event(event, delivery.deliveries, p),
                                 f"delivery-{delivery.deliveries}-step-{p.step}")
@@ -163,6 +171,7 @@ class TrainerService(Service[TrainerSettings]):
                 remember(measured_calibration(event.plan, p))
 
         def on_checkpoint(ref: CheckpointRef) -> None:
+            metrics.checkpoint(ref)
             publish_from_thread(ev.TrainingCheckpointed(
                 run_id=event.run_id, step=ref.step,
                 checkpoint=ev.ArtifactRef(digest=ref.digest, size_bytes=ref.size_bytes),
@@ -172,8 +181,11 @@ class TrainerService(Service[TrainerSettings]):
                 remember(replace(measured[0],
                                  checkpoint_gb_per_s=ref.size_bytes / ref.seconds / 1e9))
 
-        result = await asyncio.to_thread(run_training_job, job, stop=self.stopping,
-                                         on_progress=on_progress, on_checkpoint=on_checkpoint)
+        with metrics:
+            result = await asyncio.to_thread(run_training_job, job, stop=self.stopping,
+                                             on_progress=on_progress,
+                                             on_checkpoint=on_checkpoint)
+            metrics.finished(result)
         if result.preempted:
             assert result.checkpoint is not None, "a preempted job has checkpointed"
             log.info("preempted at step %d; handing back", result.step)
