@@ -21,6 +21,7 @@ from lmforge.dispatch import Delivery, subscriber
 from lmforge.failures import BadInput
 from lmforge.service import Service
 from services.data_prep.documents import DecisionLog
+from services.data_prep.metrics import record_prepared
 from services.data_prep.near_dup import SignatureIndex
 from services.data_prep.prepare import PrepConfig, PrepStats, prepare_dataset
 from services.data_prep.settings import DataPrepSettings
@@ -130,6 +131,7 @@ class DataPrepService(Service[DataPrepSettings]):
             prepare_dataset, event.dataset_uri, event.format, event.text_field or "text", work,
             config, roots=self.settings.data_roots, seen=seen, log=decisions, base=base)
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)
+        record_prepared(stats)
         if self.settings.dataprep_near_dup_earlier_runs:
             await self.bus.key_value(Bucket.MODEL_DATASETS).put(event.model_name,
                                                                 stored.digest.encode())

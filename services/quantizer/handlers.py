@@ -16,6 +16,7 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.service import Bus, Service
 from services.quantizer.judged import QuantizeConfig, quantize_and_judge
+from services.quantizer.metrics import record_quantized
 from services.quantizer.settings import QuantizerSettings
 
 
@@ -53,6 +54,10 @@ class QuantizerService(Service[QuantizerSettings]):
             shutil.rmtree(work, ignore_errors=True)
             raise
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)
+        record_quantized(event.model_name, perplexities={
+            "fp": outcome.perplexity_fp, "rtn-int4": outcome.perplexity_rtn_int4,
+            "awq-int4": outcome.perplexity_awq_int4, outcome.method: outcome.perplexity_method},
+            seconds=outcome.seconds, passed=outcome.passed_quality_gate)
         config = self.config
         return ev.ModelQuantized(
             run_id=event.run_id, model_name=event.model_name, model=event.model,

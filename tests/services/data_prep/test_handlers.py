@@ -171,3 +171,43 @@ def test_an_earlier_dataset_without_a_near_dup_index_is_reported_not_silently_sk
     assert "near_dup.earlier_index_missing" not in first.stats.tallies
     assert second.stats.tallies["near_dup.earlier_index_missing"] == 1
     assert "has no near-dup index" in caplog.text
+
+
+def test_a_prepared_dataset_is_counted_on_metrics_as_its_event_says(harness, tmp_path):
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    data = tmp_path / "data"
+    data.mkdir()
+    text = (TEST_DATA / "fortunes-sample.txt").read_text()
+    planted = ("Thank you for the long letter about the engine and its cards. Write to me at "
+               "ada.lovelace@analytical-engines.co.uk when the new drawings are ready, or call "
+               "me on +1 415 555 0132 any afternoon this week, and we shall talk it over.")
+    (data / "corpus.txt").write_text(f"{text}\n%\n{planted}\n%\n{planted}\n")
+    before = {"in": value("lmforge_dataprep_documents_in_total"),
+              "dup": value("lmforge_dataprep_documents_out_total", outcome="dropped",
+                           reason="clean.exact_duplicate"),
+              "email": value("lmforge_dataprep_pii_found_total", type="EMAIL")}
+
+    async def scenario():
+        async with harness.service(DataPrepService, home=tmp_path / "home", data_roots=[data],
+                                   dataprep_vocab_size=512, dataprep_semantic=False):
+            await harness.publish(_ready("metered", str(data / "corpus.txt")), "metered")
+            (prepared,) = await harness.wait_for(subjects.DATASET_PREPARED, 1)
+        return prepared
+
+    stats = asyncio.run(scenario()).stats
+    assert value("lmforge_dataprep_documents_in_total") - before["in"] == stats.records_read
+    assert stats.dropped["clean.exact_duplicate"] >= 1
+    assert value("lmforge_dataprep_documents_out_total", outcome="dropped",
+                 reason="clean.exact_duplicate") - before["dup"] == \
+        stats.dropped["clean.exact_duplicate"]
+    assert stats.tallies["pii.EMAIL"] >= 1
+    assert value("lmforge_dataprep_pii_found_total", type="EMAIL") - before["email"] == \
+        stats.tallies["pii.EMAIL"]
+    assert value("lmforge_dataprep_pii_found_total", type="documents_scrubbed") == 0
+    kept = value("lmforge_dataprep_documents_out_total", outcome="kept", reason="train") + \
+        value("lmforge_dataprep_documents_out_total", outcome="kept", reason="heldout")
+    assert kept >= stats.records_kept > 0

@@ -58,3 +58,13 @@ def test_the_fallback_serves_fp32_and_the_event_says_why(harness, tmp_path, trai
                quantized.perplexity_awq_int4) > 0
     assert quantized.perplexity_after == quantized.perplexity_awq_int4
     assert quantized.weight_format == "awq-gemm" and quantized.quantized.digest
+    # The same perplexities on /metrics, by method, for the dashboards.
+    from prometheus_client import REGISTRY
+
+    for method, value in (("fp", quantized.perplexity_fp),
+                          ("rtn-int4", quantized.perplexity_rtn_int4),
+                          ("awq-int4", quantized.perplexity_awq_int4)):
+        assert REGISTRY.get_sample_value("lmforge_quantizer_perplexity", {
+            "model": event.model_name, "method": method}) == value
+    assert (REGISTRY.get_sample_value("lmforge_quantizer_gate_total", {"passed": "false"})
+            or 0) >= 1
