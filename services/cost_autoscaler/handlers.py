@@ -35,6 +35,7 @@ from services.cost_autoscaler.ledger import (
     ServingLedger,
     price_stage,
 )
+from services.cost_autoscaler.metrics import record_charge, record_scaling
 from services.cost_autoscaler.observing import GatewayMetrics, GatewayReading, consumer_backlogs
 from services.cost_autoscaler.policy import (
     Decision,
@@ -127,6 +128,7 @@ class AutoscalerService(Service[AutoscalerSettings]):
                                  note="; ".join(n for n in (note, how) if n))
             ledger.add(f"{stage}:{delivery.msg_id}", charge)
             await kv.put(run_id, ledger.to_json())
+        record_charge(stage, charge.cost_usd)
         log.info("%s cost $%.4f: %.1fs x %d %s (%s) at $%.4f/h%s", stage, charge.cost_usd,
                  charge.wall_seconds, count, hardware, market, price.usd_per_hour,
                  f" (reused from run {charge.reused_from})" if charge.reused_from else "")
@@ -274,10 +276,22 @@ class ScalingLoop:
                                      reading.requests_per_second, reading.unknown_reason)
         pins = await read_pins(self.bus.key_value(Bucket.SCALE_PINS))
         decisions = self.policy.decide(loads, self.current, pins, forecast, now_s=now_s)
+        record_scaling(decisions, self.usd_per_replica_hour)
         await self._publish(decisions, forecast.lead_s if forecast else 0.0)
         # Every round, not only on a change: someone may have scaled by hand.
         await self.actuator.apply(decisions)
         return decisions
+
+    def usd_per_replica_hour(self, service: str) -> float | None:
+        """The price of one replica's hardware (the gateway's, or the stage's), or None
+        when the price list has none."""
+        s = self.settings
+        hardware = (s.autoscaler_gateway_hardware if service == ServiceName.INFERENCE_GATEWAY
+                    else s.autoscaler_stage_hardware.get(service, "cpu"))
+        try:
+            return self.service.prices.price(hardware).usd_per_hour
+        except UnknownHardwareError:
+            return None
 
     def _refit_in_background(self) -> None:
         """A fit takes seconds of CPU: run it in a thread, never twice at once."""

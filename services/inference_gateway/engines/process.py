@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import weakref
@@ -57,7 +58,16 @@ log = logging.getLogger("lmforge.gateway.engine_process")
 BATCH_SIZE = Histogram("lmforge_gateway_batch_size", "Sequences per decoding step.",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 QUEUE_DEPTH = Gauge("lmforge_gateway_queue_depth", "Requests waiting to join the batch.")
+ENGINE_RSS = Gauge("lmforge_gateway_engine_rss_bytes",
+                   "Resident memory of an engine process (read from /proc at scrape time).",
+                   ["version"])
+KV_ROWS = Gauge("lmforge_gateway_kv_cache_rows_used",
+                "KV-cache rows (one per running sequence) in use in an engine.", ["version"])
+KV_OCCUPANCY = Gauge("lmforge_gateway_kv_cache_occupancy_ratio",
+                     "KV-cache rows in use over the rows the engine has (its max batch).",
+                     ["version"])
 START_TIMEOUT_S = 600
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 Mailbox = asyncio.Queue[Piece | GatewayError]
 """Where one request's pieces (or the error that ends it) wait for its event loop."""
@@ -176,6 +186,11 @@ class EngineProcess:
             raise RuntimeError(f"engine process could not load {self.model_dir}: {detail}")
         with self._send_lock:
             self.process, self._requests = process, requests_in
+        self._waiting = 0
+        ENGINE_RSS.labels(self.version).set_function(self.rss_bytes)
+        KV_ROWS.labels(self.version).set_function(self.kv_rows_used)
+        KV_OCCUPANCY.labels(self.version).set_function(
+            lambda: self.kv_rows_used() / self.max_batch)
         threading.Thread(target=self._read, args=(pieces_out,), name="engine-pieces",
                          daemon=True).start()
 
@@ -190,6 +205,7 @@ class EngineProcess:
             for size in sizes:
                 BATCH_SIZE.observe(size)
             QUEUE_DEPTH.set(waiting)
+            self._waiting = waiting
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Mailbox, Piece | GatewayError]]]
             by_loop = {}
             for seq_id, item in items:
@@ -204,9 +220,28 @@ class EngineProcess:
                     loop.call_soon_threadsafe(_deliver, batch)
         self._child_gone()
 
+    def rss_bytes(self) -> float:
+        """The engine process's resident set, from /proc (Linux); 0 once it has exited."""
+        pid = self.process.pid
+        try:
+            resident_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            return 0.0
+        return float(resident_pages * PAGE_SIZE)
+
+    def kv_rows_used(self) -> float:
+        """Sequences holding a cache row: those streaming, less those queued for one."""
+        return float(min(self.max_batch, max(0, len(self._streams) - self._waiting)))
+
+    def _forget_metrics(self) -> None:
+        for gauge in (ENGINE_RSS, KV_ROWS, KV_OCCUPANCY):
+            with contextlib.suppress(KeyError):
+                gauge.remove(self.version)
+
     def _child_gone(self) -> None:
         self.process.join(5)  # reap it, whyever it went
         if self._closing or self._retiring:
+            self._forget_metrics()
             return
         code = self.process.exitcode
         log.error("engine process for %s exited (code %s); failing %d requests, restarting",
@@ -239,6 +274,7 @@ class EngineProcess:
         """Stop the child now and reap it; nothing restarts it (the gateway is stopping)."""
         self._closing = True
         _OPEN.discard(self)
+        self._forget_metrics()
         self._stop_child()
 
     def _stop_child(self) -> None:

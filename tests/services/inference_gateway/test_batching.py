@@ -173,3 +173,32 @@ def test_a_cuda_device_that_is_not_there_is_refused_before_serving(trained_model
 
 # Starts child processes (engine processes, the CLI, model exports): not in `make unit`.
 pytestmark = pytest.mark.processes
+
+
+def test_the_engine_process_reports_its_rss_and_kv_cache_rows_in_use(trained_model):
+    from prometheus_client import REGISTRY
+
+    def value(name: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"version": "kv"})
+
+    engine = EngineProcess(trained_model.path, version="kv", max_batch=4)
+    try:
+        assert (value("lmforge_gateway_engine_rss_bytes") or 0) > 10e6  # torch + a model
+        assert value("lmforge_gateway_kv_cache_rows_used") == 0
+
+        async def two_running() -> tuple[float | None, float | None]:
+            streams = [engine.astream(engine.encode_prompt(p), SamplingParams(
+                max_new_tokens=200), threading.Event()) for p in ("The", "Life is")]
+            for stream in streams:
+                await anext(stream)  # both have their first piece: both hold a row
+            seen = (value("lmforge_gateway_kv_cache_rows_used"),
+                    value("lmforge_gateway_kv_cache_occupancy_ratio"))
+            for stream in streams:
+                await stream.aclose()
+            return seen
+
+        assert asyncio.run(two_running()) == (2, 0.5)
+        assert value("lmforge_gateway_kv_cache_rows_used") == 0
+    finally:
+        engine.close()
+    assert value("lmforge_gateway_engine_rss_bytes") is None  # a closed engine is no series
