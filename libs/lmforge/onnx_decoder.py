@@ -120,21 +120,3 @@ class OnnxDecoder:
         logits, *present = self.session.run(self._outputs, feeds)
         return logits, DecoderCache(tuple(present), total)
 
-
-def heldout_perplexity(decoder: OnnxDecoder, windows: np.ndarray, *, batch_size: int = 16
-                       ) -> float:
-    """exp(mean next-token cross-entropy) of the graph over `windows` [count, seq_len]
-    (lmforge.modeling.evaluation_windows), computed in onnxruntime."""
-    if windows.ndim != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows of shape {windows.shape}: need [count, >= 2 tokens]")
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size].astype(np.int64)
-        logits = decoder.forward(batch)[0][:, :-1].astype(np.float64)
-        targets = batch[:, 1:]
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        log_norm = np.log(np.exp(shifted).sum(axis=-1))
-        picked = np.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
-        total_loss += float((log_norm - picked).sum())
-        total_tokens += targets.size
-    return float(np.exp(total_loss / total_tokens))

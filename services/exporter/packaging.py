@@ -22,13 +22,13 @@ import numpy as np
 from transformers import PreTrainedModel
 
 from lmforge.modeling import evaluation_windows
-from lmforge.onnx_decoder import OnnxDecoder, heldout_perplexity
+from lmforge.onnx_decoder import OnnxDecoder
 from services.exporter.onnx_export import (
     ONNX_OPSET,
     check_decode_against_torch,
     export_decoder_onnx,
 )
-from services.exporter.onnx_int8 import quantize_decoder_int8
+from services.exporter.onnx_int8 import heldout_perplexity, quantize_decoder_int8
 from services.exporter.triton_repository import TritonModelOptions, write_triton_repository
 
 ONNX_GRAPH = Path("onnx") / "model.onnx"
