@@ -104,8 +104,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         summary["pii"] = {"sets": sets, "speed": pii.get("speed")}
     if pipe := results.get("pipeline"):
         keys = ("embedder", "decontamination", "input_bytes", "records_read", "docs_per_s",
-                "mb_per_s", "peak_rss_mb", "seconds", "phases_s")
-        summary["pipeline"] = {name: {k: pipe[name][k] for k in keys}
+                "mb_per_s", "peak_rss_mb", "seconds", "phases_s", "minilm_would_add")
+        summary["pipeline"] = {name: {k: pipe[name][k] for k in keys if k in pipe[name]}
                                for name in ("corpus", "large") if name in pipe}
     if ing := results.get("ingest"):
         summary["ingest"] = {"expanded_mb": ing["input"]["expanded_mb"],

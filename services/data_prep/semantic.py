@@ -828,6 +828,7 @@ def curate(train: Documents, heldout: Documents, config: SemanticConfig,
     chunks = embed_documents(iterate(train), embedder, chunk_words=config.chunk_words,
                              chunk_overlap=config.chunk_overlap)
     result.doc_ids = chunks.doc_ids
+    log.count(STAGE, "chunks_embedded", chunks.count)
     keep = np.ones(len(chunks.doc_ids), dtype=bool)
     if config.decontaminate:
         held = embed_documents(iterate(heldout), embedder, chunk_words=config.chunk_words,
