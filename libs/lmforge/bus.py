@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Mapping
 
@@ -57,9 +58,13 @@ from lmforge.dispatch import (
     event_headers,
     retry_delay_s,
 )
+from lmforge.security.nats_connect import NatsAuth
 from lmforge.telemetry import EVENTS_PUBLISHED
 
 log = logging.getLogger("lmforge.bus")
+
+PUBLISH_REFUSED = re.compile(r"permissions violation for publish to \"?([^\s\"']+)", re.I)
+"""How nats-server words a publish outside the user's permissions (an -ERR)."""
 
 
 class NatsKeyValue:
@@ -111,9 +116,14 @@ class ConnectionLog:
         self.connected = True
         self.closing = False
         self.last_error = ""
+        self.refused_publishes: set[str] = set()
+        """Subjects the server refused this user (a permissions violation)."""
 
     async def on_error(self, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"
+        refused = PUBLISH_REFUSED.search(str(exc))
+        if refused:
+            self.refused_publishes.add(refused.group(1).lower())
         if reason != self.last_error:
             self.last_error = reason
             log.warning("NATS at %s: %s", self.url, reason)
@@ -157,9 +167,14 @@ class EventBus:
     # -- connection -----------------------------------------------------------------
 
     async def connect(self, url: str, *, connect_timeout_s: float = 30.0,
-                      stream_replicas: int = 1) -> None:
+                      stream_replicas: int = 1, auth: NatsAuth | None = None) -> None:
         """Connect (retrying until `connect_timeout_s`) and make sure the streams exist,
-        with `stream_replicas` copies each (LMFORGE_STREAM_REPLICAS)."""
+        with `stream_replicas` copies each (LMFORGE_STREAM_REPLICAS).
+
+        `auth`: the credential and CA (LMFORGE_NATS_CREDS/_CA). A server that refuses
+        them is retried like an absent one (the supervisor may be rotating them); the
+        error says why, once in the log and again if the deadline passes.
+        """
         self.stream_replicas = stream_replicas
         deadline = time.monotonic() + connect_timeout_s
         self.connection_log = ConnectionLog(self.service, url)
@@ -177,12 +192,15 @@ class EventBus:
                     disconnected_cb=self.connection_log.on_disconnected,
                     reconnected_cb=self.connection_log.on_reconnected,
                     closed_cb=self.connection_log.on_closed,
+                    **(auth or NatsAuth()).connect_options(),
                 ), timeout=max(0.1, deadline - time.monotonic()))
                 break
+
             except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
                 if time.monotonic() >= deadline:
-                    raise ConnectionError(f"cannot reach NATS at {url} within "
-                                          f"{connect_timeout_s:.0f}s: {exc}") from exc
+                    raise ConnectionError(
+                        f"cannot reach NATS at {url} within {connect_timeout_s:.0f}s: "
+                        f"{exc or self.connection_log.last_error}") from exc
                 await asyncio.sleep(0.5)
         self._js = self.nc.jetstream()
         await ensure_streams(self._js, replicas=stream_replicas)
@@ -239,6 +257,10 @@ class EventBus:
                     nats.errors.ConnectionReconnectingError,
                     nats.errors.OutboundBufferLimitError,
                     nats.js.errors.ServiceUnavailableError) as exc:
+                if subject.name.lower() in self.connection_log.refused_publishes:
+                    raise PermissionError(f"NATS refused {self.service} publishing "
+                                          f"{subject.name}: not among its permissions "
+                                          f"(lmforge.security.nats_roles)") from exc
                 if self._server_reachable() and time.monotonic() > deadline:
                     raise ConnectionError(f"publish to {subject.name} failed: {exc}") from exc
                 if not self._server_reachable():
@@ -326,7 +348,12 @@ def _raw(msg: Msg) -> RawMessage:
 
 async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
     """Create (or update) the file-backed streams, `replicas` copies each (R3 on a
-    three-node cluster); safe for every process to call."""
+    three-node cluster); safe for every process to call.
+
+    A stream already there with the subjects and replicas wanted is left alone, so a
+    process that may only read stream info (every service, with NATS security on: the
+    supervisor creates the streams) passes here without touching them.
+    """
     wanted = [
         api.StreamConfig(
             name=subjects.STREAM,
@@ -346,6 +373,13 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
         ),
     ]
     for config in wanted:
+        try:
+            info = await js.stream_info(str(config.name))
+        except nats.js.errors.NotFoundError:
+            info = None
+        if info is not None and set(info.config.subjects or ()) == set(
+                config.subjects or ()) and (info.config.num_replicas or 1) == replicas:
+            continue
         try:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError:

@@ -159,7 +159,8 @@ async def _main(service_type: type[Service[S]], settings: S) -> None:
     from lmforge.bus import EventBus
 
     bus = EventBus(service_type.name)
-    await bus.connect(settings.nats_url, stream_replicas=settings.stream_replicas)
+    await bus.connect(settings.nats_url, stream_replicas=settings.stream_replicas,
+                      auth=settings.nats_auth())
     service = service_type(settings, bus)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
     from lmforge.artifacts import ArtifactStore
+    from lmforge.security.nats_connect import NatsAuth
 
 DEFAULT_HOME = Path(".lmforge")
 
@@ -31,6 +32,13 @@ class PlatformSettings(BaseSettings):
     nats_url: str = Field(
         "nats://127.0.0.1:4222", description="NATS server URL(s), comma separated."
     )
+    nats_creds: Path | None = Field(
+        None, description="This process's NATS credential (JSON: user, password, role, "
+        "tenant; mode 0600). `lmforge up` generates one per service under "
+        "$LMFORGE_HOME/secrets/nats and sets it. Unset: connect without one.")
+    nats_ca: Path | None = Field(
+        None, description="CA certificate (PEM) the NATS server's TLS certificate must chain "
+        "to; set: the connection is TLS and the server verified. Unset: plaintext.")
     home: Path = Field(
         DEFAULT_HOME,
         description="State directory: artifacts, checkpoints, logs, the embedded NATS store.",
@@ -81,6 +89,13 @@ class PlatformSettings(BaseSettings):
         return [str(root) if "://" in str(root) else str(Path(root).expanduser().resolve())
                 for root in roots]
 
+    @field_validator("nats_creds", "nats_ca")
+    @classmethod
+    def _readable_file(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a readable file")
+        return path
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, level: str) -> str:
@@ -94,6 +109,12 @@ class PlatformSettings(BaseSettings):
         from lmforge.base_models import model_roots
 
         return model_roots(self.model_roots, self.data_roots)
+
+    def nats_auth(self) -> NatsAuth:
+        """How to authenticate to NATS: LMFORGE_NATS_CREDS and LMFORGE_NATS_CA."""
+        from lmforge.security.nats_connect import NatsAuth
+
+        return NatsAuth.from_files(self.nats_creds, self.nats_ca)
 
     @property
     def artifacts_dir(self) -> Path:

@@ -22,7 +22,7 @@ import nats
 import nats.errors
 import pytest
 
-from lmforge.cli.up import read_state
+from lmforge.cli.up import home_nats_auth, read_state
 from lmforge.contracts import subjects
 from lmforge.runtime.nats_server import NatsServer
 from tests.conftest import TEST_DATA
@@ -33,9 +33,9 @@ RUN = "interrupted"
 EXIT_WITHIN_S = 20.0
 
 
-async def _first_of(url: str, subject: str, timeout_s: float) -> bool:
+async def _first_of(url: str, subject: str, timeout_s: float, home: Path) -> bool:
     """Whether an event of `subject` for RUN is in the stream (waiting up to `timeout_s`)."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **home_nats_auth(home, "admin").connect_options())
     try:
         sub = await nc.jetstream().subscribe(subject, ordered_consumer=True,
                                              stream=subjects.STREAM)
@@ -85,7 +85,7 @@ def test_ctrl_c_mid_training_exits_in_seconds_with_the_job_handed_back(tmp_path:
                         "--model-name", "m", "--run-id", RUN], env=env, check=True,
                        capture_output=True, timeout=60)
         assert asyncio.run(_first_of(state["nats_url"], subjects.TRAINING_PROGRESS.name,
-                                     timeout_s=180)), "no training.progress within 180s"
+                                     timeout_s=180, home=home)), "no training.progress within 180s"
         state = read_state(home) or state
         children = [state["nats"]["pid"]] + [
             pid for s in state["services"].values() for pid in s["pids"]]
@@ -113,7 +113,7 @@ def test_ctrl_c_mid_training_exits_in_seconds_with_the_job_handed_back(tmp_path:
     server = NatsServer(store_dir=home / "nats").start()
     try:
         handed_back = asyncio.run(_first_of(server.url, subjects.TRAINING_PREEMPTED.name,
-                                            timeout_s=5))
+                                            timeout_s=5, home=home))
     finally:
         server.stop()
     print(f"\nCtrl-C mid-training -> exit: {took:.1f}s; training.preempted published: "

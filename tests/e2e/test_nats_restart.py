@@ -25,6 +25,7 @@ import nats.errors
 import pytest
 
 from lmforge.cli.main import main as lmforge_main
+from lmforge.cli.up import home_nats_auth
 from lmforge.contracts import subjects
 from tests.conftest import TEST_DATA
 
@@ -70,9 +71,9 @@ def _status(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     return json.loads(capsys.readouterr().out)
 
 
-async def _first_outcome(url: str, run_id: str, timeout_s: float) -> str:
+async def _first_outcome(url: str, run_id: str, timeout_s: float, home: Path) -> str:
     """The subject of the first dataset.prepared or stage.failed of `run_id`."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **home_nats_auth(home, "admin").connect_options())
     try:
         sub = await nc.jetstream().subscribe("lmforge.>", ordered_consumer=True,
                                              stream=subjects.STREAM)
@@ -131,7 +132,8 @@ def test_a_killed_nats_server_comes_back_on_its_port_and_a_new_run_is_consumed(
 
         published_at = time.monotonic()
         lmforge(env, "run", str(corpus), "--model-name", "after", "--run-id", "after-restart")
-        outcome = asyncio.run(_first_outcome(now["nats_url"], "after-restart", 120))
+        outcome = asyncio.run(_first_outcome(now["nats_url"], "after-restart", 120,
+                                             tmp_path / "home"))
         prepared = time.monotonic() - published_at
         assert outcome == subjects.DATASET_PREPARED.name
         with capsys.disabled():

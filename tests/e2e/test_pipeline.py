@@ -20,6 +20,7 @@ import openai
 import pytest
 import tritonclient.grpc as triton
 
+from lmforge.cli.up import home_nats_auth
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 from tests.conftest import TEST_DATA
 from tests.otlp_receiver import OtlpTraceReceiver
@@ -38,9 +39,10 @@ def tmp_home(env) -> Path:
     return Path(env["LMFORGE_HOME"])
 
 
-async def run_events(nats_url: str, run_id: str) -> list[tuple[str, dict[str, str]]]:
+async def run_events(nats_url: str, run_id: str, home: Path
+                     ) -> list[tuple[str, dict[str, str]]]:
     """(subject, headers) of the stage outputs and progress events of `run_id`."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **home_nats_auth(home, "admin").connect_options())
     found = []
     try:
         for subject in sorted(STAGE_OUTPUTS | {"lmforge.training.progress"}):
@@ -158,7 +160,7 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
                     "--follow", "--timeout", "120")
     assert "served as model fortune" in again.stderr
     assert "5 stage(s) reused the outputs of run e2e-run" in again.stderr, again.stderr
-    events = asyncio.run(run_events(status["nats_url"], "e2e-again"))
+    events = asyncio.run(run_events(status["nats_url"], "e2e-again", tmp_home(env)))
     outputs = {subject: headers for subject, headers in events if subject in STAGE_OUTPUTS}
     assert set(outputs) == STAGE_OUTPUTS, sorted(subject for subject, _ in events)
     assert all(h.get("Lmforge-Cached-From") == "e2e-run" for h in outputs.values()), outputs

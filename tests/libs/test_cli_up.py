@@ -23,6 +23,7 @@ import nats.js.errors
 import pytest
 
 from lmforge.cli.main import main as lmforge_main
+from lmforge.cli.up import home_nats_auth
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
 from tests.conftest import TEST_DATA
@@ -46,8 +47,9 @@ def _status(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     return json.loads(capsys.readouterr().out)
 
 
-async def _publish_core(url: str, event: ev.DatasetReady) -> None:
-    nc = await nats.connect(url)
+async def _publish_core(url: str, home: Path, event: ev.DatasetReady) -> None:
+    # as an outside publisher does: the `client` role
+    nc = await nats.connect(url, **home_nats_auth(home, "client").connect_options())
     try:
         await nc.publish(subjects.DATASET_READY.name, event.SerializeToString())
         await nc.flush()
@@ -55,10 +57,10 @@ async def _publish_core(url: str, event: ev.DatasetReady) -> None:
         await nc.close()
 
 
-async def _run_began(url: str, timeout_s: float) -> str:
+async def _run_began(url: str, home: Path, timeout_s: float) -> str:
     """The subject of the first dataset.prepared or stage.failed of RUN_ID; fails at once
     if the stream never kept the dataset.ready."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **home_nats_auth(home, "admin").connect_options())
     try:
         js = nc.jetstream()
         try:
@@ -112,11 +114,11 @@ def test_a_core_nats_publish_the_moment_status_shows_the_url_starts_a_run(
             time.sleep(0.01)
         event = ev.DatasetReady(run_id=RUN_ID, dataset_uri=corpus.as_uri(), format="text",
                                 model_name="early", schema_version=1)
-        asyncio.run(_publish_core(status["nats_url"], event))
+        asyncio.run(_publish_core(status["nats_url"], tmp_path / "home", event))
         # Published before anything consumed: every service still said `starting`.
         assert {s["state"] for s in status["services"].values()} == {"starting"}, status
 
-        assert asyncio.run(_run_began(status["nats_url"], timeout_s=180)) == \
+        assert asyncio.run(_run_began(status["nats_url"], tmp_path / "home", timeout_s=180)) == \
             subjects.DATASET_PREPARED.name
 
         # Once each service consumes, status says so.

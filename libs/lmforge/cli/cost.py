@@ -14,16 +14,18 @@ import nats.js.errors
 
 from lmforge.bus import ensure_kv
 from lmforge.cli.runs import NatsUrl, connect_nats
+from lmforge.security.nats_connect import NatsAuth
 from lmforge.contracts.names import Bucket
 
 SERVING_KEY = "_serving"
 """The serving entry's key (the ledger's own name for it)."""
 
 
-async def read_ledger(nats_url: NatsUrl) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+async def read_ledger(nats_url: NatsUrl, *, auth: NatsAuth | None = None
+                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """(ledger entry per run id, the serving entry or {})."""
     url = nats_url() if callable(nats_url) else nats_url
-    nc = await connect_nats(url)
+    nc = await connect_nats(url, auth=auth)
     try:
         kv = await ensure_kv(nc.jetstream(), Bucket.COST_LEDGER)
         runs: dict[str, dict[str, Any]] = {}

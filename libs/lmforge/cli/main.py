@@ -35,6 +35,7 @@ from lmforge.settings import PlatformSettings, load_settings
 
 if TYPE_CHECKING:
     from lmforge.cli.runs import NatsUrl
+    from lmforge.security.nats_connect import NatsAuth
 
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 3
 PUBLISH_TIMEOUT_S = 30.0
@@ -54,6 +55,16 @@ def _nats_url(settings: PlatformSettings) -> str:
     return state["nats_url"] if state else settings.nats_url
 
 
+def _nats_auth(settings: PlatformSettings, role: str = "client") -> NatsAuth:
+    """The CLI's NATS credential: LMFORGE_NATS_CREDS/_CA if set, else the `client` (or,
+    for operator commands, `admin`) credential of the running `lmforge up`."""
+    from lmforge.cli.up import home_nats_auth
+
+    if settings.nats_creds or settings.nats_ca:
+        return settings.nats_auth()
+    return home_nats_auth(settings.home, role)
+
+
 def _unreachable(exc: ConnectionError) -> int:
     """One line on stderr, exit 1: what could not be reached, and where to look."""
     console.print(f"[red]{exc}[/] (is lmforge up? `lmforge status` shows NATS)",
@@ -71,6 +82,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         argv = ["up", "--gateway-port", str(args.gateway_port)]
         if args.nats_url:
             argv += ["--nats-url", args.nats_url]
+        if args.open_nats:
+            argv.append("--open-nats")
         try:
             state = start_detached(settings.home, argv, timeout_s=args.timeout)
         except (RuntimeError, TimeoutError) as exc:
@@ -79,7 +92,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _print_status(state)
         return 0
     return run_foreground(settings.home, nats_url=args.nats_url, gateway_port=args.gateway_port,
-                          env={})
+                          env={}, open_nats=args.open_nats)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -93,9 +106,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _nats_line(state: dict[str, Any]) -> str:
-    """`nats://127.0.0.1:4222 running`, with its restarts once it has any."""
+    """`tls://127.0.0.1:4222 running (tls+credentials)`, with its restarts once it has any."""
     nats_state = state.get("nats") or {}
     line = f"{state['nats_url']} {nats_state.get('state', '')}".rstrip()
+    if nats_state.get("security"):
+        line += f" ({nats_state['security']})"
     if nats_state.get("restarts"):
         line += f" (restarted {nats_state['restarts']}x)"
     return line
@@ -261,16 +276,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                             schema_version=1, time_budget_s=args.time_budget or 0.0,
                             training=training_request(args))
     nats_url = _nats_url(settings)
+    auth = _nats_auth(settings)
 
     async def publish() -> None:
         from lmforge.cli.runs import CONNECT_TIMEOUT_S, connect_nats
 
         # A bounded, quiet first contact: a dead URL is one line and exit 1.
-        await (await connect_nats(nats_url)).close()
+        await (await connect_nats(nats_url, auth=auth)).close()
         bus = EventBus("cli")
         try:
-            await asyncio.wait_for(bus.connect(nats_url, connect_timeout_s=CONNECT_TIMEOUT_S),
-                                   CONNECT_TIMEOUT_S)
+            await asyncio.wait_for(bus.connect(nats_url, connect_timeout_s=CONNECT_TIMEOUT_S,
+                                               auth=auth), CONNECT_TIMEOUT_S)
             await asyncio.wait_for(bus.publish(event, msg_id=f"{run_id}:dataset.ready"),
                                    PUBLISH_TIMEOUT_S)
         except TimeoutError as exc:
@@ -291,10 +307,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.follow:
         return 0
     return asyncio.run(follow(lambda: _nats_url(settings), run_id, timeout_s=args.timeout,
-                              as_json=args.json))
+                              as_json=args.json, auth=auth))
 
 
-async def follow(nats_url: NatsUrl, run_id: str, *, timeout_s: float, as_json: bool) -> int:
+async def follow(nats_url: NatsUrl, run_id: str, *, timeout_s: float, as_json: bool,
+                 auth: NatsAuth | None = None) -> int:
     """Show the run's progress until it is served or failed; across restarts of NATS,
     reading its URL again (`nats_url` as a callable) each time it comes back."""
     from lmforge.cli.runs import STAGES, RunView, event_json, stream_events
@@ -306,7 +323,7 @@ async def follow(nats_url: NatsUrl, run_id: str, *, timeout_s: float, as_json: b
                   console=console, disable=as_json) as progress:
         tasks = {stage: progress.add_task(stage, total=1, info="waiting", start=False)
                  for stage in STAGES}
-        events = stream_events(nats_url, run_id=run_id, follow=True,
+        events = stream_events(nats_url, run_id=run_id, follow=True, auth=auth,
                                on_connection=lambda line: console.print(f"[yellow]{line}[/]"))
         try:
             while True:
@@ -373,8 +390,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     url = _nats_url(_settings())
     try:
-        runs = asyncio.run(collect_runs(url))
-        ledger, _serving = asyncio.run(read_ledger(url))
+        settings = _settings()
+        auth = _nats_auth(settings)
+        runs = asyncio.run(collect_runs(url, auth=auth))
+        ledger, _serving = asyncio.run(read_ledger(url, auth=auth))
     except ConnectionError as exc:
         return _unreachable(exc)
     if args.json:
@@ -429,7 +448,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     settings = _settings()
     try:
-        digest = asyncio.run(model_dataset(_nats_url(settings), args.model))
+        digest = asyncio.run(model_dataset(_nats_url(settings), args.model,
+                                           auth=_nats_auth(settings)))
     except ConnectionError as exc:
         return _unreachable(exc)
     if not digest:
@@ -501,7 +521,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         from lmforge.cli.runs import connect_nats
 
         settings = _settings()
-        nc = await connect_nats(_nats_url(settings))
+        nc = await connect_nats(_nats_url(settings), auth=_nats_auth(settings, "admin"))
         kv = await ensure_kv(nc.jetstream(), Bucket.SCALE_PINS,
                              replicas=settings.stream_replicas)
         for service, replicas in pins.items():
@@ -528,7 +548,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from lmforge.cli.cost import read_ledger
 
     try:
-        runs, serving = asyncio.run(read_ledger(_nats_url(_settings())))
+        settings = _settings()
+        runs, serving = asyncio.run(read_ledger(_nats_url(settings), auth=_nats_auth(settings)))
     except ConnectionError as exc:
         return _unreachable(exc)
     if args.run and args.run not in runs:
@@ -602,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--gateway-port", type=int, default=int(
         os.environ.get("LMFORGE_GATEWAY_PORT", "50051")), help="gRPC port (0 = any free)")
     up.add_argument("--timeout", type=float, default=180, help="seconds to wait with -d")
+    up.add_argument("--open-nats", action="store_true",
+                    help="start NATS without credentials or TLS (default: a credential per "
+                    "service, TLS, generated under $LMFORGE_HOME/secrets)")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop what `lmforge up` started")

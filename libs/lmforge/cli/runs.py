@@ -25,6 +25,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from lmforge.contracts import subjects
 from lmforge.contracts.names import Header, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.security.nats_connect import NatsAuth, refused_credentials
 
 STAGES: tuple[ServiceName, ...] = (
     ServiceName.DATA_PREP, ServiceName.SCHEDULER, ServiceName.TRAINER, ServiceName.QUANTIZER,
@@ -155,13 +156,17 @@ the supervisor to bring back a crashed server (about a second), short for a dead
 
 
 async def connect_nats(nats_url: str, *, timeout_s: float = CONNECT_TIMEOUT_S,
-                       reconnect: bool = True) -> Client:
+                       reconnect: bool = True, auth: NatsAuth | None = None) -> Client:
     """A connection, or ConnectionError after `timeout_s` (nats-py's first attempt
     retries forever once reconnects are unlimited). Once made, it reconnects by
     itself unless `reconnect` is False: then it closes when the server goes away,
-    for a caller that finds the server again on its own."""
+    for a caller that finds the server again on its own. `auth`: the CLI's
+    credential (the `client` role of `lmforge up`); a refused one is said so."""
+    last_error = ""
 
     async def on_error(exc: Exception) -> None:
+        nonlocal last_error
+        last_error = f"{type(exc).__name__}: {exc}"
         log.debug("NATS at %s: %s", nats_url, exc)
 
     deadline = time.monotonic() + timeout_s
@@ -170,8 +175,13 @@ async def connect_nats(nats_url: str, *, timeout_s: float = CONNECT_TIMEOUT_S,
             return await asyncio.wait_for(
                 nats.connect(nats_url, connect_timeout=2, allow_reconnect=reconnect,
                              max_reconnect_attempts=-1, reconnect_time_wait=0.25,
-                             error_cb=on_error),
+                             error_cb=on_error, **(auth or NatsAuth()).connect_options()),
                 max(0.1, deadline - time.monotonic()))
+        except nats.errors.Error as exc:
+            if not refused_credentials(exc):
+                raise
+            raise ConnectionError(f"NATS at {nats_url} refused the credential "
+                                  f"({(auth or NatsAuth()).credential!r})") from exc
         except (nats.errors.NoServersError, OSError) as exc:
             # Refused at once (only without reconnects): try again until the deadline.
             if time.monotonic() + 0.25 >= deadline:
@@ -180,7 +190,8 @@ async def connect_nats(nats_url: str, *, timeout_s: float = CONNECT_TIMEOUT_S,
             await asyncio.sleep(0.25)
         except TimeoutError as exc:
             raise ConnectionError(f"cannot reach NATS at {nats_url} within "
-                                  f"{timeout_s:.0f}s") from exc
+                                  f"{timeout_s:.0f}s" + (f": {last_error}" if last_error
+                                                         else "")) from exc
 
 
 NatsUrl = str | Callable[[], str]
@@ -190,6 +201,7 @@ NatsUrl = str | Callable[[], str]
 async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow: bool = False,
                         idle_timeout_s: float = 1.0,
                         on_connection: Callable[[str], None] | None = None,
+                        auth: NatsAuth | None = None,
                         ) -> AsyncGenerator[tuple[str, Message, float, str], None]:
     """Every event in the stream (optionally one run's), oldest first, as (subject,
     event, time, the run it was reused from or '').
@@ -206,7 +218,7 @@ async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow:
     while True:
         url = current_url()
         try:
-            nc = await connect_nats(url, reconnect=False)
+            nc = await connect_nats(url, reconnect=False, auth=auth)
         except ConnectionError:
             if not follow:
                 raise
@@ -260,9 +272,11 @@ async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow:
         await asyncio.sleep(0.5)
 
 
-async def collect_runs(nats_url: NatsUrl) -> dict[str, RunView]:
+async def collect_runs(nats_url: NatsUrl, *, auth: NatsAuth | None = None
+                       ) -> dict[str, RunView]:
     runs: dict[str, RunView] = {}
-    async for subject, event, ts, cached_from in stream_events(nats_url, idle_timeout_s=0.5):
+    async for subject, event, ts, cached_from in stream_events(nats_url, idle_timeout_s=0.5,
+                                                               auth=auth):
         run_id = getattr(event, "run_id", "")
         if not run_id or subject == subjects.SCALING_DECIDED.name:
             continue
@@ -286,10 +300,12 @@ def event_json(subject: str, event: Message, ts: float) -> dict[str, Any]:
 
 
 
-async def model_dataset(nats_url: NatsUrl, model_name: str) -> str:
+async def model_dataset(nats_url: NatsUrl, model_name: str, *,
+                        auth: NatsAuth | None = None) -> str:
     """The digest of the dataset last prepared for `model_name` ('' if none)."""
     digest = ""
-    async for _subject, event, _ts, _cached in stream_events(nats_url, idle_timeout_s=0.5):
+    async for _subject, event, _ts, _cached in stream_events(nats_url, idle_timeout_s=0.5,
+                                                             auth=auth):
         if isinstance(event, ev.DatasetPrepared) and event.model_name == model_name:
             digest = event.dataset.digest
     return digest

@@ -10,6 +10,13 @@ The embedded nats-server keeps its port across `down`/`up` of the same home
 group: a terminal's Ctrl-C reaches only the supervisor, which stops the
 services first (the trainer checkpoints and publishes `training.preempted`)
 and NATS last.
+
+The embedded nats-server is secured by default: `up` generates (once) a
+credential per service, a `client` credential for the CLI and an `admin` one,
+a CA and a server certificate under `<home>/secrets` (mode 0600, directory
+0700), and starts the server requiring TLS and those credentials with each
+role's permissions (`lmforge.security`). `--open-nats` starts it without, and
+says so in the log and in `lmforge status`.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from typing import Any
 
 from lmforge.runtime.nats_server import free_port, home_server
 from lmforge.runtime.supervisor import NatsUnreachable, Supervisor, state_file
+from lmforge.security.nats_connect import NatsAuth
+from lmforge.security.nats_secrets import ensure_nats_secrets
 
 log = logging.getLogger("lmforge.up")
 
@@ -45,8 +54,16 @@ def read_state(home: Path) -> dict[str, Any] | None:
     return state
 
 
+def home_nats_auth(home: Path, role: str = "client") -> NatsAuth:
+    """The `role` credential (`client` or `admin`) and CA of the running `lmforge up` of
+    `home`, as its state file names them; none if it runs an open NATS (or none)."""
+    nats_state = (read_state(home) or {}).get("nats") or {}
+    creds, ca = nats_state.get(f"{role}_creds"), nats_state.get("ca")
+    return NatsAuth.from_files(Path(creds) if creds else None, Path(ca) if ca else None)
+
+
 def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
-                   env: dict[str, str]) -> int:
+                   env: dict[str, str], open_nats: bool = False) -> int:
     """Start NATS (unless given one) and the services; run until SIGTERM/SIGINT."""
     home = home.resolve()
     if read_state(home):
@@ -55,7 +72,14 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # The home's own nats-server, on the ports it had last time (the supervisor starts
     # it first, restarts it if it dies, and stops it last).
-    server = home_server(home) if nats_url is None else None
+    secrets = server = None
+    if nats_url is None:
+        if open_nats:
+            log.warning("NATS is OPEN: no credentials, no TLS (--open-nats); any local "
+                        "process may publish any event and read any bucket")
+        else:
+            secrets = ensure_nats_secrets(home / "secrets")
+        server = home_server(home, config_file=secrets.server_config if secrets else None)
     gateway_port = gateway_port or free_port()
     gateway = f"127.0.0.1:{gateway_port}"
     metrics_base = free_port()
@@ -68,6 +92,7 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
         **env,
     }
     supervisor = Supervisor(home=home, nats_url=nats_url or "", nats_server=server, env=env,
+                            nats_secrets=secrets,
                             gateway=gateway, gateway_metrics_base=metrics_base,
                             http=f"http://127.0.0.1:{http_port}/v1")
 

@@ -49,6 +49,8 @@ class Bucket(StrEnum):
     """The last dataset prepared for each model name (its near-dup index dedups the next)."""
     THROUGHPUT = "lmforge_throughput"
     """Measured training FLOP/s per instance type and precision (lmforge.calibration)."""
+    API_KEYS = "lmforge_api_keys"
+    """Gateway API keys by key id: tenant, salt and salted hash, never the key itself."""
 
 
 class Header(StrEnum):
@@ -81,6 +83,19 @@ CONSUMES: dict[ServiceName, tuple[Subject, ...]] = {
                                   subjects.MODEL_QUANTIZED, subjects.MODEL_EXPORTED),
 }
 """The subjects each service consumes (checked by the bus when a handler registers)."""
+
+PRODUCES: dict[ServiceName, tuple[Subject, ...]] = {
+    ServiceName.DATA_PREP: (subjects.DATASET_PREPARED,),
+    ServiceName.SCHEDULER: (subjects.TRAINING_SCHEDULED,),
+    ServiceName.TRAINER: (subjects.TRAINING_PROGRESS, subjects.TRAINING_CHECKPOINTED,
+                          subjects.TRAINING_PREEMPTED, subjects.MODEL_TRAINED),
+    ServiceName.QUANTIZER: (subjects.MODEL_QUANTIZED,),
+    ServiceName.EXPORTER: (subjects.MODEL_EXPORTED,),
+    ServiceName.INFERENCE_GATEWAY: (subjects.MODEL_DEPLOYED,),
+    ServiceName.COST_AUTOSCALER: (subjects.SCALING_DECIDED,),
+}
+"""The subjects each service publishes besides `stage.failed` and its dead letters: with
+NATS security on (`lmforge.security.nats_roles`), exactly what it may publish."""
 
 
 def durable_name(service: str, subject: Subject, *, replica: int | None = None) -> str:

@@ -67,10 +67,15 @@ class NatsServer:
     monitor_port: int = 0
     log_file: Path | None = None
     process: subprocess.Popen | None = None
+    config_file: Path | None = None
+    """A nats-server configuration (users, permissions, TLS: `security.nats_secrets`);
+    None: an open server, as the test fixtures use."""
+    tls: bool = False
+    """The configuration requires TLS on the client port (the URL says tls://)."""
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
 
     def spawn(self) -> None:
         """Launch the process on this server's ports and store, without waiting for it."""
@@ -82,6 +87,8 @@ class NatsServer:
             "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
             "--server_name", "lmforge-embedded",
         ]
+        if self.config_file is not None:
+            args += ["-c", str(self.config_file)]
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log_out = self.log_file.open("ab") if self.log_file else None
@@ -145,7 +152,7 @@ def ports_file(home: Path) -> Path:
     return home.resolve() / "run" / "nats-ports.json"
 
 
-def home_server(home: Path) -> NatsServer:
+def home_server(home: Path, *, config_file: Path | None = None) -> NatsServer:
     """The nats-server of an lmforge home, on the ports it had last time.
 
     The first call picks free ports and writes them to `ports_file(home)`; later
@@ -170,4 +177,5 @@ def home_server(home: Path) -> NatsServer:
         path.write_text(json.dumps(ports))
     home = home.resolve()
     return NatsServer(store_dir=home / "nats", port=ports["port"],
-                      monitor_port=ports["monitor_port"], log_file=home / "logs" / "nats.log")
+                      monitor_port=ports["monitor_port"], log_file=home / "logs" / "nats.log",
+                      config_file=config_file, tls=config_file is not None)

@@ -23,6 +23,12 @@ down `status` says so, and services whose processes run but cannot consume
 are `disconnected` rather than `running`. Clients and services keep their URL
 and reconnect by themselves; the streams and durable consumers are in the
 store, so nothing is lost.
+
+With NATS security (`nats_secrets`, the default of `lmforge up`), the
+supervisor connects as `admin` and creates every stream and key-value bucket,
+each service process gets its own credential file and the CA
+(LMFORGE_NATS_CREDS, LMFORGE_NATS_CA), and the state file names the `client`
+and `admin` credentials for the CLI.
 """
 
 from __future__ import annotations
@@ -46,12 +52,15 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from lmforge.bus import ensure_streams
+from lmforge.bus import ensure_kv, ensure_streams
 from lmforge.contracts import subjects
-from lmforge.contracts.names import SERVICES, ServiceName
+from lmforge.contracts.names import SERVICES, Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.runtime.nats_server import NatsServer
 from lmforge.runtime.scrape_targets import MetricsPorts, metrics_url, targets_file, write_targets
+from lmforge.security.nats_connect import NatsAuth
+from lmforge.security.nats_roles import ADMIN, CLIENT
+from lmforge.security.nats_secrets import NatsSecrets
 
 log = logging.getLogger("lmforge.supervisor")
 
@@ -200,10 +209,13 @@ class Supervisor:
                  services: Sequence[ServiceName] | None = None, http: str = "",
                  stop_grace_s: float = 60.0, nats_timeout_s: float = 30.0,
                  commands: Mapping[ServiceName, Sequence[str]] | None = None,
-                 nats_server: NatsServer | None = None) -> None:
+                 nats_server: NatsServer | None = None,
+                 nats_secrets: NatsSecrets | None = None) -> None:
         """`nats_server`: the embedded server to start first, watch and stop last (its URL
-        is then the NATS URL); without one, `nats_url` is a server run by someone else."""
+        is then the NATS URL); without one, `nats_url` is a server run by someone else.
+        `nats_secrets`: the credentials and CA of a secured NATS (one per service)."""
         self.home = home.resolve()
+        self.nats_secrets = nats_secrets
         self.nats = EmbeddedNats(nats_server) if nats_server is not None else None
         self._nats_url = nats_url
         self.nats_connected = False
@@ -232,6 +244,20 @@ class Supervisor:
     def nats_url(self) -> str:
         return self.nats.server.url if self.nats is not None else self._nats_url
 
+    def auth_for(self, role: str) -> NatsAuth:
+        """The credential and CA of `role` (a service, `client`, `admin`); none if open."""
+        if self.nats_secrets is None:
+            return NatsAuth()
+        return NatsAuth.from_files(self.nats_secrets.credential_path(role),
+                                   self.nats_secrets.tls.ca)
+
+    def nats_env(self, service: ServiceName) -> dict[str, str]:
+        """LMFORGE_NATS_CREDS and LMFORGE_NATS_CA of `service`'s processes."""
+        if self.nats_secrets is None:
+            return {}
+        return {"LMFORGE_NATS_CREDS": str(self.nats_secrets.credential_path(service)),
+                "LMFORGE_NATS_CA": str(self.nats_secrets.tls.ca)}
+
     # -- processes ------------------------------------------------------------------
 
     def _spawn(self, replica: Replica) -> None:
@@ -245,6 +271,7 @@ class Supervisor:
             "OTEL_SERVICE_NAME": replica.service,
             "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "PASSIVE"),
             "PYTHONUNBUFFERED": "1",
+            **self.nats_env(replica.service),
         })
         env["LMFORGE_METRICS_PORT"] = str(self.metrics_ports.port(replica.service,
                                                                    replica.index))
@@ -322,6 +349,12 @@ class Supervisor:
         else:
             status = {"state": "running" if self.nats_connected else "down",
                       "embedded": False, "restarts": 0, "pid": None, "store": None}
+        secured = self.nats_secrets is not None
+        status["security"] = "tls+credentials" if secured else "open"
+        if secured and self.nats_secrets is not None:
+            status["client_creds"] = str(self.nats_secrets.credential_path(CLIENT))
+            status["admin_creds"] = str(self.nats_secrets.credential_path(ADMIN))
+            status["ca"] = str(self.nats_secrets.tls.ca)
         return {"url": self.nats_url, **status}
 
     def snapshot(self) -> dict[str, Any]:
@@ -416,13 +449,17 @@ class Supervisor:
                 nats.connect(self.nats_url.split(","), name="supervisor", connect_timeout=2,
                              max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                              error_cb=on_error, disconnected_cb=on_disconnected,
-                             reconnected_cb=on_reconnected),
+                             reconnected_cb=on_reconnected,
+                             **self.auth_for(ADMIN).connect_options()),
                 timeout=self.nats_timeout_s)
         except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
             raise NatsUnreachable(f"cannot reach NATS at {self.nats_url} within "
                                   f"{self.nats_timeout_s:.0f}s") from exc
         try:
             await ensure_streams(nc.jetstream())
+            # Every bucket too: with NATS security on, services may use them, not make them.
+            for bucket in Bucket:
+                await ensure_kv(nc.jetstream(), bucket)
         except BaseException:
             await nc.close()
             raise

@@ -1,0 +1,252 @@
+"""NATS security: each role can do its work and nothing else (one secured server per module)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import stat
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client
+
+from lmforge.bus import EventBus, ensure_kv, ensure_streams
+from lmforge.contracts import subjects
+from lmforge.contracts.names import Bucket, ServiceName, durable_name
+from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.dispatch import Delivery, Subscription
+from lmforge.runtime.nats_server import NatsServer
+from lmforge.security.nats_connect import NatsAuth
+from lmforge.security.nats_secrets import NatsSecrets, ensure_nats_secrets
+
+pytestmark = pytest.mark.connected
+
+ARTIFACT_BUCKETS = (Bucket.STAGE_RECORDS, Bucket.STAGE_CACHE, Bucket.DEPLOYMENTS,
+                    Bucket.MODEL_DATASETS, Bucket.API_KEYS)
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServer, NatsSecrets]]:
+    root = tmp_path_factory.mktemp("secured")
+    found = ensure_nats_secrets(root / "secrets")
+    server = NatsServer(store_dir=root / "nats", log_file=root / "nats.log",
+                        config_file=found.server_config, tls=True).start()
+
+    async def prepare() -> None:  # what the supervisor does as admin
+        nc = await nats.connect(server.url, **auth(found, "admin").connect_options())
+        await ensure_streams(nc.jetstream())
+        for bucket in Bucket:
+            await ensure_kv(nc.jetstream(), bucket)
+        await (await nc.jetstream().key_value(Bucket.DEPLOYMENTS)).put("m", b"artifact-ref")
+        await nc.close()
+
+    asyncio.run(prepare())
+    yield server, found
+    server.stop()
+
+
+def synced(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test in its own event loop (the suite has no asyncio plugin)."""
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+    return run
+
+
+def auth(found: NatsSecrets, role: str) -> NatsAuth:
+    return NatsAuth.from_files(found.credential_path(role), found.tls.ca)
+
+
+@contextlib.asynccontextmanager
+async def connected(server: NatsServer, found: NatsSecrets, role: str
+                    ) -> AsyncIterator[tuple[Client, list[str]]]:
+    """A raw connection as `role`, with the errors the server sent it."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(server.url, error_cb=on_error, allow_reconnect=False,
+                            **auth(found, role).connect_options())
+    try:
+        yield nc, errors
+    finally:
+        await nc.close()
+
+
+def test_secrets_are_private_files(secured: tuple[NatsServer, NatsSecrets]) -> None:
+    _, found = secured
+    assert stat.S_IMODE(found.root.stat().st_mode) == 0o700
+    for path in [found.server_config, found.tls.key, *(found.root / "nats").glob("*.json")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # one credential per service, plus the client and admin roles
+    assert {c.role for c in found.credentials()} == {*ServiceName, "client", "admin"}
+    assert len({c.password for c in found.credentials()}) == len(found.credentials())
+
+
+def test_secrets_survive_a_second_up(secured: tuple[NatsServer, NatsSecrets]) -> None:
+    _, found = secured
+    before = {c.user: c.password for c in found.credentials()}
+    ca = found.tls.ca.read_bytes()
+    again = ensure_nats_secrets(found.root)
+    assert {c.user: c.password for c in again.credentials()} == before
+    assert again.tls.ca.read_bytes() == ca
+
+
+@synced
+async def test_an_unauthenticated_connection_is_refused(secured) -> None:
+    server, found = secured
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(server.url, tls=auth(found, "client").tls_context(),
+                           allow_reconnect=False, connect_timeout=2)
+
+
+@synced
+async def test_a_wrong_password_is_refused(secured) -> None:
+    server, found = secured
+    options = auth(found, "trainer").connect_options()
+    options["password"] = "guessed"
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(server.url, allow_reconnect=False, connect_timeout=2, **options)
+
+
+@synced
+async def test_plaintext_is_refused(secured) -> None:
+    server, found = secured
+    options = auth(found, "client").connect_options()
+    del options["tls"]
+    with pytest.raises((nats.errors.Error, OSError, TimeoutError)):
+        await asyncio.wait_for(nats.connect(server.url.replace("tls://", "nats://"),
+                                            allow_reconnect=False, connect_timeout=2,
+                                            **options), 5)
+
+
+@synced
+async def test_the_client_role_starts_runs_but_cannot_publish_model_exported(secured) -> None:
+    server, found = secured
+    bus = EventBus("cli")
+    await bus.connect(server.url, auth=auth(found, "client"), connect_timeout_s=5)
+    try:
+        await bus.publish(ev.DatasetReady(run_id="sec-1", dataset_uri="/data/x"),
+                          msg_id="sec-1:dataset.ready")
+        with pytest.raises(PermissionError, match=r"lmforge\.model\.exported"):
+            await bus.publish(ev.ModelExported(run_id="sec-1"), msg_id="sec-1:exported",
+                              retry_for_s=1)
+    finally:
+        await bus.close()
+
+
+@synced
+async def test_the_trainer_cannot_publish_model_deployed(secured) -> None:
+    server, found = secured
+    bus = EventBus(ServiceName.TRAINER)
+    await bus.connect(server.url, auth=auth(found, "trainer"), connect_timeout_s=5)
+    try:
+        with pytest.raises(PermissionError, match=r"lmforge\.model\.deployed"):
+            await bus.publish(ev.ModelDeployed(run_id="sec-2"), msg_id="sec-2:deployed",
+                              retry_for_s=1)
+    finally:
+        await bus.close()
+
+
+@pytest.mark.parametrize("bucket", ARTIFACT_BUCKETS)
+@synced
+async def test_a_stolen_client_credential_cannot_read_artifact_buckets(secured, bucket) -> None:
+    server, found = secured
+    async with connected(server, found, "client") as (nc, errors):
+        js = nc.jetstream(timeout=0.5)
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.Error)):
+            kv = await js.key_value(bucket)
+            await kv.get("m")
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.Error)):
+            await js.get_msg(f"KV_{bucket}", seq=1, direct=True)
+        await nc.flush()
+    assert any("permissions violation" in e.lower() and f"kv_{bucket}" in e.lower()
+               for e in errors), errors
+
+
+@synced
+async def test_a_client_cannot_listen_to_other_users_replies(secured) -> None:
+    server, found = secured
+    async with connected(server, found, "client") as (nc, errors):
+        await nc.subscribe("_INBOX.>")
+        await nc.subscribe("_INBOX_inference_gateway.>")
+        await nc.flush()
+        await asyncio.sleep(0.2)
+    assert sum("permissions violation for subscription" in e.lower() for e in errors) == 2
+
+
+@synced
+async def test_a_client_cannot_take_a_services_work(secured) -> None:
+    server, found = secured
+    durable = durable_name(ServiceName.TRAINER, subjects.TRAINING_SCHEDULED)
+    async with connected(server, found, "client") as (nc, errors):
+        js = nc.jetstream(timeout=0.5)
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.Error)):
+            psub = await js.pull_subscribe(subjects.TRAINING_SCHEDULED.name, durable=durable,
+                                           stream=subjects.STREAM)
+            await psub.fetch(1, timeout=1)
+        await nc.flush()
+    assert any("permissions violation" in e.lower() for e in errors)
+
+
+@synced
+async def test_a_service_does_its_work_within_its_permissions(secured) -> None:
+    """The trainer consumes training.scheduled on its durable, records the stage in the KV
+    bucket and publishes model.trained: nothing it needs is refused."""
+    server, found = secured
+    handled = asyncio.Event()
+
+    async def train(event: ev.TrainingScheduled, delivery: Delivery) -> ev.ModelTrained:
+        handled.set()
+        return ev.ModelTrained(run_id=event.run_id, model_name="m")
+
+    scheduler = EventBus(ServiceName.SCHEDULER)
+    trainer = EventBus(ServiceName.TRAINER)
+    await scheduler.connect(server.url, auth=auth(found, "scheduler"), connect_timeout_s=5)
+    await trainer.connect(server.url, auth=auth(found, "trainer"), connect_timeout_s=5)
+    try:
+        trainer.subscribe(Subscription(
+            subject=subjects.TRAINING_SCHEDULED, handler=train,  # type: ignore[arg-type]
+            durable=durable_name(ServiceName.TRAINER, subjects.TRAINING_SCHEDULED),
+            ack_wait_s=10, max_deliver=2))
+        await trainer.start()
+        await scheduler.publish(ev.TrainingScheduled(run_id="sec-3"), msg_id="sec-3:sched")
+        await asyncio.wait_for(handled.wait(), 10)
+        async with connected(server, found, "client") as (nc, errors):
+            sub = await nc.jetstream().subscribe(subjects.MODEL_TRAINED.name,
+                                                 ordered_consumer=True, stream=subjects.STREAM)
+            msg = await sub.next_msg(timeout=5)  # and the client may read the status
+            assert subjects.MODEL_TRAINED.decode(msg.data).run_id == "sec-3"
+        assert not errors
+        assert not trainer.connection_log.refused_publishes
+    finally:
+        await trainer.close(grace_s=5)
+        await scheduler.close()
+
+
+def test_the_server_config_never_lets_services_create_streams(secured) -> None:
+    _, found = secured
+    text = found.server_config.read_text()
+    assert "STREAM.CREATE" not in text and "STREAM.DELETE" not in text
+
+
+def test_credentials_never_print_their_password(secured) -> None:
+    _, found = secured
+    cred = found.credentials()[0]
+    assert cred.password not in repr(cred) and cred.password not in str(cred)
+
+
+def test_settings_refuse_a_missing_credential_file(tmp_path: Path, monkeypatch) -> None:
+    from pydantic import ValidationError
+
+    from lmforge.settings import PlatformSettings
+
+    monkeypatch.setenv("LMFORGE_NATS_CREDS", str(tmp_path / "nope.json"))
+    with pytest.raises(ValidationError, match="not a readable file"):
+        PlatformSettings()
