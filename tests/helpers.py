@@ -17,7 +17,7 @@ async def in_process_service(service_type: type[Service], nats_url: str, **setti
     """The service's real handlers on a real bus, in this event loop."""
     config = service_type.Settings(nats_url=nats_url, **settings)
     bus = EventBus(service_type.name)
-    await bus.connect(nats_url)
+    await bus.connect(nats_url, auth=config.nats_auth())
     service = service_type(config, bus)
     await service.start()
     stop = asyncio.Event()

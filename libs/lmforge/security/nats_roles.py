@@ -83,7 +83,8 @@ def _kv_read(bucket: Bucket) -> list[str]:
             _js("DIRECT", "GET", stream), _js("DIRECT", "GET", stream, ">"),
             # keys(): an ordered consumer over the bucket's stream
             _js("CONSUMER", "CREATE", stream), _js("CONSUMER", "CREATE", stream, ">"),
-            _js("CONSUMER", "DELETE", stream, ">"), f"$JS.FC.{stream}.>"]
+            _js("CONSUMER", "INFO", stream, ">"), _js("CONSUMER", "DELETE", stream, ">"),
+            f"$JS.FC.{stream}.>"]
 
 
 def _kv_write(bucket: Bucket) -> list[str]:
