@@ -98,13 +98,17 @@ class Outcome(StrEnum):
 
 def event_headers(event: Message, *, msg_id: str,
                   extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The headers of a published event: id, schema, run id, trace context, and `extra`."""
+    """The headers of a published event: id, schema, run id, tenant (of an event that
+    names one: dataset.ready), trace context, and `extra`."""
     headers = {
         str(Header.MSG_ID): msg_id,
         str(Header.SCHEMA): str(subjects.SCHEMA_VERSION),
         str(Header.RUN_ID): str(getattr(event, "run_id", "")),
         **{str(k): v for k, v in (extra or {}).items()},
     }
+    tenant = getattr(event, "tenant", "")
+    if isinstance(tenant, str) and tenant:
+        headers.setdefault(str(Header.TENANT), tenant)
     inject_context(headers)
     return headers
 
@@ -138,13 +142,27 @@ class Delivery:
             key
         ).hexdigest()[:24]
 
+    @property
+    def tenant(self) -> str:
+        """The tenant of the run this delivery belongs to ('' before tenants existed)."""
+        return self.headers.get(Header.TENANT, "")
+
     async def publish(self, event: Message, *, suffix: str = "",
                       headers: Mapping[str, str] | None = None) -> None:
+        """Publish an event caused by this delivery: it carries the run's tenant (the
+        header, and the `tenant` field where the message has one) whatever the handler
+        or a stage-cache replay put there, so no stage can hand a run to another tenant."""
         out = subjects.for_message(event)
+        tenant_headers: dict[str, str] = {}
+        if self.tenant:
+            tenant_headers[Header.TENANT] = self.tenant
+            if "tenant" in event.DESCRIPTOR.fields_by_name:
+                setattr(event, "tenant", self.tenant)  # noqa: B010 (any message with the field)
         await self.transport.publish(
             event, msg_id=self.output_msg_id(out, suffix),
             headers={Header.WORK_STARTED_NS: str(self.work_started_ns),
-                     Header.PUBLISHED_NS: str(time.time_ns()), **(headers or {})})
+                     Header.PUBLISHED_NS: str(time.time_ns()), **tenant_headers,
+                     **(headers or {})})
 
 
 BoundHandler = Callable[[Message, Delivery], Awaitable[Outputs]]

@@ -8,6 +8,8 @@ stream's `error_message`, an OpenAI error body or server-sent event).
 
 | type | gRPC | HTTP | when |
 | --- | --- | --- | --- |
+| Unauthenticated | UNAUTHENTICATED | 401 | API keys are required and none or a bad one came |
+| RateLimited | RESOURCE_EXHAUSTED | 429 + Retry-After | the key spent its token bucket |
 | InvalidRequest | INVALID_ARGUMENT | 400 | the request cannot be served as asked |
 | RequestTooLarge | RESOURCE_EXHAUSTED | 413 | the body is over the size limit |
 | UnknownModel | NOT_FOUND | 404 | no such model or version, here or on the remote |
@@ -32,7 +34,7 @@ class GatewayError(Exception):
     http_status: ClassVar[int] = 500
     openai_type: ClassVar[str] = "server_error"
     openai_code: ClassVar[str] = "internal_error"
-    retry_after_s: ClassVar[int | None] = None
+    retry_after_s: int | None = None
     """Seconds a client should wait before retrying (HTTP `Retry-After`); None: do not."""
 
     def __init__(self, message: str) -> None:
@@ -43,6 +45,28 @@ class GatewayError(Exception):
     def code(self) -> str:
         """The gRPC code's name, as counted in lmforge_gateway_requests_total."""
         return self.grpc_code.name
+
+
+class Unauthenticated(GatewayError):
+    """API keys are configured and the request carried none, or one that is not valid."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+    openai_type = "invalid_request_error"
+    openai_code = "invalid_api_key"
+
+
+class RateLimited(GatewayError):
+    """The key's token bucket is empty: `retry_after_s` is when it holds a token again."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+    openai_type = "rate_limit_error"
+    openai_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidRequest(GatewayError):

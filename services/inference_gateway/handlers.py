@@ -33,9 +33,14 @@ from lmforge.contracts import subjects
 from lmforge.contracts.names import Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
+from lmforge.failures import BadInput
+from lmforge.security.api_keys import ApiKeyBook
 from lmforge.service import Service
+from services.inference_gateway.access import TLS_ON, AccessControl
+from services.inference_gateway.api.guard import RequireApiKey, http_guard
 from services.inference_gateway.api.openai import OpenAIServer
 from services.inference_gateway.api.server import GatewayServer
+from services.inference_gateway.api.tls import grpc_credentials, http_ssl_context
 from services.inference_gateway.deployments import DeploymentBook, ModelLoader
 from services.inference_gateway.engines import (
     Engine,
@@ -75,11 +80,18 @@ class GatewayService(Service[GatewaySettings]):
                 max_concurrency=s.max_generating,
                 max_queue=s.gateway_max_queue,
                 max_prompt_chars=s.gateway_max_prompt_chars))
+        self.access = AccessControl(ApiKeyBook(bus.key_value(Bucket.API_KEYS)),
+                                    rate_per_s=s.gateway_rate_per_s, burst=s.gateway_burst,
+                                    refresh_s=s.gateway_keys_refresh_s)
         self.server = GatewayServer(self.frontend, host=s.gateway_host, port=s.gateway_port,
-                                    max_message_bytes=s.gateway_max_message_bytes)
+                                    max_message_bytes=s.gateway_max_message_bytes,
+                                    interceptors=[RequireApiKey(self.access)],
+                                    credentials=grpc_credentials(s))
         self.http = (OpenAIServer(self.frontend, host=s.gateway_http_host,
                                   port=s.gateway_http_port,
-                                  max_body_bytes=s.gateway_max_message_bytes)
+                                  max_body_bytes=s.gateway_max_message_bytes,
+                                  middlewares=[http_guard(self.access)],
+                                  ssl_context=http_ssl_context(s))
                      if s.gateway_http else None)
         self.book = DeploymentBook(bus.key_value(Bucket.DEPLOYMENTS))
         self.loader = ModelLoader(self.registry, self._build)
@@ -93,6 +105,11 @@ class GatewayService(Service[GatewaySettings]):
 
     def _build(self, event: ev.ModelExported) -> Engine:
         """The engine of an exported model (verifies the artifact, then loads it)."""
+        owner = self.registry.tenant_of(event.model_name)
+        if owner and owner != event.tenant:
+            raise BadInput(f"model name {event.model_name!r} is taken by another tenant; "
+                           f"choose another --model-name")
+        self.registry.assign_tenant(event.model_name, event.tenant)
         (export_dir,) = self.input_dirs(event.run_id, event.export)
         engine = build_engine(self.settings, export_dir, event.version)
         precision, reason = served_precision(self.settings, export_dir)
@@ -195,6 +212,9 @@ class GatewayService(Service[GatewaySettings]):
 
     async def start(self) -> None:
         """Load the deployed models, then bind the shared ports, then consume."""
+        await self.access.refresh()
+        self._refuse_unprotected_exposure()
+        TLS_ON.set(1 if self.settings.tls else 0)
         self._install_remote_models()
         await self._restore_deployments()
         await self.server.start(serving=bool(self.registry.names()))
@@ -204,14 +224,33 @@ class GatewayService(Service[GatewaySettings]):
             log.info("OpenAI-compatible HTTP on %s:%d/v1", self.settings.gateway_http_host, port)
         await super().start()
 
+    def _refuse_unprotected_exposure(self) -> None:
+        """Past loopback, serve only with TLS and API keys, unless told --insecure."""
+        s = self.settings
+        if s.loopback_only or (s.tls and self.access.required):
+            return
+        missing = " and ".join(what for what, ok in (("TLS", s.tls),
+                                                     ("API keys", self.access.required))
+                               if not ok)
+        if s.gateway_insecure:
+            log.warning("serving on %s / %s without %s (LMFORGE_GATEWAY_INSECURE)",
+                        s.gateway_host, s.gateway_http_host, missing)
+            return
+        log.error("refusing to serve on %s / %s without %s: set LMFORGE_GATEWAY_TLS_CERT/_KEY "
+                  "and create a key (`lmforge keys create --tenant T`), or pass --insecure",
+                  s.gateway_host, s.gateway_http_host, missing)
+        raise SystemExit(2)
+
     async def serve(self, stop: asyncio.Event) -> None:
         follower = asyncio.create_task(self._follow_deployments(stop))
+        keys = asyncio.create_task(self.access.follow(stop))
         try:
             await stop.wait()
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            for task in (follower, keys):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if self.http is not None:
                 await self.http.stop()
             await self.server.stop()

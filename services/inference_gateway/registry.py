@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
 
+from services.inference_gateway.access import caller_tenant, visible_to
 from services.inference_gateway.engines.base import Engine
 from services.inference_gateway.errors import GatewayError, ModelLoading, UnknownModel
 
@@ -59,6 +60,20 @@ class ModelRegistry:
     _installed_at: dict[str, int] = field(default_factory=dict)
     _precision: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _tenants: dict[str, str] = field(default_factory=dict)
+    """model name -> the tenant that owns it ('' or absent: everyone's)."""
+
+    def assign_tenant(self, name: str, tenant: str) -> None:
+        """`name` belongs to `tenant`: other tenants' keys get NOT_FOUND for it."""
+        with self._lock:
+            self._tenants[name] = tenant
+
+    def tenant_of(self, name: str) -> str:
+        with self._lock:
+            return self._tenants.get(name, "")
+
+    def _visible(self, name: str) -> bool:
+        return visible_to(self._tenants.get(name, ""), caller_tenant.get())
 
     def install(self, name: str, engine: Engine) -> None:
         """Make `engine` (whose `.version` names it) the current version of `name`."""
@@ -81,7 +96,8 @@ class ModelRegistry:
 
     def get(self, name: str, version: str = "") -> Engine:
         with self._lock:
-            engine = self._versions.get(name, {}).get(version or self._current.get(name, ""))
+            engine = (self._versions.get(name, {}).get(version or self._current.get(name, ""))
+                      if self._visible(name) else None)
         if engine is None:
             raise self.missing(name, version)
         return engine
@@ -90,9 +106,10 @@ class ModelRegistry:
         """Why `name` (at `version`, "" = current) cannot be served here: still loading
         (ModelLoading), or not deployed (UnknownModel)."""
         with self._lock:
-            pending = self._pending.get(name)
-            known = sorted(self._current)
-            loaded = list(self._versions.get(name, {}))
+            visible = self._visible(name)
+            pending = self._pending.get(name) if visible else None
+            known = sorted(n for n in self._current if self._visible(n))
+            loaded = list(self._versions.get(name, {})) if visible else []
         if pending is not None and version in ("", pending.version):
             return ModelLoading(f"model {name!r} is deployed but not loaded on this replica "
                                 f"yet: {pending.describe()}; retry shortly")
@@ -166,15 +183,16 @@ class ModelRegistry:
             return self._precision.get(key, ("", ""))
 
     def names(self) -> list[str]:
+        """The models served, those of the calling tenant (all outside a request)."""
         with self._lock:
-            return sorted(self._current)
+            return sorted(n for n in self._current if self._visible(n))
 
     def version(self, name: str) -> str | None:
         """The current version of `name`, or None."""
         with self._lock:
-            return self._current.get(name)
+            return self._current.get(name) if self._visible(name) else None
 
     def versions(self, name: str) -> list[str]:
         """Loaded versions of `name`, newest first."""
         with self._lock:
-            return list(reversed(self._versions.get(name, {})))
+            return list(reversed(self._versions.get(name, {}))) if self._visible(name) else []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -43,6 +45,38 @@ class GatewaySettings(ServiceSettings):
     gateway_threads: int = Field(0, ge=0, description="Torch threads for the engines; 0 = one "
                                  "fewer than the usable cores (one is left to gRPC and HTTP).")
 
+    gateway_tls_cert: Path | None = Field(None, description="Server certificate (PEM) for "
+                                          "gRPC and HTTP; with _KEY: TLS on both ports.")
+    gateway_tls_key: Path | None = Field(None, description="Its private key (PEM).")
+    gateway_tls_client_ca: Path | None = Field(
+        None, description="CA (PEM) client certificates must chain to: mutual TLS, "
+        "a client without a certificate is refused at the handshake.")
+    gateway_insecure: bool = Field(
+        False, description="Allow serving on a non-loopback address without TLS or API keys "
+        "(`lmforge up --insecure`); otherwise such a gateway refuses to start.")
+    gateway_rate_per_s: float = Field(20.0, gt=0, description="Requests/s per API key "
+                                      "(token bucket refill), unless the key sets its own.")
+    gateway_burst: int = Field(40, ge=1, description="Requests an API key may make at once.")
+    gateway_keys_refresh_s: float = Field(1.0, gt=0, description="How often the API keys are "
+                                          "re-read: a new or revoked key counts within this.")
+
+    @field_validator("gateway_tls_cert", "gateway_tls_key", "gateway_tls_client_ca")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a readable file")
+        return path
+
+    @property
+    def tls(self) -> bool:
+        return self.gateway_tls_cert is not None and self.gateway_tls_key is not None
+
+    @property
+    def loopback_only(self) -> bool:
+        """Both ports bind loopback addresses (what `lmforge up` does by default)."""
+        hosts = [self.gateway_host] + ([self.gateway_http_host] if self.gateway_http else [])
+        return all(_is_loopback(h) for h in hosts)
+
     @field_validator("gateway_remote_models", mode="before")
     @classmethod
     def _parse_remote_models(cls, value: object) -> object:
@@ -63,3 +97,12 @@ class GatewaySettings(ServiceSettings):
     def max_generating(self) -> int:
         """Requests generating at once: the batch, or the single-request slots."""
         return self.gateway_max_batch if self.gateway_batching else self.gateway_max_concurrency
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

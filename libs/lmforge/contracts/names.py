@@ -66,6 +66,9 @@ class Header(StrEnum):
     PUBLISHED_NS = "Lmforge-Published-Ns"
     """On events a handler published: when it published them (time_ns); with
     WORK_STARTED_NS, the wall time the stage spent (the cost ledger prices it)."""
+    TENANT = "Lmforge-Tenant"
+    """The tenant of the run: set from dataset.ready, carried onto every event caused
+    by it (`dispatch.Delivery.publish`)."""
     CACHED_FROM = "Lmforge-Cached-From"
     """On an event replayed from the stage cache: the run that did the work."""
 

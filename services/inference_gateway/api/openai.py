@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -142,11 +144,15 @@ def _event(data: Mapping[str, object]) -> bytes:
 
 class OpenAIServer:
     def __init__(self, frontend: GenerationFrontend, *, host: str, port: int,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, middlewares: Iterable[Any] = (),
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """`middlewares`: the API-key guard (api/guard.py); `ssl_context`: HTTPS."""
         self.frontend = frontend
         self.host, self.port = host, port
         self.max_body_bytes = max_body_bytes
-        self.app = web.Application(client_max_size=max_body_bytes)
+        self.ssl_context = ssl_context
+        self.app = web.Application(client_max_size=max_body_bytes,
+                                   middlewares=list(middlewares))
         self.app.add_routes([web.get("/v1/models", self.models),
                              web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat)])
@@ -155,7 +161,8 @@ class OpenAIServer:
     async def start(self) -> int:
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, reuse_port=True)
+        site = web.TCPSite(self.runner, self.host, self.port, reuse_port=True,
+                           ssl_context=self.ssl_context)
         await site.start()
         self.port = self.runner.addresses[0][1]
         return self.port

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,9 +38,15 @@ class GatewayServer:
     """grpc.aio server with the Generator, health and reflection services."""
 
     def __init__(self, frontend: GenerationFrontend, *, host: str, port: int,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None) -> None:
+        """`interceptors`: run before the request is parsed (the API-key guard);
+        `credentials`: TLS (and mutual TLS) for the port, None: plaintext."""
         self.frontend = frontend
-        self.server = grpc.aio.server(interceptors=[RefuseUnparsedRequests()], options=[
+        self.credentials = credentials
+        self.server = grpc.aio.server(interceptors=[*interceptors, RefuseUnparsedRequests()],
+                                      options=[
             ("grpc.so_reuseport", 1),  # replicas of the gateway share the port
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.server.max_pending_requests", 100_000),
@@ -68,7 +75,9 @@ class GatewayServer:
     async def start(self, *, serving: bool = False) -> None:
         """Bind the port and serve; health says SERVING when `serving`."""
         await self.set_serving(serving)
-        bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        bound = (self.server.add_secure_port(address, self.credentials)
+                 if self.credentials is not None else self.server.add_insecure_port(address))
         if bound == 0:
             raise OSError(f"cannot bind the gateway to {self.host}:{self.port}")
         self.port = bound

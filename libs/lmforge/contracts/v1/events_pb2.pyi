@@ -15,7 +15,7 @@ class ArtifactRef(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class DatasetReady(_message.Message):
-    __slots__ = ("run_id", "dataset_uri", "format", "text_field", "model_name", "schema_version", "time_budget_s", "training")
+    __slots__ = ("run_id", "dataset_uri", "format", "text_field", "model_name", "schema_version", "time_budget_s", "training", "tenant")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_URI_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class DatasetReady(_message.Message):
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     dataset_uri: str
     format: str
@@ -32,7 +33,8 @@ class DatasetReady(_message.Message):
     schema_version: int
     time_budget_s: float
     training: TrainingRequest
-    def __init__(self, run_id: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., format: _Optional[str] = ..., text_field: _Optional[str] = ..., model_name: _Optional[str] = ..., schema_version: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., training: _Optional[_Union[TrainingRequest, _Mapping]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, run_id: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., format: _Optional[str] = ..., text_field: _Optional[str] = ..., model_name: _Optional[str] = ..., schema_version: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., training: _Optional[_Union[TrainingRequest, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class TrainingRequest(_message.Message):
     __slots__ = ("model_size", "budget_usd", "instance_types", "family", "precision", "compile", "micro_batch", "grad_accum", "global_batch", "epochs", "market", "base_model", "adaptation", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "base_weights", "gradient_checkpointing", "chat_template", "eval_set", "packing")
@@ -425,7 +427,7 @@ class ModelQuantized(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model: _Optional[_Union[ArtifactRef, _Mapping]] = ..., quantized: _Optional[_Union[ArtifactRef, _Mapping]] = ..., dataset: _Optional[_Union[ArtifactRef, _Mapping]] = ..., method: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., passed_quality_gate: _Optional[bool] = ..., perplexity_fp: _Optional[float] = ..., perplexity_rtn_int4: _Optional[float] = ..., perplexity_awq_int4: _Optional[float] = ..., served: _Optional[str] = ..., served_reason: _Optional[str] = ..., weight_format: _Optional[str] = ..., quantize_seconds: _Optional[float] = ..., task_eval_fp: _Optional[_Union[TaskEval, _Mapping]] = ..., task_eval_quantized: _Optional[_Union[TaskEval, _Mapping]] = ...) -> None: ...
 
 class ModelExported(_message.Message):
-    __slots__ = ("run_id", "model_name", "export", "onnx_max_abs_diff", "onnx_opset", "version", "onnx_parity_steps", "onnx_heldout_perplexity", "onnx_int8_heldout_perplexity", "triton_model", "precision", "precision_reason")
+    __slots__ = ("run_id", "model_name", "export", "onnx_max_abs_diff", "onnx_opset", "version", "onnx_parity_steps", "onnx_heldout_perplexity", "onnx_int8_heldout_perplexity", "triton_model", "precision", "precision_reason", "tenant")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     EXPORT_FIELD_NUMBER: _ClassVar[int]
@@ -438,6 +440,7 @@ class ModelExported(_message.Message):
     TRITON_MODEL_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     export: ArtifactRef
@@ -450,10 +453,11 @@ class ModelExported(_message.Message):
     triton_model: str
     precision: str
     precision_reason: str
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., export: _Optional[_Union[ArtifactRef, _Mapping]] = ..., onnx_max_abs_diff: _Optional[float] = ..., onnx_opset: _Optional[int] = ..., version: _Optional[str] = ..., onnx_parity_steps: _Optional[int] = ..., onnx_heldout_perplexity: _Optional[float] = ..., onnx_int8_heldout_perplexity: _Optional[float] = ..., triton_model: _Optional[str] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., export: _Optional[_Union[ArtifactRef, _Mapping]] = ..., onnx_max_abs_diff: _Optional[float] = ..., onnx_opset: _Optional[int] = ..., version: _Optional[str] = ..., onnx_parity_steps: _Optional[int] = ..., onnx_heldout_perplexity: _Optional[float] = ..., onnx_int8_heldout_perplexity: _Optional[float] = ..., triton_model: _Optional[str] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ModelDeployed(_message.Message):
-    __slots__ = ("run_id", "model_name", "version", "endpoint", "backend", "precision", "precision_reason")
+    __slots__ = ("run_id", "model_name", "version", "endpoint", "backend", "precision", "precision_reason", "tenant")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -461,6 +465,7 @@ class ModelDeployed(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     model_name: str
     version: str
@@ -468,7 +473,8 @@ class ModelDeployed(_message.Message):
     backend: str
     precision: str
     precision_reason: str
-    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, run_id: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ..., endpoint: _Optional[str] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class StageFailed(_message.Message):
     __slots__ = ("run_id", "stage", "subject", "reason", "deliveries", "dead_lettered")
