@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import stat
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -250,3 +251,29 @@ def test_settings_refuse_a_missing_credential_file(tmp_path: Path, monkeypatch) 
     monkeypatch.setenv("LMFORGE_NATS_CREDS", str(tmp_path / "nope.json"))
     with pytest.raises(ValidationError, match="not a readable file"):
         PlatformSettings()
+
+
+@synced
+async def test_keys_are_managed_as_admin_and_stored_only_hashed(secured, capsys) -> None:
+    import argparse
+
+    from lmforge.cli.keys import manage_keys
+
+    server, found = secured
+    created = argparse.Namespace(action="create", tenant="acme", rate=0.0, burst=0, json=True)
+    assert await manage_keys(created, server.url, auth(found, "admin")) == 0
+    key = json.loads(capsys.readouterr().out)["key"]
+    listing = argparse.Namespace(action="list", tenant="", json=True)
+    assert await manage_keys(listing, server.url, auth(found, "admin")) == 0
+    listed = capsys.readouterr().out
+    assert '"tenant": "acme"' in listed and key.split("_", 2)[2] not in listed
+    async with connected(server, found, "admin") as (nc, _):
+        stored = [await (await nc.jetstream().key_value(Bucket.API_KEYS)).get(k)
+                  for k in await (await nc.jetstream().key_value(Bucket.API_KEYS)).keys()]
+    assert all(key.split("_", 2)[2].encode() not in entry.value for entry in stored)
+    # a stolen client credential cannot mint keys
+    async with connected(server, found, "client") as (nc, errors):
+        await nc.publish(f"$KV.{Bucket.API_KEYS}.forged", b"{}")
+        await nc.flush()
+        await asyncio.sleep(0.2)
+    assert any("permissions violation" in e.lower() for e in errors)

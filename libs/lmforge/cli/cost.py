@@ -14,8 +14,8 @@ import nats.js.errors
 
 from lmforge.bus import ensure_kv
 from lmforge.cli.runs import NatsUrl, connect_nats
-from lmforge.security.nats_connect import NatsAuth
 from lmforge.contracts.names import Bucket
+from lmforge.security.nats_connect import NatsAuth
 
 SERVING_KEY = "_serving"
 """The serving entry's key (the ledger's own name for it)."""

@@ -84,6 +84,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             argv += ["--nats-url", args.nats_url]
         if args.open_nats:
             argv.append("--open-nats")
+        if args.insecure:
+            argv.append("--insecure")
         try:
             state = start_detached(settings.home, argv, timeout_s=args.timeout)
         except (RuntimeError, TimeoutError) as exc:
@@ -91,8 +93,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         _print_status(state)
         return 0
+    env = {"LMFORGE_GATEWAY_INSECURE": "1"} if args.insecure else {}
     return run_foreground(settings.home, nats_url=args.nats_url, gateway_port=args.gateway_port,
-                          env={}, open_nats=args.open_nats)
+                          env=env, open_nats=args.open_nats)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -277,6 +280,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             training=training_request(args))
     nats_url = _nats_url(settings)
     auth = _nats_auth(settings)
+    event.tenant = auth.tenant  # the credential's tenant: its runs, models and costs
 
     async def publish() -> None:
         from lmforge.cli.runs import CONNECT_TIMEOUT_S, connect_nats
@@ -392,7 +396,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     try:
         settings = _settings()
         auth = _nats_auth(settings)
-        runs = asyncio.run(collect_runs(url, auth=auth))
+        runs = asyncio.run(collect_runs(url, auth=auth, tenant=auth.tenant))
         ledger, _serving = asyncio.run(read_ledger(url, auth=auth))
     except ConnectionError as exc:
         return _unreachable(exc)
@@ -610,6 +614,16 @@ def cmd_scaling_replay(args: argparse.Namespace) -> int:
     return subprocess.run(command, check=False).returncode
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from lmforge.cli.keys import run_keys
+
+    settings = _settings()
+    try:
+        return run_keys(args, _nats_url(settings), _nats_auth(settings, "admin"))
+    except ConnectionError as exc:
+        return _unreachable(exc)
+
+
 # -- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--open-nats", action="store_true",
                     help="start NATS without credentials or TLS (default: a credential per "
                     "service, TLS, generated under $LMFORGE_HOME/secrets)")
+    up.add_argument("--insecure", action="store_true",
+                    help="let the gateway serve a non-loopback address without TLS and API keys")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop what `lmforge up` started")
@@ -757,6 +773,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default LMFORGE_AUTOSCALER_MAX_REPLICAS")
     replay.add_argument("--json", action="store_true")
     replay.set_defaults(func=cmd_scaling_replay)
+
+    from lmforge.cli.keys import add_keys_parser
+
+    add_keys_parser(sub, cmd_keys)
     return parser
 
 

@@ -201,7 +201,7 @@ NatsUrl = str | Callable[[], str]
 async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow: bool = False,
                         idle_timeout_s: float = 1.0,
                         on_connection: Callable[[str], None] | None = None,
-                        auth: NatsAuth | None = None,
+                        auth: NatsAuth | None = None, tenant: str = "",
                         ) -> AsyncGenerator[tuple[str, Message, float, str], None]:
     """Every event in the stream (optionally one run's), oldest first, as (subject,
     event, time, the run it was reused from or '').
@@ -249,6 +249,8 @@ async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow:
                 next_seq = msg.metadata.sequence.stream + 1
                 if run_id and (msg.headers or {}).get(Header.RUN_ID) != run_id:
                     continue
+                if tenant and (msg.headers or {}).get(Header.TENANT, "") != tenant:
+                    continue  # another tenant's run (or one from before tenants)
                 try:
                     subject = subjects.by_name(msg.subject)
                     event = subject.decode(msg.data)
@@ -272,11 +274,12 @@ async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow:
         await asyncio.sleep(0.5)
 
 
-async def collect_runs(nats_url: NatsUrl, *, auth: NatsAuth | None = None
+async def collect_runs(nats_url: NatsUrl, *, auth: NatsAuth | None = None, tenant: str = ""
                        ) -> dict[str, RunView]:
+    """The runs in the stream; with `tenant`, only that tenant's."""
     runs: dict[str, RunView] = {}
     async for subject, event, ts, cached_from in stream_events(nats_url, idle_timeout_s=0.5,
-                                                               auth=auth):
+                                                               auth=auth, tenant=tenant):
         run_id = getattr(event, "run_id", "")
         if not run_id or subject == subjects.SCALING_DECIDED.name:
             continue
@@ -304,8 +307,8 @@ async def model_dataset(nats_url: NatsUrl, model_name: str, *,
                         auth: NatsAuth | None = None) -> str:
     """The digest of the dataset last prepared for `model_name` ('' if none)."""
     digest = ""
-    async for _subject, event, _ts, _cached in stream_events(nats_url, idle_timeout_s=0.5,
-                                                             auth=auth):
+    async for _subject, event, _ts, _cached in stream_events(
+            nats_url, idle_timeout_s=0.5, auth=auth, tenant=auth.tenant if auth else ""):
         if isinstance(event, ev.DatasetPrepared) and event.model_name == model_name:
             digest = event.dataset.digest
     return digest
