@@ -277,3 +277,17 @@ async def test_keys_are_managed_as_admin_and_stored_only_hashed(secured, capsys)
         await nc.flush()
         await asyncio.sleep(0.2)
     assert any("permissions violation" in e.lower() for e in errors)
+
+
+@pytest.mark.parametrize("service", list(ServiceName))
+def test_every_bucket_a_service_uses_is_in_its_role(service: ServiceName) -> None:
+    """A service that starts using a bucket its role lacks would be refused by NATS."""
+    import re
+
+    from lmforge.security.nats_roles import BUCKETS
+
+    source = Path(__file__).resolve().parents[2] / "services" / service.replace("-", "_")
+    used = {Bucket[name] for file in source.rglob("*.py")
+            for name in re.findall(r"Bucket\.([A-Z_]+)", file.read_text())}
+    read_write, read_only = BUCKETS[service]
+    assert used <= {*read_write, *read_only}

@@ -41,8 +41,8 @@ PER_REPLICA: frozenset[ServiceName] = frozenset({ServiceName.INFERENCE_GATEWAY})
 _EVERY_SERVICE = (Bucket.STAGE_RECORDS, Bucket.STAGE_CACHE)
 BUCKETS: dict[ServiceName, tuple[tuple[Bucket, ...], tuple[Bucket, ...]]] = {
     ServiceName.DATA_PREP: ((*_EVERY_SERVICE, Bucket.MODEL_DATASETS), ()),
-    ServiceName.SCHEDULER: (_EVERY_SERVICE, ()),
-    ServiceName.TRAINER: (_EVERY_SERVICE, ()),
+    ServiceName.SCHEDULER: (_EVERY_SERVICE, (Bucket.THROUGHPUT,)),
+    ServiceName.TRAINER: ((*_EVERY_SERVICE, Bucket.THROUGHPUT), ()),
     ServiceName.QUANTIZER: (_EVERY_SERVICE, ()),
     ServiceName.EXPORTER: (_EVERY_SERVICE, ()),
     ServiceName.INFERENCE_GATEWAY: ((*_EVERY_SERVICE, Bucket.DEPLOYMENTS, Bucket.LOAD_HISTORY),
