@@ -7,9 +7,11 @@ path, or a touched file, reuse the earlier dataset for the new run.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 from dataclasses import replace
+from pathlib import Path
 
 from google.protobuf.message import Message
 
@@ -25,7 +27,13 @@ from services.data_prep.metrics import record_prepared
 from services.data_prep.near_dup import SignatureIndex
 from services.data_prep.prepare import PrepConfig, PrepStats, prepare_dataset
 from services.data_prep.settings import DataPrepSettings
-from services.data_prep.sources import FORMATS, SourceFile, dataset_digest, list_dataset_files
+from services.data_prep.sources import (
+    FORMATS,
+    DataRoots,
+    SourceFile,
+    dataset_digest,
+    list_dataset_files,
+)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -79,6 +87,19 @@ class DataPrepService(Service[DataPrepSettings]):
         return inspect_base_model(event.training.base_model, self.settings.base_model_roots(),
                                   allow_pickle=self.settings.base_model_allow_pickle)
 
+    def eval_set(self, event: ev.DatasetReady) -> Path | None:
+        """The run's labelled eval set, checked against the data roots."""
+        if not event.training.eval_set:
+            return None
+        path = Path(event.training.eval_set).expanduser().resolve()
+        roots = DataRoots.parse(self.settings.data_roots)
+        if not roots.allows_path(path):
+            raise BadInput(f"eval set '{path}' is outside the allowed roots "
+                           f"(LMFORGE_DATA_ROOTS={roots.describe()})")
+        if not path.is_file():
+            raise BadInput(f"eval set '{path}' does not exist or is not a file")
+        return path
+
     async def stage_inputs(self, event: Message) -> bytes:
         """The request without its path, the digest of the dataset's bytes (every file), the
         base model's fingerprint, and the earlier dataset whose near-dup index this run
@@ -91,6 +112,9 @@ class DataPrepService(Service[DataPrepSettings]):
         contents = await asyncio.to_thread(dataset_digest, files, config=self.prep_config.read)
         earlier = await self._earlier_dataset(event.model_name)
         base_print = base_model_fingerprint(base) if base is not None else ""
+        eval_path = await asyncio.to_thread(self.eval_set, event)
+        if eval_path is not None:
+            base_print += "|" + hashlib.sha256(eval_path.read_bytes()).hexdigest()
         return request.SerializeToString(deterministic=True) + \
             f"{contents}|{earlier}|{base_print}".encode()
 
@@ -122,6 +146,7 @@ class DataPrepService(Service[DataPrepSettings]):
                                ) -> ev.DatasetPrepared:
         await asyncio.to_thread(self._specs, event)
         base = await asyncio.to_thread(self.base_model, event)
+        eval_path = await asyncio.to_thread(self.eval_set, event)
         config = self.prep_config
         earlier = await self._earlier_dataset(event.model_name)
         decisions = DecisionLog()
@@ -129,7 +154,8 @@ class DataPrepService(Service[DataPrepSettings]):
         work = self.store.scratch_dir("dataset-")
         stats = await asyncio.to_thread(
             prepare_dataset, event.dataset_uri, event.format, event.text_field or "text", work,
-            config, roots=self.settings.data_roots, seen=seen, log=decisions, base=base)
+            config, roots=self.settings.data_roots, seen=seen, log=decisions, base=base,
+            eval_set=eval_path)
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)
         record_prepared(stats)
         if self.settings.dataprep_near_dup_earlier_runs:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.base_models import BaseModelInfo
+from lmforge.task_eval import EVAL_SET, EvalSetError, read_eval_set
 from services.data_prep.cleaning import (
     ExactDeduplicator,
     document_digest,
@@ -211,7 +212,8 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                     log: DecisionLog | None = None, seen: SignatureIndex | None = None,
                     kept_path: Path | None = None,
                     timings: dict[str, float] | None = None,
-                    base: BaseModelInfo | None = None) -> PrepStats:
+                    base: BaseModelInfo | None = None,
+                    eval_set: Path | None = None) -> PrepStats:
     """Build the dataset directory in `out_dir` (which must be empty or absent).
 
     `fmt` and `text_field` override the read config's ("" keeps it). `roots`
@@ -220,7 +222,9 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
     as JSONL (id, text, split, weight) for the `lmforge prep` dry run. `timings`, if
     given, gets the seconds of each phase (curate: read to near-dup and the split;
     semantic; tokenizer; pack) for the benchmark. With `base` (a checked base model),
-    the documents are tokenized with the base's tokenizer instead of a trained one.
+    the documents are tokenized with the base's tokenizer instead of a trained one. With
+    `eval_set` (a checked path), the labelled examples are stored in the dataset for the
+    trainer and the quantizer to score.
     """
     clock = _PhaseClock(timings)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -332,6 +336,17 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
         "heldout": parts["heldout"],
         "stats": stats.as_flat_dict(),
     }
+    if eval_set is not None:
+        try:
+            examples = read_eval_set(eval_set)
+        except (EvalSetError, OSError, UnicodeDecodeError) as exc:
+            raise DatasetInputError(f"eval set: {exc}") from None
+        (out_dir / EVAL_SET).parent.mkdir(parents=True, exist_ok=True)
+        with (out_dir / EVAL_SET).open("w", encoding="utf-8") as f:
+            for example in examples:
+                f.write(json.dumps({"prompt": example.prompt, "answer": example.answer},
+                                   ensure_ascii=False) + "\n")
+        metadata["eval_set"] = EVAL_SET
     (out_dir / "dataset.json").write_text(json.dumps(metadata, indent=1))
     return stats
 

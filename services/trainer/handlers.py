@@ -68,7 +68,11 @@ def trained_event(event: ev.TrainingScheduled, result: TrainResult, digest: str,
         stopped_at_budget=result.stopped_at_budget, planned_steps=result.planned_steps,
         base_model=event.plan.base_model, adaptation=event.plan.adaptation,
         trainable_parameters=result.trainable_parameters,
-        adapter_dir=ADAPTER_DIR if event.plan.adaptation == "lora" else "")
+        adapter_dir=ADAPTER_DIR if event.plan.adaptation == "lora" else "",
+        task_eval=ev.TaskEval(examples=result.task_eval.examples,
+                              exact_match=result.task_eval.exact_match,
+                              macro_f1=result.task_eval.macro_f1,
+                              labels=result.task_eval.labels) if result.task_eval else None)
 
 
 def measured_calibration(plan: ev.ResourcePlan, p: Progress) -> Calibration:

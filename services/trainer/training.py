@@ -48,10 +48,12 @@ from lmforge.checkpoint_interval import checkpoint_interval_steps
 from lmforge.modeling import (
     llama_config,
     load_token_stream,
+    load_tokenizer,
     perplexity,
     qwen2_config,
     training_flops_per_token,
 )
+from lmforge.task_eval import EVAL_SET, TaskEvalResult, evaluate_task, read_eval_set
 from services.trainer.adaptation import load_pretrained, merged_and_adapter, with_lora
 from services.trainer.checkpoints import CheckpointIndex, CheckpointRef
 from services.trainer.config import TrainConfig
@@ -95,6 +97,8 @@ class TrainResult:
     checkpoint: CheckpointRef | None = None
     peak_memory_bytes: int = 0
     trainable_parameters: int = 0
+    task_eval: TaskEvalResult | None = None
+    """Exact match and macro-F1 on the run's eval set, when it has one."""
     losses: list[float] = field(default_factory=list)
     stopped_at_budget: bool = False
     """The time budget ended the run at `step`, before `planned_steps`."""
@@ -498,6 +502,10 @@ class Trainer:
             model = self._export_model(state, out)
             heldout = load_token_stream(self.dataset_dir, "heldout")
             result.heldout_perplexity = perplexity(model, heldout, seq_len=config.batch.seq_len)
+            if (self.dataset_dir / EVAL_SET).is_file():
+                result.task_eval = evaluate_task(
+                    model, load_tokenizer(self.dataset_dir / "tokenizer"),
+                    read_eval_set(self.dataset_dir / EVAL_SET))
             result.model_dir = self._save_hf(model, out)
         result.wall_seconds = time.perf_counter() - started
         self._barrier()

@@ -21,7 +21,7 @@ async def _run(tmp_path, base_models, request: ev.TrainingRequest, run_id: str,
                wanted=subjects.MODEL_TRAINED):
     harness = MemoryHarness()
     home = tmp_path / "home"
-    roots = [str(TEST_DATA), str(base_models["llama"].parent)]
+    roots = [str(TEST_DATA), str(base_models["llama"].parent), str(tmp_path)]
     common = {"home": home, "data_roots": roots}
     async with harness.service(DataPrepService, **common, dataprep_semantic=False,
                                dataprep_seq_len=64), \
@@ -43,7 +43,11 @@ async def _run(tmp_path, base_models, request: ev.TrainingRequest, run_id: str,
 def test_a_base_model_run_carries_its_options_to_the_trained_model(tmp_path, base_models,
                                                                    family, options):
     base = base_models[family]
-    request = ev.TrainingRequest(base_model=str(base), epochs=0.2, global_batch=4, **options)
+    eval_set = tmp_path / "eval.jsonl"
+    eval_set.write_text("".join(json.dumps({"prompt": f"Fortune {i}?", "answer": a}) + "\n"
+                                for i, a in enumerate(["yes", "no", "yes"])))
+    request = ev.TrainingRequest(base_model=str(base), epochs=0.2, global_batch=4,
+                                 eval_set=str(eval_set), **options)
     trained, scheduled, home = asyncio.run(_run(tmp_path, base_models, request, family))
     plan = scheduled.plan
     assert plan.base_model == str(base) and plan.family == family
@@ -60,6 +64,10 @@ def test_a_base_model_run_carries_its_options_to_the_trained_model(tmp_path, bas
         assert trained.trainable_parameters == trained.parameters
         assert trained.adapter_dir == ""
     assert (trained.base_model, trained.adaptation) == (str(base), options["adaptation"])
+    # The eval set was scored on the trained model (a few steps from random weights
+    # answer neither label, but every example was answered and both labels counted).
+    assert trained.HasField("task_eval")
+    assert (trained.task_eval.examples, trained.task_eval.labels) == (3, 2)
     model_dir = home / "artifacts" / "sha256" / trained.model.digest.removeprefix("sha256:")
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == family
     assert (model_dir / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()

@@ -1,0 +1,190 @@
+"""LoRA against full fine-tuning from the same base, same data and steps, measured.
+
+1. Data: the shipped fortunes sample (or `--data`), prepared by data-prep's own
+   code with a trained tokenizer.
+2. Base: the trainer's `--preset` (default `small`) trained from scratch for
+   `--base-steps` by the trainer's own code, saved as a Hugging Face directory:
+   the model a later run adapts (`--base-model`).
+3. The two adaptations, each in a child process of its own (peak RSS is a
+   per-process high-water mark): the dataset re-tokenized with the base's
+   tokenizer, then `--steps` steps of full fine-tuning and of LoRA (rank
+   `--rank`, every projection) at the learning rates the planner gives each.
+   Reported per mode: held-out perplexity of the saved (merged) model, training
+   tokens/s, peak RSS, and the size of one checkpoint.
+4. Memory at the 124M preset: a random 124M base saved as an HF directory, a few
+   steps of each mode (micro-batch `--micro-batch-124m`), peak RSS each.
+
+    python benchmarks/finetune.py [--preset small] [--base-steps 150] [--steps 40]
+
+Prints JSON. Targets (issue 14): LoRA checkpoint <= 5% of full; LoRA peak training
+memory <= 0.6x full at 124M. Measure alone: two busy cores slow training 10-15x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "tests" / "data" / "fortunes-sample.txt"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def prepare(data: Path, out: Path, seq_len: int, base: Path | None = None) -> Path:
+    from lmforge.base_models import inspect_base_model
+    from services.data_prep.prepare import PrepConfig, prepare_dataset
+
+    info = inspect_base_model(str(base), [base.parent]) if base else None
+    prepare_dataset(data, "text" if data.suffix == ".txt" else "auto", "", out,
+                    PrepConfig.hygiene_only(vocab_size=2048, seq_len=seq_len), base=info)
+    return out
+
+
+def train_base(args: argparse.Namespace, work: Path) -> Path:
+    """A from-scratch model trained by the trainer's code, saved as an HF directory."""
+    from lmforge.artifacts import ArtifactStore
+    from services.trainer.checkpoints import CheckpointIndex
+    from services.trainer.config import TrainConfig
+    from services.trainer.training import Trainer
+
+    store = ArtifactStore(work / "artifacts")
+    dataset = prepare(args.data, work / "scratch-ds", args.seq_len)
+    config = TrainConfig.from_preset(args.preset, max_steps=args.base_steps,
+                                     checkpoint_interval=10**6, seq_len=args.seq_len,
+                                     micro_batch=args.micro_batch)
+    result = Trainer(config, dataset, store, CheckpointIndex(work / "ck", "base", store)).run()
+    assert result.model_dir is not None
+    return result.model_dir
+
+
+def random_base(preset: str, work: Path, vocab_from: Path) -> Path:
+    """A random `preset` model saved as an HF directory with `vocab_from`'s tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.modeling import llama_config
+    from lmforge.presets import PRESETS
+
+    p = PRESETS[preset]
+    meta = json.loads((vocab_from / "config.json").read_text())
+    config = llama_config(vocab_size=meta["vocab_size"], hidden_size=p.hidden_size,
+                          num_layers=p.num_layers, num_heads=p.num_heads,
+                          intermediate_size=p.intermediate_size, seq_len=1024,
+                          eos_token_id=meta["eos_token_id"], pad_token_id=meta["pad_token_id"])
+    torch.manual_seed(0)
+    out = work / f"random-{preset}"
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(out), safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (vocab_from / name).exists():
+            shutil.copy2(vocab_from / name, out / name)
+    return out
+
+
+def adapt_once(args: argparse.Namespace) -> dict:
+    """One adaptation (`--one full|lora`) in this process: the figures as a dict."""
+    import threading
+
+    from lmforge.artifacts import ArtifactStore
+    from services.scheduler.adaptation import FULL_LEARNING_RATE, LORA_LEARNING_RATE
+    from services.trainer.checkpoints import CheckpointIndex
+    from services.trainer.config import TrainConfig
+    from services.trainer.training import Trainer
+
+    work = Path(tempfile.mkdtemp(prefix=f"ft-{args.one}-"))
+    store = ArtifactStore(work / "artifacts")
+    dataset = prepare(args.data, work / "ds", args.seq_len, args.base)
+    lora = args.one == "lora"
+    config = TrainConfig.from_preset(
+        args.preset, max_steps=args.steps, checkpoint_interval=max(1, args.steps - 1),
+        seq_len=args.seq_len, micro_batch=args.micro_batch, pretrained_dir=args.base,
+        adapter_kind=args.one, rank=args.rank, alpha=2.0 * args.rank,
+        learning_rate=LORA_LEARNING_RATE if lora else FULL_LEARNING_RATE)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    trainer = Trainer(config, dataset, store, CheckpointIndex(work / "ck", "ft", store))
+    checkpoints: list[str] = []
+    rates: list[float] = []
+    result = trainer.run(stop=threading.Event(), progress_every_s=0.0,
+                         on_checkpoint=lambda ref: checkpoints.append(ref.digest),
+                         on_progress=lambda p: rates.append(p.tokens_per_second))
+    assert result.model_dir is not None and checkpoints
+    steady = sorted(rates[1:] or rates)  # the first step pays warm-up
+    return {
+        "mode": args.one, "steps": result.step,
+        "heldout_perplexity": round(result.heldout_perplexity, 3),
+        "train_tokens_per_s": round(steady[len(steady) // 2], 1),
+        "peak_rss_mb": round(result.peak_memory_bytes / 2**20, 1),
+        "rss_before_training_mb": round(rss_before / 2**20, 1),
+        "checkpoint_bytes": _dir_bytes(store.get_dir(checkpoints[-1])),
+        "parameters": result.parameters, "trainable_parameters": result.trainable_parameters,
+        "adapter_bytes": _dir_bytes(result.model_dir / "adapter") if lora else 0,
+    }
+
+
+def _child(args: argparse.Namespace, mode: str, base: Path, preset: str, steps: int,
+           micro_batch: int) -> dict:
+    command = [sys.executable, __file__, "--one", mode, "--base", str(base), "--preset",
+               preset, "--steps", str(steps), "--micro-batch", str(micro_batch),
+               "--seq-len", str(args.seq_len), "--rank", str(args.rank), "--data",
+               str(args.data)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": f"{REPO / 'libs'}:{REPO}"})
+    if done.returncode:
+        raise RuntimeError(f"{mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--base-steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--micro-batch-124m", type=int, default=2)
+    parser.add_argument("--steps-124m", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--data", type=Path, default=SAMPLE)
+    parser.add_argument("--one", choices=("full", "lora"), help=argparse.SUPPRESS)
+    parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(adapt_once(args)))
+        return
+    work = Path(tempfile.mkdtemp(prefix="finetune-bench-"))
+    base = train_base(args, work)
+    same = {m: _child(args, m, base, args.preset, args.steps, args.micro_batch)
+            for m in ("full", "lora")}
+    big = random_base("124m", work, base)
+    at_124m = {m: _child(args, m, big, "124m", args.steps_124m, args.micro_batch_124m)
+               for m in ("full", "lora")}
+    full, lora = same["full"], same["lora"]
+    report = {
+        "base": {"preset": args.preset, "steps": args.base_steps, "seq_len": args.seq_len},
+        "same_base": same,
+        "lora_checkpoint_share": round(lora["checkpoint_bytes"] / full["checkpoint_bytes"], 4),
+        "lora_tokens_per_s_ratio": round(lora["train_tokens_per_s"]
+                                         / full["train_tokens_per_s"], 3),
+        "at_124m": at_124m,
+        "lora_peak_memory_ratio_124m": round(at_124m["lora"]["peak_rss_mb"]
+                                             / at_124m["full"]["peak_rss_mb"], 3),
+        "targets": {"lora_checkpoint_share_max": 0.05, "lora_peak_memory_ratio_124m_max": 0.6},
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
