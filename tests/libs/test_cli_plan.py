@@ -72,3 +72,20 @@ def test_run_flags_become_the_training_request():
             request.global_batch, request.market) == ("qwen2", "fp16", "on", 4, 32, "spot")
     assert training_request(build_parser().parse_args(
         ["run", "data.txt", "--model-name", "m"])).ByteSize() == 0  # nothing asked
+
+
+def test_base_model_flags_become_the_training_request(tmp_path):
+    args = build_parser().parse_args([
+        "run", "data.txt", "--model-name", "acme", "--base-model", str(tmp_path / "m"),
+        "--adaptation", "lora", "--lora-rank", "16", "--lora-alpha", "32",
+        "--lora-dropout", "0", "--lora-targets", "q_proj, v_proj", "--base-weights", "int4",
+        "--gradient-checkpointing", "on", "--eval-set", str(tmp_path / "eval.jsonl")])
+    request = training_request(args)
+    assert request.base_model == str(tmp_path / "m") and request.adaptation == "lora"
+    assert (request.lora_rank, request.lora_alpha) == (16, 32.0)
+    assert request.HasField("lora_dropout") and request.lora_dropout == 0.0
+    assert list(request.lora_targets) == ["q_proj", "v_proj"]
+    assert (request.base_weights, request.gradient_checkpointing) == ("int4", "on")
+    assert request.eval_set == str(tmp_path / "eval.jsonl")
+    unset = training_request(build_parser().parse_args(["run", "d", "--model-name", "m"]))
+    assert not unset.base_model and not unset.HasField("lora_dropout")

@@ -245,7 +245,8 @@ def adaptation_request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "lora_alpha": args.lora_alpha or 0.0,
         "lora_targets": [t.strip() for t in (args.lora_targets or "").split(",") if t.strip()],
         "base_weights": args.base_weights or "",
-        "gradient_checkpointing": args.gradient_checkpointing or ""}
+        "gradient_checkpointing": args.gradient_checkpointing or "",
+        "eval_set": str(Path(args.eval_set).expanduser().absolute()) if args.eval_set else ""}
     if args.lora_dropout is not None:
         fields["lora_dropout"] = args.lora_dropout
     return fields
@@ -694,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     base_flags.add_argument("--lora-targets", metavar="NAMES",
                             help="comma-separated modules (default: every attention and MLP "
                             "projection)")
+    base_flags.add_argument("--eval-set", metavar="JSONL",
+                            help="labelled examples (prompt + answer or label) scored after "
+                            "training: exact match and macro-F1")
     base_flags.add_argument("--base-weights", choices=("int8", "int4"),
                             help="LoRA: hold the base quantized (QLoRA; CUDA + bitsandbytes "
                             "only, refused elsewhere)")
