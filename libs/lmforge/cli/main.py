@@ -4,6 +4,7 @@
   lmforge plan DATA --model-size 1b --budget-hours 4   price the training on the catalog
   lmforge run DATA --model-name NAME    clean, train, quantize, export and serve DATA
   lmforge generate --model NAME "..."   stream a completion from the gateway
+  lmforge report RUN [--out report.html]  one run as an HTML page with plots
   lmforge status | runs | scale | down
   lmforge cost [RUN]                    what each run and serving cost
   lmforge scaling replay TRACE.csv      replay a load trace through the scaling policies
@@ -545,6 +546,40 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report -----------------------------------------------------------------------------
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """One run as an HTML page with its plots embedded (or its record as JSON)."""
+    from lmforge.cli.up import read_state
+    from lmforge.report.collect import read_run_record
+
+    settings = _settings()
+    state = read_state(settings.home) or {}
+    gateway = (state.get("services") or {}).get(ServiceName.INFERENCE_GATEWAY) or {}
+    try:
+        record = asyncio.run(read_run_record(_nats_url(settings), args.run,
+                                             gateway_metrics_urls=gateway.get("metrics_urls",
+                                                                              [])))
+    except ConnectionError as exc:
+        return _unreachable(exc)
+    if not record.started:
+        console.print(f"[red]no events for run {args.run!r}[/] (`lmforge runs` lists the runs)")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(record.as_json()))
+        return 0
+    from lmforge.report.html import render
+
+    try:
+        page = render(record)
+    except RuntimeError as exc:  # matplotlib missing
+        console.print(f"[red]{exc}[/]")
+        return EXIT_FAILED
+    args.out.write_text(page, encoding="utf-8")
+    console.print(f"report of run {args.run} ({record.status}) written to {args.out}")
+    return 0
+
+
 # -- cost and scaling --------------------------------------------------------------------
 
 def cmd_cost(args: argparse.Namespace) -> int:
@@ -742,6 +777,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=5, help="passages to return")
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
+
+    report = sub.add_parser("report", help="one run as a self-contained HTML page",
+                            description="Writes one HTML file with the run's plots embedded: "
+                            "the data-prep funnel, loss and held-out perplexity, tokens/s and "
+                            "MFU, checkpoints and preemptions, quantization quality, cost and "
+                            "serving latency. Works while the run is in progress.")
+    report.add_argument("run", help="the run id")
+    report.add_argument("--out", type=Path, default=Path("report.html"))
+    report.add_argument("--json", action="store_true", help="the record as JSON instead")
+    report.set_defaults(func=cmd_report)
 
     scale = sub.add_parser("scale", help="pin replicas: SERVICE=N, or SERVICE=auto to unpin")
     scale.add_argument("assignments", nargs="+")

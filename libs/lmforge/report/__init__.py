@@ -1,0 +1,1 @@
+"""`lmforge report RUN`: one self-contained HTML page about a run, with its plots embedded."""
