@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test unit lint typecheck proto bench clean
+.PHONY: setup system-tools demo test unit lint typecheck proto bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup
+# The suite runs a real Prometheus (and promtool) from Debian's `prometheus` package:
+# installed here when run as root, otherwise one line says what to install.
+APT_TOOLS := prometheus promtool
+system-tools:
+	@missing=""; for tool in $(APT_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q prometheus >/dev/null; \
+	  else echo "make test needs Debian's prometheus package (missing:$$missing): run 'sudo apt-get install -y prometheus' or make test as root"; exit 2; fi; \
+	fi
+
+test: setup system-tools
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q --durations=15

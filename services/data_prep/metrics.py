@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
+from services.data_prep.pii import PII_TYPES
 from services.data_prep.prepare import PrepStats
 
 DOCUMENTS_IN = Counter("lmforge_dataprep_documents_in_total", "Records read from datasets.")
@@ -17,6 +18,8 @@ DOCUMENTS_OUT = Counter("lmforge_dataprep_documents_out_total",
                         "code, e.g. quality.too_short, near_dup.minhash).", ["outcome", "reason"])
 PII_FOUND = Counter("lmforge_dataprep_pii_found_total",
                     "PII spans found and replaced, by type (EMAIL, PHONE, ...).", ["type"])
+for _kind in PII_TYPES:  # every known type is a series from the start: 0 is a finding too
+    PII_FOUND.labels(_kind)
 DATASETS = Counter("lmforge_dataprep_datasets_prepared_total", "Datasets prepared.")
 
 PII_PREFIX = "pii."

@@ -22,14 +22,20 @@ import tritonclient.grpc as triton
 
 from lmforge.cli.up import home_nats_auth
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
-from tests.conftest import TEST_DATA
+from lmforge.runtime.scrape_targets import targets_file
+from tests.conftest import REPO_ROOT, TEST_DATA
 from tests.otlp_receiver import OtlpTraceReceiver
+from tests.prometheus_server import PrometheusServer
 
 pytestmark = pytest.mark.e2e
 
 SEVEN = {"data-prep", "scheduler", "trainer", "quantizer", "exporter", "inference-gateway",
          "cost-autoscaler"}
 
+
+ARTIFACTS = Path(os.environ.get("LMFORGE_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
+"""Where the report and screenshots of the run are kept for a person to look at."""
+DASHBOARDS = REPO_ROOT / "deploy" / "grafana" / "dashboards"
 
 STAGE_OUTPUTS = {"lmforge.dataset.prepared", "lmforge.training.scheduled",
                  "lmforge.model.trained", "lmforge.model.quantized", "lmforge.model.exported"}
@@ -90,6 +96,7 @@ def system(tmp_path):
         "LMFORGE_DATAPREP_SEQ_LEN": "64",
         "LMFORGE_SCHEDULER_TIME_BUDGET_S": "8",
         "LMFORGE_AUTOSCALER_INTERVAL_S": "1",
+        "LMFORGE_TRAINER_PEAK_TFLOPS": "0.05",  # a rough CPU peak, so MFU is reported
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
         "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
@@ -97,15 +104,36 @@ def system(tmp_path):
         "OMP_WAIT_POLICY": "PASSIVE",
     }
     lmforge(env, "up", "-d", "--gateway-port", "0")
+    prometheus = PrometheusServer(tmp_path / "prometheus", targets_file(tmp_path / "home"))
     try:
-        yield env, receiver
+        prometheus.start()
+        yield env, receiver, prometheus
     finally:
+        prometheus.stop()
         lmforge(env, "down", timeout=120, check=False)
         receiver.stop()
 
 
+def _has_value(result: list[dict]) -> bool:
+    return any(float(r["value"][1]) == float(r["value"][1]) for r in result)  # not NaN
+
+
+def assert_promql_answers(prometheus: PrometheusServer, queries: dict[str, str],
+                          timeout_s: float = 30) -> dict[str, list[dict]]:
+    """Every query returns at least one non-NaN sample (scrapes are 1 s apart: wait a little)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answers = {name: prometheus.query(q) for name, q in queries.items()}
+        empty = {name: queries[name] for name, a in answers.items() if not _has_value(a)}
+        if not empty:
+            return answers
+        if time.monotonic() > deadline:
+            raise AssertionError(f"PromQL without data after {timeout_s:.0f}s: {empty}")
+        time.sleep(1)
+
+
 def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
-    env, receiver = system
+    env, receiver, prometheus = system
     status = json.loads(lmforge(env, "status", "--json").stdout)
     assert set(status["services"]) == SEVEN
     assert all(s["state"] == "running" and s["replicas"] == 1
@@ -149,6 +177,42 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
     runs = json.loads(lmforge(env, "runs", "--json").stdout)
     (mine,) = [r for r in runs if r["run_id"] == "e2e-run"]
     assert mine["status"] == "served" and mine["perplexity"] > 1
+
+    # Every service was scraped by a real Prometheus through the supervisor's target file,
+    # on the ports `status --json` lists, and the headline PromQL answers.
+    listed = {url.removeprefix("http://").removesuffix("/metrics"): name
+              for name, service in status["services"].items()
+              for url in service["metrics_urls"]}
+    assert set(listed.values()) == SEVEN
+    scraped = {t["labels"]["instance"]: t for t in prometheus.targets()}
+    assert set(listed) <= set(scraped), (listed, scraped)
+    assert all(scraped[i]["health"] == "up" for i in listed), scraped
+    assert_promql_answers(prometheus, {
+        "QPS": "sum(rate(lmforge_gateway_requests_total[5m]))",
+        "P99 latency": "histogram_quantile(0.99, sum by (le) "
+                       "(rate(lmforge_gateway_request_seconds_bucket[5m])))",
+        "tokens/s": 'max(max_over_time(lmforge_trainer_tokens_per_second{run_id="e2e-run"}[30m]))',
+        "perplexity": 'lmforge_trainer_heldout_perplexity{run_id="e2e-run"}',
+        "quantized perplexity": 'lmforge_quantizer_perplexity{model="fortune",method="fp"}',
+    })
+    # Every panel of every shipped dashboard answers after the run.
+    panels = {f"{board.stem}/{panel['title']}/{target['refId']}": target["expr"]
+              for board in sorted(DASHBOARDS.glob("*.json"))
+              for panel in json.loads(board.read_text())["panels"]
+              for target in panel["targets"]}
+    assert len(panels) >= 30
+    assert_promql_answers(prometheus, panels)
+
+    # The run's report: one page, every section drawn from this run.
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    report_path = ARTIFACTS / "e2e-run-report.html"
+    lmforge(env, "report", "e2e-run", "--out", str(report_path))
+    page = report_path.read_text()
+    assert page.count("data:image/png;base64,") == 6  # all but the quantization table
+    assert "<td>full precision</td>" in page and 'class="none"' not in page
+    record = json.loads(lmforge(env, "report", "e2e-run", "--json").stdout)
+    assert record["status"] == "served" and record["latency"]["p99"] > 0
+    assert record["cost"]["charges"] and record["heldout"][0][1] > 1
 
     # The same bytes under another path and a new run id: every stage replays its
     # earlier outputs (the stage cache), none runs, nothing new is stored.
