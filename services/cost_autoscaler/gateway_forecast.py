@@ -39,10 +39,17 @@ class GatewayForecaster:
         return fitted
 
     def forecast(self, now_s: float) -> GatewayForecast | None:
+        """What to provision for now: the upper quantile over the window a replica asked
+        for now is the only one that can cover (from its cold start to the next decision's
+        replicas coming up), with the peak over the whole lead alongside, for the record."""
         newest = self.history.newest()
         if newest is None:
             return None
-        upper = self.model.window_upper(now_s, newest_bucket=newest)
-        if upper is None:
+        c = self.config
+        ready = now_s + c.ready_after_s
+        upper = self.model.window_upper(ready, ready + c.decide_every_s, newest_bucket=newest)
+        peak = self.model.window_upper(now_s, now_s + c.lead_s, newest_bucket=newest)
+        if upper is None or peak is None:
             return None
-        return GatewayForecast(upper, self.config.quantile, self.config.lead_s)
+        return GatewayForecast(upper, c.quantile, c.ready_after_s + c.decide_every_s,
+                               peak_requests_per_second=peak, horizon_s=c.lead_s)

@@ -13,10 +13,11 @@ replicas. A load that could not be observed (the gateway's /metrics did not
 answer) holds the replicas where they are: unknown is not zero.
 
 The predictive policy provisions the gateway for the upper quantile of the
-forecast over the next `lead` (which must cover a replica's cold start: a
-replica asked for now serves only after it), never below the reactive rule,
-and never scales in on the forecast alone: it only ever adds to what the
-reactive rule wants.
+forecast at the time a replica asked for now would serve (cold start + one
+decision interval ahead; the path itself is forecast 15 minutes ahead, see
+forecasting.py for why not its peak), never below the reactive rule, and never
+scales in on the forecast alone: it only ever adds to what the reactive rule
+wants.
 """
 
 from __future__ import annotations
@@ -137,11 +138,17 @@ class ReactivePolicy:
 
 @dataclass(frozen=True, slots=True)
 class GatewayForecast:
-    """The upper quantile of the gateway's request rate over the next `lead_s`."""
+    """The upper quantile of the gateway's request rate `lead_s` ahead (what replicas asked
+    for now must serve), and its peak over the whole forecast horizon."""
 
     upper_requests_per_second: float
+    """Provisioned for: the upper quantile over [now + cold start, + one decision]."""
     quantile: float
     lead_s: float
+    """How far ahead `upper_requests_per_second` is: cold start + one decision interval."""
+    peak_requests_per_second: float = 0.0
+    """The highest upper quantile within `horizon_s` (reported, not provisioned for)."""
+    horizon_s: float = 0.0
 
 
 @dataclass
@@ -170,12 +177,19 @@ class PredictivePolicy:
             if ahead > d.replicas:
                 if ahead != current.get(gateway, c.min_replicas):
                     self.reactive.note_change(gateway, now_s)
-                reason = (f"forecast {upper:.1f} req/s (q{forecast.quantile:g}) within "
-                          f"{forecast.lead_s / 60:.0f} min; now {d.reason}")
+                reason = (f"forecast {upper:.1f} req/s (q{forecast.quantile:g}) in "
+                          f"{forecast.lead_s:.0f}s{_peak(forecast)}; now {d.reason}")
                 out.append(Decision(gateway, ahead, reason, False, d.load, forecast_load=upper,
                                     policy="predictive"))
             else:
                 out.append(Decision(d.service, d.replicas, d.reason + (
-                    f"; forecast {upper:.1f} req/s within {forecast.lead_s / 60:.0f} min"),
-                    False, d.load, forecast_load=upper, policy=d.policy))
+                    f"; forecast {upper:.1f} req/s in {forecast.lead_s:.0f}s"
+                    f"{_peak(forecast)}"), False, d.load, forecast_load=upper, policy=d.policy))
         return out
+
+
+def _peak(forecast: GatewayForecast) -> str:
+    if not forecast.horizon_s:
+        return ""
+    return (f", peak {forecast.peak_requests_per_second:.1f} within "
+            f"{forecast.horizon_s / 60:.0f} min")

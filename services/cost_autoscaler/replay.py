@@ -47,6 +47,8 @@ from services.cost_autoscaler.policy import (
 
 POLICIES = ("static", "reactive", "predictive")
 GATEWAY = ServiceName.INFERENCE_GATEWAY
+TICK_S = 60.0
+"""The replay decides once a simulated minute (the trace's resolution)."""
 MONDAY_OFFSET_S = 4 * 86400
 """Unix time 0 was a Thursday: minute 0 of a trace is placed on the Monday after."""
 
@@ -137,7 +139,11 @@ def replay(rates: list[float], policy: str, config: ReplayConfig) -> PolicyResul
                          f"{config.train_minutes} are training")
     reactive = ReactivePolicy(c)
     predictive = PredictivePolicy(reactive)
-    forecaster = GatewayForecaster(config.forecast) if policy == "predictive" else None
+    # The replay decides once a simulated minute and its replicas take `cold_start_s`:
+    # the forecast is read for that, whatever the control loop's own round is.
+    forecast_config = replace(config.forecast, ready_after_s=config.cold_start_s,
+                              decide_every_s=TICK_S)
+    forecaster = GatewayForecaster(forecast_config) if policy == "predictive" else None
     if forecaster is not None:
         for minute in range(first):
             forecaster.record(MONDAY_OFFSET_S + minute * 60.0, rates[minute], 0.0)
@@ -152,7 +158,7 @@ def replay(rates: list[float], policy: str, config: ReplayConfig) -> PolicyResul
     fleet.resize(replicas, -math.inf, 0.0)
     total_replica_minutes = 0
     for minute in range(first, len(rates)):
-        now_s = MONDAY_OFFSET_S + minute * 60.0
+        now_s = MONDAY_OFFSET_S + minute * TICK_S
         if policy != "static":
             observed = rates[minute - 1] if minute else rates[0]
             load: dict[str, ServiceLoad] = {
@@ -208,7 +214,8 @@ def run_replay(rates: list[float], policies: list[str], config: ReplayConfig
         "cold_start_s": config.cold_start_s,
         "price_per_replica_hour": config.price_per_replica_hour,
         "forecast": {"lead_s": config.forecast.lead_s, "quantile": config.forecast.quantile,
-                     "refit_every_s": config.forecast.refit_every_s},
+                     "refit_every_s": config.forecast.refit_every_s,
+                     "provisioned_ahead_s": config.cold_start_s + TICK_S},
         "policies": {name: asdict(result) for name, result in results.items()},
         "comparison": compare(results),
     }

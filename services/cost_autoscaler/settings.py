@@ -51,9 +51,11 @@ class AutoscalerSettings(ServiceSettings):
     autoscaler_forecast: bool = Field(
         True, description="Provision the gateway for the forecast load (off: reactive only).")
     autoscaler_forecast_lead_s: float = Field(
-        900.0, gt=0, description="How far ahead the gateway is provisioned.")
+        900.0, gt=0, description="How far ahead the gateway's load is forecast (and its peak "
+        "reported); replicas are provisioned for cold start + one round ahead.")
     autoscaler_forecast_quantile: float = Field(
-        0.9, ge=0.5, lt=1.0, description="Upper quantile of the forecast provisioned for.")
+        0.8, ge=0.5, lt=1.0, description="Upper quantile of the forecast provisioned for "
+        "(0.8: chosen on the training week, benchmarks/autoscale_tune.py).")
     autoscaler_forecast_refit_s: float = Field(
         6 * 3600.0, ge=300, description="Seconds between forecast fits (not every round).")
     autoscaler_history_days: float = Field(
@@ -156,11 +158,14 @@ class AutoscalerSettings(ServiceSettings):
     def _bounds(self) -> AutoscalerSettings:
         if self.autoscaler_min_replicas > self.autoscaler_max_replicas:
             raise ValueError("min_replicas exceeds max_replicas")
-        if self.autoscaler_forecast_lead_s < self.autoscaler_gateway_cold_start_s:
+        reach = self.autoscaler_gateway_cold_start_s + self.autoscaler_interval_s
+        if self.autoscaler_forecast_lead_s < reach:
             raise ValueError(
                 f"LMFORGE_AUTOSCALER_FORECAST_LEAD_S={self.autoscaler_forecast_lead_s:g} is "
-                f"shorter than a replica's cold start (LMFORGE_AUTOSCALER_GATEWAY_COLD_START_S="
-                f"{self.autoscaler_gateway_cold_start_s:g}): replicas would come up too late")
+                f"shorter than a replica's cold start plus one round (LMFORGE_AUTOSCALER_"
+                f"GATEWAY_COLD_START_S={self.autoscaler_gateway_cold_start_s:g} + "
+                f"LMFORGE_AUTOSCALER_INTERVAL_S={self.autoscaler_interval_s:g}): the forecast "
+                f"would not reach the load the replicas asked for now must serve")
         return self
 
     def policy_config(self) -> PolicyConfig:
@@ -174,6 +179,8 @@ class AutoscalerSettings(ServiceSettings):
 
     def forecast_config(self) -> ForecastConfig:
         return ForecastConfig(lead_s=self.autoscaler_forecast_lead_s,
+                              ready_after_s=self.autoscaler_gateway_cold_start_s,
+                              decide_every_s=self.autoscaler_interval_s,
                               refit_every_s=self.autoscaler_forecast_refit_s,
                               quantile=self.autoscaler_forecast_quantile,
                               max_history_days=self.autoscaler_history_days)
