@@ -16,8 +16,10 @@ from typing import Any
 import nats
 import pytest
 
+from lmforge.cli.main import main as lmforge_main
 from lmforge.contracts import subjects
 from lmforge.contracts.names import ServiceName
+from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.runtime.nats_server import NatsServer
 from lmforge.runtime.supervisor import NatsUnreachable, Supervisor, service_phase, state_file
 
@@ -55,6 +57,33 @@ def test_service_phase(desired, alive, ready, phase):
 def test_a_service_whose_processes_run_while_nats_is_down_is_disconnected(
         desired, alive, ready, phase):
     assert service_phase(desired=desired, alive=alive, ready=ready, nats_up=False) == phase
+
+
+def test_a_gateway_held_on_an_unknown_load_says_so_in_status(tmp_path, monkeypatch, capsys):
+    """The autoscaler holds replicas when no gateway replica answers /metrics; `lmforge
+    status` shows that from the latest scaling.decided, and clears it once load is seen."""
+    gateway = ServiceName.INFERENCE_GATEWAY
+    supervisor = Supervisor(home=tmp_path / "home", nats_url="nats://127.0.0.1:1", env={},
+                            gateway="", gateway_metrics_base=0, services=[gateway])
+    reason = "load unknown (no gateway replica answered /metrics): holding 3"
+    supervisor.apply(ev.ScalingDecided(services=[ev.ServiceScale(
+        service=gateway, replicas=3, reason=reason, load_unknown=True, policy="held")]))
+    supervisor.write_state()
+    monkeypatch.setenv("LMFORGE_HOME", str(supervisor.home))
+    monkeypatch.setenv("COLUMNS", "240")  # one table row per service, unwrapped
+
+    assert lmforge_main(["status"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if gateway in line)
+    assert "load unknown: " + reason in row
+    assert lmforge_main(["status", "--json"]) == 0
+    held = json.loads(capsys.readouterr().out)["services"][gateway]
+    assert (held["load_unknown"], held["desired"], held["scaling_reason"]) == (True, 3, reason)
+
+    supervisor.apply(ev.ScalingDecided(services=[ev.ServiceScale(
+        service=gateway, replicas=3, reason="55.0 req/s", load=55.0, policy="reactive")]))
+    supervisor.write_state()
+    assert lmforge_main(["status"]) == 0
+    assert "load unknown" not in capsys.readouterr().out
 
 
 def _wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 60.0) -> Any:

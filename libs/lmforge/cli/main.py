@@ -127,8 +127,18 @@ def _print_status(state: dict[str, Any]) -> None:
     for name, s in state["services"].items():
         table.add_row(name, s["state"], str(s["replicas"]), str(s["desired"]),
                       "yes" if s["pinned"] else "", str(s["restarts"]),
-                      _models_note(s.get("models", [])))
+                      "; ".join(filter(None, (_load_note(s), _models_note(s.get("models", []))))))
     Console().print(table)
+
+
+def _load_note(service: dict[str, Any]) -> str:
+    """An unknown load first: the autoscaler is holding replicas it cannot judge, which
+    otherwise looks like a healthy, steady service."""
+    if not service.get("load_unknown"):
+        return ""
+    from rich.markup import escape
+
+    return f"[yellow]load unknown[/]: {escape(service.get('scaling_reason') or 'held')}"
 
 
 def _models_note(replicas: list[dict[str, Any]]) -> str:

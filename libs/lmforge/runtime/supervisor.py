@@ -201,6 +201,11 @@ class ServiceState:
     desired: int = 1
     pinned: bool = False
     replicas: list[Replica] = field(default_factory=list)
+    load_unknown: bool = False
+    """The latest scaling decision could not observe this service's load and held it:
+    `status` says so, since replicas held on a failed scrape look healthy otherwise."""
+    scaling_reason: str = ""
+    """Why the latest decision chose `desired` (the autoscaler's own words)."""
 
 
 class Supervisor:
@@ -370,6 +375,8 @@ class Supervisor:
                 "replicas": ready,
                 "desired": state.desired,
                 "pinned": state.pinned,
+                "load_unknown": state.load_unknown,
+                "scaling_reason": state.scaling_reason,
                 "restarts": sum(r.restarts for r in state.replicas),
                 "pids": pids,
             }
@@ -411,6 +418,7 @@ class Supervisor:
                 log.info("scaling %s %d -> %d (%s)", scale.service, state.desired, replicas,
                          scale.reason)
             state.desired, state.pinned = replicas, scale.pinned
+            state.load_unknown, state.scaling_reason = scale.load_unknown, scale.reason
 
     async def _follow_decisions(self, nc: Client) -> None:
         """Apply the last scaling decision in the stream, then each new one."""
