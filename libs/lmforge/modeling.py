@@ -99,6 +99,28 @@ def load_token_stream(dataset_dir: Path, part: str) -> np.ndarray:
     return np.concatenate(arrays).astype(np.int64)
 
 
+LOSS_MASK = "loss_mask"
+"""The shard tensor beside `tokens` marking the trained tokens of chat data (1 = an
+assistant's token); data-prep's packing.py writes it, the trainer reads it."""
+
+
+def load_loss_mask(dataset_dir: Path, part: str) -> np.ndarray | None:
+    """The loss mask of `part` aligned with `load_token_stream`, or None where the part
+    has none (plain text, where every token is trained)."""
+    from safetensors.numpy import load_file
+
+    meta = json.loads((dataset_dir / "dataset.json").read_text())
+    if not meta[part].get(LOSS_MASK):
+        return None
+    arrays = [load_file(str(dataset_dir / part / name))[LOSS_MASK]
+              for name in meta[part]["shards"]]
+    mask = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint8)
+    if len(mask) != int(meta[part]["tokens"]):
+        raise ValueError(f"{dataset_dir / part}: loss mask of {len(mask)} for "
+                         f"{meta[part]['tokens']} tokens; prepare the dataset again")
+    return mask.astype(np.uint8)
+
+
 def evaluation_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> np.ndarray:
     """Non-overlapping windows of seq_len tokens (the last partial one dropped)."""
     count = min(len(tokens) // seq_len, max_windows)

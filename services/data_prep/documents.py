@@ -11,6 +11,7 @@ so a corpus of millions of documents does not hold its report in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,21 @@ class Document:
     """Other fields of the record, kept through the pipeline (JSONL/CSV/Parquet columns)."""
     source: str = ""
     """The file or URL the record came from."""
+    messages: list[dict[str, str]] | None = None
+    """A chat record's turns ({"role", "content"}), in order; None for plain text. `text`
+    is then the contents joined by blank lines, which is what the filters, the dedup and
+    the language check judge; the PII scrub rewrites each content and `text` with it."""
+
+    def with_messages(self, messages: list[dict[str, str]]) -> Document:
+        """This chat document with new turns, and `text` made from them."""
+        return dataclasses.replace(self, messages=messages,
+                                   text=chat_text(messages))
+
+
+def chat_text(messages: list[dict[str, str]]) -> str:
+    """What the text stages see of a conversation: its contents, without roles or
+    template markup, so a filter judges what the users wrote."""
+    return "\n\n".join(m["content"] for m in messages)
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,7 +155,8 @@ class DataPrepService(Service[DataPrepSettings]):
         stats = await asyncio.to_thread(
             prepare_dataset, event.dataset_uri, event.format, event.text_field or "text", work,
             config, roots=self.settings.data_roots, seen=seen, log=decisions, base=base,
-            eval_set=eval_path)
+            eval_set=eval_path, chat_template=event.training.chat_template,
+            packing=event.training.packing)
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)
         record_prepared(stats)
         if self.settings.dataprep_near_dup_earlier_runs:

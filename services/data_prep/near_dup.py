@@ -640,7 +640,8 @@ def cluster_id(keeper_id: str) -> str:
 def _spool_write(path: Path, docs: Iterable[Document]) -> Iterator[Document]:
     with path.open("w", encoding="utf-8") as f:
         for doc in docs:
-            f.write(json.dumps([doc.id, doc.text, doc.meta, doc.source],
+            # Chat turns ride along: the stage judges the text, the trainer needs the turns.
+            f.write(json.dumps([doc.id, doc.text, doc.meta, doc.source, doc.messages],
                                ensure_ascii=False) + "\n")
             yield doc
 
@@ -648,8 +649,8 @@ def _spool_write(path: Path, docs: Iterable[Document]) -> Iterator[Document]:
 def _spool_read(path: Path) -> Iterator[Document]:
     with path.open(encoding="utf-8") as f:
         for line in f:
-            doc_id, text, meta, source = json.loads(line)
-            yield Document(doc_id, text, meta, source)
+            doc_id, text, meta, source, messages = json.loads(line)
+            yield Document(doc_id, text, meta, source, messages)
 
 
 @dataclass(slots=True)

@@ -21,6 +21,11 @@ before tokenizing, the rarest tenth of clusters of a Debian sample got 2.45x
 instead of 3x, as characters per token differ between clusters (dictionary
 entries, man pages, Chinese).
 
+Chat datasets also store a loss mask beside the tokens: each shard holds a
+`loss_mask` uint8 tensor of the same length as its `tokens` (1 where the token
+is trained: an assistant's), so the mask is cut and resumed exactly as the
+tokens are; the part's entry then says `"loss_mask": true`.
+
 The part's entry in dataset.json (`ShardWriter.manifest()`) names the file:
 `{"shards": [...], "tokens": N, "documents": D, "document_index":
 "documents.safetensors", "weighted": true}`; "weighted" is false when every
@@ -38,9 +43,11 @@ import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
+from lmforge.modeling import LOSS_MASK
 from services.data_prep.semantic import long_tail_weights
 
 DOCUMENT_INDEX = "documents.safetensors"
+
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -60,6 +67,7 @@ class ShardWriter:
         self.dtype = dtype
         self.directory.mkdir(parents=True, exist_ok=True)
         self._pending: list[np.ndarray] = []
+        self._pending_masks: list[np.ndarray] = []
         self._pending_len = 0
         self.shards: list[str] = []
         self.total_tokens = 0
@@ -67,37 +75,53 @@ class ShardWriter:
         self._weights = array("f")
         self._clusters = array("q")
         self._final_weights: np.ndarray | None = None
+        self.masked = False
+        """The documents carry loss masks (chat data)."""
 
     @property
     def documents(self) -> int:
         return len(self._offsets)
 
-    def add(self, ids: np.ndarray, weight: float = 1.0, *, cluster: int | None = None) -> None:
+    def add(self, ids: np.ndarray, weight: float = 1.0, *, cluster: int | None = None,
+            loss_mask: np.ndarray | None = None) -> None:
         """Append one document's tokens (its end-of-text token included), with its
-        sampling multiplier or its cluster (weights are then computed at `close`)."""
+        sampling multiplier or its cluster (weights are then computed at `close`), and
+        for chat data its loss mask (one 0/1 per token; every document or none)."""
         if not weight > 0:
             raise ValueError(f"document weight {weight} must be > 0 (drop the document "
                              "instead)")
         if (cluster is None) != (not self._clusters) and self._offsets:
             raise ValueError("give a cluster for every document of a part or for none")
+        if self._offsets and (loss_mask is None) == self.masked:
+            raise ValueError("give a loss mask for every document of a part or for none")
+        if loss_mask is not None and len(loss_mask) != len(ids):
+            raise ValueError(f"loss mask of {len(loss_mask)} for {len(ids)} tokens")
+        self.masked = loss_mask is not None
         self._offsets.append(self.total_tokens)
         self._weights.append(weight)
         if cluster is not None:
             self._clusters.append(cluster)
         self._pending.append(ids.astype(self.dtype, copy=False))
+        if loss_mask is not None:
+            self._pending_masks.append(loss_mask.astype(np.uint8, copy=False))
         self._pending_len += len(ids)
         self.total_tokens += len(ids)
         while self._pending_len >= self.shard_tokens:
             stream = np.concatenate(self._pending)
-            self._write(stream[: self.shard_tokens])
+            masks = np.concatenate(self._pending_masks) if self.masked else None
+            self._write(stream[: self.shard_tokens],
+                        None if masks is None else masks[: self.shard_tokens])
             rest = stream[self.shard_tokens :]
             self._pending, self._pending_len = [rest], len(rest)
+            if masks is not None:
+                self._pending_masks = [masks[self.shard_tokens :]]
 
     def close(self) -> None:
         """Write the last, shorter shard and the document index."""
         if self._pending_len:
-            self._write(np.concatenate(self._pending))
-        self._pending, self._pending_len = [], 0
+            self._write(np.concatenate(self._pending),
+                        np.concatenate(self._pending_masks) if self.masked else None)
+        self._pending, self._pending_masks, self._pending_len = [], [], 0
         offsets = np.append(np.frombuffer(self._offsets, dtype=np.int64), self.total_tokens)
         weights = np.frombuffer(self._weights, dtype=np.float32).copy()
         if self._clusters:
@@ -117,13 +141,20 @@ class ShardWriter:
     def manifest(self) -> dict[str, Any]:
         """This part's entry in dataset.json (after `close`)."""
         weights = self.weights
-        return {"shards": list(self.shards), "tokens": self.total_tokens,
-                "documents": self.documents, "document_index": DOCUMENT_INDEX,
-                "weighted": bool(len(weights) and np.any(weights != weights[0]))}
+        manifest: dict[str, Any] = {
+            "shards": list(self.shards), "tokens": self.total_tokens,
+            "documents": self.documents, "document_index": DOCUMENT_INDEX,
+            "weighted": bool(len(weights) and np.any(weights != weights[0]))}
+        if self.masked:
+            manifest["loss_mask"] = True
+        return manifest
 
-    def _write(self, tokens: np.ndarray) -> None:
+    def _write(self, tokens: np.ndarray, loss_mask: np.ndarray | None = None) -> None:
         name = f"shard-{len(self.shards):05d}.safetensors"
-        save_file({"tokens": np.ascontiguousarray(tokens)}, str(self.directory / name))
+        tensors = {"tokens": np.ascontiguousarray(tokens)}
+        if loss_mask is not None:
+            tensors[LOSS_MASK] = np.ascontiguousarray(loss_mask)
+        save_file(tensors, str(self.directory / name))
         self.shards.append(name)
 
 

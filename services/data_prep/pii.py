@@ -529,11 +529,23 @@ class PiiScrubber:
             yield from docs
             return
         for doc in docs:
-            text, counts = scrub_pii(doc.text, self.config)
+            if doc.messages is not None:
+                # Turn by turn, so the scrubbed contents go back into their turns.
+                counts: Counter[str] = Counter()
+                messages = []
+                for message in doc.messages:
+                    content, found = scrub_pii(message["content"], self.config)
+                    counts.update(found)
+                    messages.append({"role": message["role"], "content": content})
+                scrubbed = doc.with_messages(messages)
+            else:
+                text, found = scrub_pii(doc.text, self.config)
+                counts = Counter(found)
+                scrubbed = dataclasses.replace(doc, text=text)
             for type_, n in counts.items():
                 log.count(STAGE, type_, n)
             if counts:
                 log.count(STAGE, "documents_scrubbed", 1)
-                yield dataclasses.replace(doc, text=text)
+                yield scrubbed
             else:
                 yield doc

@@ -28,6 +28,12 @@ import numpy as np
 
 from lmforge.base_models import BaseModelInfo
 from lmforge.task_eval import EVAL_SET, EvalSetError, read_eval_set
+from services.data_prep.chat import (
+    PACKING_MODES,
+    ChatRenderer,
+    chat_template_for,
+    encode_chat_documents,
+)
 from services.data_prep.cleaning import (
     ExactDeduplicator,
     document_digest,
@@ -139,7 +145,8 @@ class PrepStats:
     @property
     def malformed_skipped(self) -> int:
         return sum(self.count(r) for r in ("read.malformed_json", "read.not_an_object",
-                                           "read.missing_text", "read.malformed_csv"))
+                                           "read.missing_text", "read.malformed_csv",
+                                           "read.malformed_chat"))
 
     def as_flat_dict(self) -> dict[str, Any]:
         return {
@@ -163,7 +170,13 @@ class CleanStage:
     def run(self, docs: Iterable[Document], log: DecisionLog) -> Iterator[Document]:
         dedup = ExactDeduplicator()
         for doc in docs:
-            doc.text = normalize_text(doc.text)
+            if doc.messages is not None:
+                # Each turn on its own: normalising the joined text could merge turns.
+                doc = doc.with_messages([{"role": m["role"],
+                                          "content": normalize_text(m["content"])}
+                                         for m in doc.messages])
+            else:
+                doc.text = normalize_text(doc.text)
             if not doc.text:
                 log.drop(doc, self.name, "clean.empty")
             elif dedup.is_duplicate(document_digest(doc.text)):
@@ -194,12 +207,16 @@ def _spool(path: Path) -> Iterator[Document]:
     with path.open(encoding="utf-8") as f:
         for line in f:
             item = json.loads(line)
-            yield Document(item["id"], item["text"], item.get("meta", {}), item.get("source", ""))
+            yield Document(item["id"], item["text"], item.get("meta", {}), item.get("source", ""),
+                           item.get("messages"))
 
 
 def _write(f: Any, doc: Document) -> None:
-    f.write(json.dumps({"id": doc.id, "text": doc.text, "meta": doc.meta,
-                        "source": doc.source}, ensure_ascii=False) + "\n")
+    item: dict[str, Any] = {"id": doc.id, "text": doc.text, "meta": doc.meta,
+                            "source": doc.source}
+    if doc.messages is not None:
+        item["messages"] = doc.messages
+    f.write(json.dumps(item, ensure_ascii=False) + "\n")
 
 
 def _texts(path: Path) -> Iterator[str]:
@@ -213,7 +230,8 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                     kept_path: Path | None = None,
                     timings: dict[str, float] | None = None,
                     base: BaseModelInfo | None = None,
-                    eval_set: Path | None = None) -> PrepStats:
+                    eval_set: Path | None = None, chat_template: str = "",
+                    packing: str = "") -> PrepStats:
     """Build the dataset directory in `out_dir` (which must be empty or absent).
 
     `fmt` and `text_field` override the read config's ("" keeps it). `roots`
@@ -224,8 +242,13 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
     semantic; tokenizer; pack) for the benchmark. With `base` (a checked base model),
     the documents are tokenized with the base's tokenizer instead of a trained one. With
     `eval_set` (a checked path), the labelled examples are stored in the dataset for the
-    trainer and the quantizer to score.
+    trainer and the quantizer to score. Chat records (every kept document, or none) are
+    rendered with `chat_template` ("" = the tokenizer's) and stored with their loss mask;
+    `packing` ("packed" or "unpacked"; "" = packed) tells the trainer how to lay them out.
+    Either one given for a dataset without chat records is refused: it would be ignored.
     """
+    if packing and packing not in PACKING_MODES:
+        raise DatasetInputError(f"packing {packing!r} must be one of {', '.join(PACKING_MODES)}")
     clock = _PhaseClock(timings)
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt or text_field:
@@ -245,7 +268,9 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
         docs, near_dup = curate(source, config, log, roots=roots, work_dir=spool_dir, seen=seen)
         with train_spool.open("w", encoding="utf-8") as train_f, \
                 heldout_spool.open("w", encoding="utf-8") as heldout_f:
+            chat_documents = 0
             for doc in docs:
+                chat_documents += doc.messages is not None
                 if is_heldout(document_digest(doc.text), config.heldout_fraction):
                     _write(heldout_f, doc)
                     stats.heldout_documents += 1
@@ -263,6 +288,17 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
             raise DatasetInputError(
                 f"dataset {source} has no usable documents (read {stats.records_read} "
                 f"records; dropped: {_summary(stats.dropped) or 'none'})")
+        kept = stats.train_documents + stats.heldout_documents
+        if 0 < chat_documents < kept:
+            raise DatasetInputError(
+                f"dataset {source} mixes {chat_documents} chat records with "
+                f"{kept - chat_documents} plain-text ones; a chat dataset trains on assistant "
+                "turns only, so prepare the two as separate datasets")
+        is_chat = chat_documents > 0
+        if not is_chat and (chat_template or packing):
+            raise DatasetInputError(
+                f"a chat template or packing mode was given, but dataset {source} holds no "
+                "chat records (JSONL with `messages`, or `prompt` and `response`)")
         if stats.heldout_documents == 0:
             # Tiny datasets: move one training document out so perplexity can be measured.
             moved = next(_spool(train_spool))
@@ -290,6 +326,9 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
             else trained_tokenizer(_texts(train_spool), config.vocab_size,
                                    out_dir / "tokenizer", seq_len=config.seq_len))
         tokenizer, vocab_size, eos_id = chosen.tokenizer, chosen.vocab_size, chosen.eos_id
+        renderer = ChatRenderer(out_dir / "tokenizer", chat_template_for(
+            chat_template, chosen.chat_template, out_dir / "tokenizer", chosen.source)
+        ) if is_chat else None
         clock.lap("tokenizer")
         dtype = token_dtype(vocab_size)
         parts: dict[str, dict[str, Any]] = {}
@@ -301,7 +340,14 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
             # tokens; per-character weights under-exposed the rarest clusters, 2.45x vs 2.66x).
             part_clusters = (iter(clusters.tolist())
                              if part == "train" and clusters is not None else None)
-            encode_documents(tokenizer, _texts(spool), eos_id, writer, clusters=part_clusters)
+            if renderer is not None:
+                tallies = encode_chat_documents(renderer, _spool(spool), eos_id, writer,
+                                                seq_len=config.seq_len, clusters=part_clusters)
+                for what, n in tallies.items():
+                    stats.tallies[f"chat.{part}_{what}"] = n
+            else:
+                encode_documents(tokenizer, _texts(spool), eos_id, writer,
+                                 clusters=part_clusters)
             writer.close()
             parts[part] = writer.manifest()
             weights[part] = writer.weights.tolist()
@@ -336,6 +382,9 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
         "heldout": parts["heldout"],
         "stats": stats.as_flat_dict(),
     }
+    if is_chat:
+        metadata["chat"] = {"packing": packing or "packed",
+                            "template": "user" if chat_template else chosen.source}
     if eval_set is not None:
         try:
             examples = read_eval_set(eval_set)

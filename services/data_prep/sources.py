@@ -70,7 +70,7 @@ from typing import IO, Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
 from lmforge.failures import BadInput
-from services.data_prep.documents import DecisionLog, Document
+from services.data_prep.documents import DecisionLog, Document, chat_text
 
 STAGE = "read"
 FORMATS = ("auto", "jsonl", "text", "csv", "tsv", "parquet")
@@ -107,6 +107,9 @@ class ReadReason(StrEnum):
     """A JSONL line that parses to something other than an object."""
     MISSING_TEXT = "read.missing_text"
     """A record whose text field is absent, null or not a string."""
+    MALFORMED_CHAT = "read.malformed_chat"
+    """A chat record (`messages`, or `prompt` + `response`) that is not a list of
+    {role, content} turns with string contents, known roles and an assistant turn."""
     MALFORMED_CSV = "read.malformed_csv"
     """A CSV/TSV row the csv module rejects."""
     BINARY = "read.binary"
@@ -818,6 +821,42 @@ class _FileReading:
                         source=self.file.url)
 
 
+CHAT_FIELD = "messages"
+"""A JSONL record with this list of {role, content} turns (and no text field) is a chat."""
+PROMPT_FIELD, RESPONSE_FIELD = "prompt", "response"
+"""... as is one with a prompt and a response: a user turn and the assistant's answer."""
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+def chat_messages(record: dict[str, Any]) -> list[dict[str, str]] | str:
+    """A chat record's turns, taken out of `record`; or why it is malformed (a string).
+
+    Only role and content are kept: the chat template renders those, and a field the
+    filters and the PII scrub never saw must not reach the tokens.
+    """
+    if CHAT_FIELD in record:
+        turns = record.pop(CHAT_FIELD)
+        if not isinstance(turns, list) or not turns:
+            return f"{CHAT_FIELD!r} is {type(turns).__name__}, not a non-empty list of turns"
+    else:
+        prompt, response = record.pop(PROMPT_FIELD), record.pop(RESPONSE_FIELD, None)
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            return (f"{PROMPT_FIELD!r} and {RESPONSE_FIELD!r} must both be strings (got "
+                    f"{type(prompt).__name__} and {type(response).__name__})")
+        turns = [{"role": "user", "content": prompt},
+                 {"role": "assistant", "content": response}]
+    messages: list[dict[str, str]] = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) \
+                or turn.get("role") not in CHAT_ROLES:
+            return (f"turn {i} is not {{'role': one of {sorted(CHAT_ROLES)}, 'content': "
+                    f"a string}}")
+        messages.append({"role": turn["role"], "content": turn["content"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return "no assistant turn with content: nothing to train on"
+    return messages
+
+
 def _read_jsonl(stream: BinaryIO, reading: _FileReading) -> Iterator[Document]:
     config = reading.config
     text_field, id_field = config.text_field, config.id_field
@@ -844,6 +883,16 @@ def _read_jsonl(stream: BinaryIO, reading: _FileReading) -> Iterator[Document]:
             continue
         text = record.pop(text_field, None)
         own_id = record.pop(id_field, None)
+        if text is None and (CHAT_FIELD in record or PROMPT_FIELD in record):
+            messages = chat_messages(record)
+            if isinstance(messages, str):
+                reading.drop(_record_id(own_id) or doc_id, ReadReason.MALFORMED_CHAT, messages)
+                continue
+            meta = {str(k): _meta_value(v) for k, v in record.items()}
+            if (doc := reading.document(doc_id, chat_text(messages), own_id, meta)) is not None:
+                doc.messages = messages
+                yield doc
+            continue
         if not isinstance(text, str):
             reading.drop(_record_id(own_id) or doc_id, ReadReason.MISSING_TEXT,
                          f"{text_field!r} is {type(text).__name__}")

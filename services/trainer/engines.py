@@ -24,6 +24,7 @@ from services.trainer.adaptation import (
     load_checkpoint_state_dict,
 )
 from services.trainer.config import TrainConfig
+from services.trainer.conversations import Batch, model_inputs
 
 if TYPE_CHECKING:  # transformers is imported where a model is built, not here
     from transformers import PreTrainedModel
@@ -53,8 +54,8 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 class Engine(Protocol):
     model: PreTrainedModel
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> float: ...
-    def calibration_pass(self, micro_batch: torch.Tensor) -> bool:
+    def train_step(self, micro_batches: list[Batch]) -> float: ...
+    def calibration_pass(self, micro_batch: Batch) -> bool:
         """One forward and backward whose gradients are dropped, leaving the weights,
         optimizer and schedule as they were (the trainer times these before its first
         step); False where the engine cannot do that without touching its state."""
@@ -104,17 +105,17 @@ class PlainEngine:
             forward = self.ddp
         self.forward = torch.compile(forward) if config.engine.compile else forward
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+    def train_step(self, micro_batches: list[Batch]) -> float:
         total = 0.0
-        for i, x in enumerate(micro_batches):
-            x = x.to(self.device, non_blocking=True)
+        for i, batch in enumerate(micro_batches):
+            inputs = model_inputs(batch, self.device)
             # Only the last micro-batch of a step all-reduces gradients.
             sync = (self.ddp.no_sync() if self.ddp is not None and i < len(micro_batches) - 1
                     else contextlib.nullcontext())
             with sync:
                 with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
                                     enabled=self.dtype is not None):
-                    loss = self.forward(input_ids=x, labels=x).loss / len(micro_batches)
+                    loss = self.forward(**inputs).loss / len(micro_batches)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         if self.config.optimizer.grad_clip:
@@ -126,11 +127,11 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(total)
 
-    def calibration_pass(self, micro_batch: torch.Tensor) -> bool:
-        x = micro_batch.to(self.device, non_blocking=True)
+    def calibration_pass(self, micro_batch: Batch) -> bool:
+        inputs = model_inputs(micro_batch, self.device)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
                             enabled=self.dtype is not None):
-            loss = self.forward(input_ids=x, labels=x).loss
+            loss = self.forward(**inputs).loss
         loss.backward()  # unscaled: an fp16 overflow here does not matter, nothing steps
         self.optimizer.zero_grad(set_to_none=True)
         return True
@@ -212,17 +213,16 @@ class DeepSpeedEngine:
         if config.engine.compile:
             self.engine.compile()  # torch.compile inside DeepSpeed's engine
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+    def train_step(self, micro_batches: list[Batch]) -> float:
         total = 0.0
-        for x in micro_batches:
-            x = x.to(self.device)
-            loss = self.engine(input_ids=x, labels=x).loss
+        for batch in micro_batches:
+            loss = self.engine(**model_inputs(batch, self.device)).loss
             self.engine.backward(loss)
             self.engine.step()  # steps the optimizer at the accumulation boundary only
             total += loss.detach().float() / len(micro_batches)
         return float(total)
 
-    def calibration_pass(self, micro_batch: torch.Tensor) -> bool:
+    def calibration_pass(self, micro_batch: Batch) -> bool:
         """DeepSpeed counts every backward towards its accumulation boundary and its
         ZeRO hooks reduce gradients into the optimizer's partitions: a pass outside
         a step would shift both. The trainer times its first steps instead."""

@@ -72,7 +72,8 @@ def trained_event(event: ev.TrainingScheduled, result: TrainResult, digest: str,
         task_eval=ev.TaskEval(examples=result.task_eval.examples,
                               exact_match=result.task_eval.exact_match,
                               macro_f1=result.task_eval.macro_f1,
-                              labels=result.task_eval.labels) if result.task_eval else None)
+                              labels=result.task_eval.labels) if result.task_eval else None,
+        assistant_perplexity=result.assistant_perplexity)
 
 
 def measured_calibration(plan: ev.ResourcePlan, p: Progress) -> Calibration:

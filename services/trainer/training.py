@@ -47,6 +47,7 @@ from lmforge.base_models import GENERATION_CONFIG
 from lmforge.checkpoint_interval import checkpoint_interval_steps
 from lmforge.modeling import (
     llama_config,
+    load_loss_mask,
     load_token_stream,
     load_tokenizer,
     perplexity,
@@ -57,6 +58,12 @@ from lmforge.task_eval import EVAL_SET, TaskEvalResult, evaluate_task, read_eval
 from services.trainer.adaptation import load_pretrained, merged_and_adapter, with_lora
 from services.trainer.checkpoints import CheckpointIndex, CheckpointRef
 from services.trainer.config import TrainConfig
+from services.trainer.conversations import (
+    Batch,
+    ConversationRows,
+    LabelledBatch,
+    assistant_perplexity,
+)
 from services.trainer.engines import Engine, build_engine
 
 if TYPE_CHECKING:  # transformers is imported where a model is built, not here
@@ -99,6 +106,8 @@ class TrainResult:
     trainable_parameters: int = 0
     task_eval: TaskEvalResult | None = None
     """Exact match and macro-F1 on the run's eval set, when it has one."""
+    assistant_perplexity: float = 0.0
+    """Chat data: perplexity on the held-out conversations' assistant tokens (0: not chat)."""
     losses: list[float] = field(default_factory=list)
     stopped_at_budget: bool = False
     """The time budget ended the run at `step`, before `planned_steps`."""
@@ -239,13 +248,42 @@ def build_window_sampler(num_tokens: int, seq_len: int,
     return WeightedDocumentWindows(document_index, seq_len)
 
 
+def batch_rng(config: TrainConfig, step: int, micro: int, rank: int) -> np.random.Generator:
+    """The only randomness a micro-batch's draw may use (exact resume rests on it)."""
+    return np.random.Generator(np.random.PCG64([config.seed, step, micro, rank]))
+
+
 def micro_batch(tokens: np.ndarray, config: TrainConfig, step: int, micro: int,
                 rank: int, sampler: WindowSampler | None = None) -> torch.Tensor:
     """Micro-batch `micro` of `step` on `rank`: a pure function of those, the seed and
     the data, so a resumed run draws exactly the batches an uninterrupted one would."""
-    rng = np.random.Generator(np.random.PCG64([config.seed, step, micro, rank]))
+    rng = batch_rng(config, step, micro, rank)
     sampler = sampler or UniformWindows(len(tokens), config.batch.seq_len)
     return torch.from_numpy(tokens[sampler.positions(rng, config.batch.micro_batch)])
+
+
+def chat_micro_batch(tokens: np.ndarray, config: TrainConfig, step: int, micro: int,
+                     rank: int, rows: ConversationRows) -> LabelledBatch:
+    """`micro_batch` for chat data: whole conversations, assistant tokens as targets."""
+    return rows.batch(tokens, batch_rng(config, step, micro, rank), config.batch.micro_batch)
+
+
+def conversation_rows(dataset_dir: Path, meta: dict, config: TrainConfig,
+                      pad_token_id: int) -> ConversationRows | None:
+    """The chat sampler for a chat dataset (dataset.json's "chat"), else None."""
+    chat = meta.get("chat")
+    if not chat:
+        return None
+    index = load_document_index(dataset_dir, "train")
+    mask = load_loss_mask(dataset_dir, "train")
+    if index is None or mask is None:
+        raise ValueError(f"{dataset_dir}: a chat dataset without its document index or loss "
+                         "mask; prepare the dataset again")
+    if chat["packing"] not in ("packed", "unpacked"):
+        raise ValueError(f"{dataset_dir}: chat packing {chat['packing']!r} is not "
+                         "'packed' or 'unpacked'")
+    return ConversationRows(index.offsets, index.weights, mask, seq_len=config.batch.seq_len,
+                            packed=chat["packing"] == "packed", pad_token_id=pad_token_id)
 
 
 def build_model(config: TrainConfig, meta: dict, pad_token_id: int,
@@ -301,6 +339,8 @@ class Trainer:
         else:  # datasets prepared before dataset.json recorded it
             vocab = json.loads((dataset_dir / "tokenizer" / "tokenizer.json").read_text())
             self.pad_token_id = vocab["model"]["vocab"].get("<|pad|>", self.meta["eos_token_id"])
+        self.conversations = conversation_rows(dataset_dir, self.meta, config,
+                                               self.pad_token_id)
         torch.manual_seed(config.seed)
         model = build_model(config, self.meta, self.pad_token_id, self.device)
         self.hf_config = model.config
@@ -337,13 +377,19 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def micro_batch(self, step: int, micro: int) -> Batch:
+        if self.conversations is not None:
+            return chat_micro_batch(self.train_tokens, self.config, step, micro, self.rank,
+                                    self.conversations)
+        return micro_batch(self.train_tokens, self.config, step, micro, self.rank,
+                           self.sampler)
+
     # -- calibration ------------------------------------------------------------------
 
     def calibrate(self, flops_per_token: float) -> tuple[float, str]:
         """Achieved FLOP/s of one device over timed passes that change nothing; (0, "")
         where the engine cannot run such a pass."""
-        batch = micro_batch(self.train_tokens, self.config, self.step, 0, self.rank,
-                            self.sampler)
+        batch = self.micro_batch(self.step, 0)
         rng = torch.get_rng_state()
         try:
             if not self.engine.calibration_pass(batch):  # warm-up (and compile)
@@ -429,9 +475,7 @@ class Trainer:
         last_report, window_tokens, window_start = 0.0, 0, time.perf_counter()
         while self.step < max_steps:
             step_started = time.perf_counter()
-            batches = [micro_batch(self.train_tokens, config, self.step, m, self.rank,
-                                   self.sampler)
-                       for m in range(config.batch.grad_accum)]
+            batches = [self.micro_batch(self.step, m) for m in range(config.batch.grad_accum)]
             loss = self.engine.train_step(batches)
             self.step += 1
             now = time.perf_counter()
@@ -502,6 +546,8 @@ class Trainer:
             model = self._export_model(state, out)
             heldout = load_token_stream(self.dataset_dir, "heldout")
             result.heldout_perplexity = perplexity(model, heldout, seq_len=config.batch.seq_len)
+            if self.conversations is not None:
+                result.assistant_perplexity = self.heldout_assistant_perplexity(model, heldout)
             if (self.dataset_dir / EVAL_SET).is_file():
                 result.task_eval = evaluate_task(
                     model, load_tokenizer(self.dataset_dir / "tokenizer"),
@@ -510,6 +556,16 @@ class Trainer:
         result.wall_seconds = time.perf_counter() - started
         self._barrier()
         return result
+
+    def heldout_assistant_perplexity(self, model: PreTrainedModel, heldout: np.ndarray
+                                     ) -> float:
+        index = load_document_index(self.dataset_dir, "heldout")
+        mask = load_loss_mask(self.dataset_dir, "heldout")
+        if index is None or mask is None:
+            raise ValueError(f"{self.dataset_dir}: held-out chat data without its document "
+                             "index or loss mask; prepare the dataset again")
+        return assistant_perplexity(model, heldout, mask, index.offsets,
+                                    seq_len=self.config.batch.seq_len)
 
     def _export_model(self, state: dict[str, torch.Tensor], out: Path) -> PreTrainedModel:
         """The trained weights as a plain transformers model; LoRA's adapter is merged into

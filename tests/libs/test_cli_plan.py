@@ -89,3 +89,17 @@ def test_base_model_flags_become_the_training_request(tmp_path):
     assert request.eval_set == str(tmp_path / "eval.jsonl")
     unset = training_request(build_parser().parse_args(["run", "d", "--model-name", "m"]))
     assert not unset.base_model and not unset.HasField("lora_dropout")
+
+
+def test_chat_flags_put_the_template_text_and_packing_in_the_request(tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    request = training_request(build_parser().parse_args([
+        "run", "chat.jsonl", "--model-name", "acme", "--chat-template", str(template),
+        "--packing", "unpacked"]))
+    assert request.chat_template == template.read_text()  # the text: services need no file
+    assert request.packing == "unpacked"
+    (tmp_path / "empty.jinja").write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        training_request(build_parser().parse_args([
+            "run", "d", "--model-name", "m", "--chat-template", str(tmp_path / "empty.jinja")]))

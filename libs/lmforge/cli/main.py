@@ -257,10 +257,27 @@ def adaptation_request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "lora_targets": [t.strip() for t in (args.lora_targets or "").split(",") if t.strip()],
         "base_weights": args.base_weights or "",
         "gradient_checkpointing": args.gradient_checkpointing or "",
-        "eval_set": str(Path(args.eval_set).expanduser().absolute()) if args.eval_set else ""}
+        "eval_set": str(Path(args.eval_set).expanduser().absolute()) if args.eval_set else "",
+        "chat_template": read_chat_template(args.chat_template),
+        "packing": args.packing or ""}
     if args.lora_dropout is not None:
         fields["lora_dropout"] = args.lora_dropout
     return fields
+
+
+def read_chat_template(path: str | None) -> str:
+    """The --chat-template file's text: the template travels in the event, so the services
+    need no access to the user's file."""
+    if not path:
+        return ""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--chat-template {file}: cannot read it ({exc})") from None
+    if not text.strip():
+        raise ValueError(f"--chat-template {file}: the file is empty")
+    return text
 
 
 def cmd_plan(argv: list[str]) -> int:
@@ -283,13 +300,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or default_run_id(spec, args.model_name)
     try:
         spec = container_path(spec, os.environ.get("LMFORGE_DATASET_MOUNTS", ""))
+        training = training_request(args)  # reads --chat-template
     except ValueError as exc:
         console.print(f"[red]{exc}[/]")
         return EXIT_USAGE
     event = ev.DatasetReady(run_id=run_id, dataset_uri=spec, format=args.format,
                             text_field=args.text_field, model_name=args.model_name,
                             schema_version=1, time_budget_s=args.time_budget or 0.0,
-                            training=training_request(args))
+                            training=training)
     nats_url = _nats_url(settings)
     auth = _nats_auth(settings)
     event.tenant = auth.tenant  # the credential's tenant: its runs, models and costs
@@ -743,6 +761,12 @@ def build_parser() -> argparse.ArgumentParser:
     base_flags.add_argument("--eval-set", metavar="JSONL",
                             help="labelled examples (prompt + answer or label) scored after "
                             "training: exact match and macro-F1")
+    base_flags.add_argument("--chat-template", metavar="FILE",
+                            help="chat data (JSONL with messages, or prompt + response): the "
+                            "Jinja template to render it with (default: the base tokenizer's)")
+    base_flags.add_argument("--packing", choices=("packed", "unpacked"),
+                            help="chat data: several conversations per sequence, each seeing "
+                            "only itself (packed, default), or one per sequence")
     base_flags.add_argument("--base-weights", choices=("int8", "int4"),
                             help="LoRA: hold the base quantized (QLoRA; CUDA + bitsandbytes "
                             "only, refused elsewhere)")

@@ -211,3 +211,37 @@ def test_a_prepared_dataset_is_counted_on_metrics_as_its_event_says(harness, tmp
     kept = value("lmforge_dataprep_documents_out_total", outcome="kept", reason="train") + \
         value("lmforge_dataprep_documents_out_total", outcome="kept", reason="heldout")
     assert kept >= stats.records_kept > 0
+
+
+def test_dataset_ready_carries_the_chat_template_and_packing_to_the_dataset(harness, tmp_path):
+    """The run's --chat-template and --packing (TrainingRequest 20, 22) reach data-prep: a
+    from-scratch tokenizer has no template, so without the run's the data is refused."""
+    data = tmp_path / "data" / "chat.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps({"prompt": f"What follows {i}?",
+                                        "response": f"{i + 1} follows {i}."}) + "\n"
+                            for i in range(40)))
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    asked = ev.DatasetReady(run_id="chat", dataset_uri=str(data), format="jsonl",
+                            model_name="m", training=ev.TrainingRequest(
+                                chat_template=template, packing="unpacked"))
+    bare = ev.DatasetReady(run_id="bare", dataset_uri=str(data), format="jsonl",
+                           model_name="m")
+
+    async def scenario():
+        async with harness.service(DataPrepService, home=tmp_path / "home",
+                                   data_roots=[data.parent], dataprep_vocab_size=300,
+                                   dataprep_semantic=False, dataprep_quality=False) as service:
+            await harness.publish(asked, "chat")
+            (prepared,) = await harness.wait_for(subjects.DATASET_PREPARED, 1, run_id="chat")
+            meta = json.loads((service.store.get_dir(prepared.dataset.digest)
+                               / "dataset.json").read_text())
+            await harness.publish(bare, "bare")
+            (failed,) = await harness.wait_for(subjects.STAGE_FAILED, 1, run_id="bare")
+        return meta, failed
+
+    meta, failed = asyncio.run(scenario())
+    assert meta["chat"] == {"packing": "unpacked", "template": "user"}
+    assert meta["train"]["loss_mask"] is True
+    assert "no chat template" in failed.reason
