@@ -72,13 +72,7 @@ def launch(job_path: Path, nproc: int, *, stop: threading.Event | None = None,
     watcher.start()
     assert process.stdout is not None  # stdout=PIPE
     for line in process.stdout:
-        if not line.startswith(EVENT_PREFIX):
-            continue
-        message = json.loads(line[len(EVENT_PREFIX):])
-        if message["type"] == "progress" and on_progress:
-            on_progress(Progress(**message["data"]))
-        elif message["type"] == "checkpoint" and on_checkpoint:
-            on_checkpoint(CheckpointRef(**message["data"]))
+        relay_event(parse_event_line(line), on_progress, on_checkpoint)
     code = process.wait()
     if log is not None:
         log.close()
@@ -87,7 +81,40 @@ def launch(job_path: Path, nproc: int, *, stop: threading.Event | None = None,
         raise DistributedTrainingError(
             f"torchrun with {nproc} ranks exited with {code}"
             + (f"; see {log_path}:\n{_tail(log_path)}" if log_path else ""))
-    data = json.loads(result_file.read_text())
+    return result_from_dict(json.loads(result_file.read_text()))
+
+
+def parse_event_line(line: str) -> Progress | CheckpointRef | None:
+    """The event an `LMFORGE_EVENT` line of rank 0's output carries; None for any
+    other line (the ranks' own logging)."""
+    if not line.startswith(EVENT_PREFIX):
+        return None
+    message = json.loads(line[len(EVENT_PREFIX):])
+    if message["type"] == "progress":
+        return Progress(**message["data"])
+    if message["type"] == "checkpoint":
+        return CheckpointRef(**message["data"])
+    return None
+
+
+def relay_event(event: Progress | CheckpointRef | None,
+                on_progress: Callable[[Progress], None] | None,
+                on_checkpoint: Callable[[CheckpointRef], None] | None) -> None:
+    if isinstance(event, Progress) and on_progress:
+        on_progress(event)
+    elif isinstance(event, CheckpointRef) and on_checkpoint:
+        on_checkpoint(event)
+
+
+def result_to_dict(result: TrainResult) -> dict:
+    """A TrainResult as JSON data: rank 0's result file or object-store document."""
+    data = asdict(result)
+    data["model_dir"] = str(result.model_dir) if result.model_dir else None
+    return data
+
+
+def result_from_dict(data: dict) -> TrainResult:
+    data = dict(data)
     if data.get("model_dir"):
         data["model_dir"] = Path(data["model_dir"])
     if data.get("checkpoint"):

@@ -32,6 +32,7 @@ from services.trainer.checkpoints import CheckpointRef
 from services.trainer.config import TrainConfig
 from services.trainer.gpu_metrics import register_gpu_metrics
 from services.trainer.jobs import TrainingJob, run_training_job
+from services.trainer.kubernetes_launcher import build_cluster_launcher
 from services.trainer.metrics import JobMetrics
 from services.trainer.settings import TrainerSettings
 from services.trainer.spot_notices import Notice, NoticeWatcher
@@ -95,6 +96,7 @@ class TrainerService(Service[TrainerSettings]):
         if not settings.trainer_peak_tflops:
             log.info("MFU not reported: LMFORGE_TRAINER_PEAK_TFLOPS is unset")
         self.stop_reason = "SIGTERM (spot notice or shutdown)"
+        self.cluster = build_cluster_launcher(settings, self.store)
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Watch the spot notice endpoints while consuming: a notice stops the service the
@@ -142,7 +144,8 @@ class TrainerService(Service[TrainerSettings]):
         (dataset_dir,) = self.input_dirs(event.run_id, event.dataset)
         device = event.plan.device or "cpu"
         job = TrainingJob(run_id=event.run_id, config=config, dataset_dir=dataset_dir,
-                          store=self.store, home=self.settings.home.resolve(), device=device,
+                          dataset_digest=event.dataset.digest, store=self.store,
+                          home=self.settings.home.resolve(), device=device,
                           peak_flops=self.settings.trainer_peak_tflops * 1e12)
         loop = asyncio.get_running_loop()
         throughput = self.bus.key_value(Bucket.THROUGHPUT)
@@ -189,7 +192,8 @@ class TrainerService(Service[TrainerSettings]):
         with metrics:
             result = await asyncio.to_thread(run_training_job, job, stop=self.stopping,
                                              on_progress=on_progress,
-                                             on_checkpoint=on_checkpoint)
+                                             on_checkpoint=on_checkpoint,
+                                             cluster=self.cluster)
             metrics.finished(result)
         if result.preempted:
             assert result.checkpoint is not None, "a preempted job has checkpointed"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -24,6 +24,27 @@ class TrainerSettings(ServiceSettings):
         "(SIGTERM still checkpoints and hands back).")
     trainer_spot_poll_s: float = Field(5.0, gt=0, le=60, description="Seconds between polls "
                                        "of the spot notice endpoints.")
+
+    trainer_launcher: Literal["local", "kubernetes", "kubeflow"] = Field(
+        "local", description="Where a plan that needs more than one node runs: 'local' "
+        "(torchrun on this machine, all ranks here), 'kubernetes' (an indexed batch/v1 Job "
+        "and a headless Service), 'kubeflow' (a kubeflow.org/v1 PyTorchJob). Both cluster "
+        "launchers need LMFORGE_ARTIFACT_URL: the pods share nothing else with the trainer.")
+    trainer_kubernetes_namespace: str = Field(
+        "", description="Namespace of the training Jobs; empty: the trainer pod's own.")
+    trainer_kubernetes_image: str = Field(
+        "", description="Image of the training pods (the trainer's own image, with torch "
+        "for the plans' device); required by the cluster launchers.")
+    trainer_gpus_per_node: int = Field(
+        1, ge=1, description="Ranks (GPUs) one node runs: a plan of world_size W needs "
+        "W / this many nodes, and more than one node goes to the cluster launcher.")
+    trainer_kubernetes_cpu: str = Field("8", description="CPU request of a training pod.")
+    trainer_kubernetes_memory: str = Field(
+        "64Gi", description="Memory request and limit of a training pod.")
+    trainer_kubernetes_stop_grace_s: float = Field(
+        120.0, gt=0, description="After a stop, seconds the ranks get to checkpoint and "
+        "write their result before the Job is deleted (inside the trainer pod's 150 s "
+        "termination grace).")
 
     @field_validator("trainer_spot_notices", mode="before")
     @classmethod
