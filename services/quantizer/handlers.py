@@ -15,6 +15,7 @@ from lmforge.contracts.names import ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.service import Bus, Service
+from lmforge.task_eval import TaskEvalResult
 from services.quantizer.judged import QuantizeConfig, quantize_and_judge
 from services.quantizer.metrics import record_quantized
 from services.quantizer.settings import QuantizerSettings
@@ -30,7 +31,8 @@ def quantize_config(settings: QuantizerSettings) -> QuantizeConfig:
             on_gate_failure=settings.quantizer_on_gate_failure,
             calibration_samples=settings.quantizer_calibration_samples,
             calibration_length=settings.quantizer_calibration_length,
-            compare=settings.quantizer_compare)
+            compare=settings.quantizer_compare,
+            max_exact_match_drop=settings.quantizer_max_exact_match_drop)
     except ValueError as exc:
         raise SystemExit(f"invalid settings: LMFORGE_QUANTIZER_*: {exc}") from None
 
@@ -70,4 +72,13 @@ class QuantizerService(Service[QuantizerSettings]):
             perplexity_rtn_int4=outcome.perplexity_rtn_int4,
             perplexity_awq_int4=outcome.perplexity_awq_int4,
             served=outcome.served, served_reason=outcome.served_reason,
-            weight_format=outcome.weight_format, quantize_seconds=outcome.seconds)
+            weight_format=outcome.weight_format, quantize_seconds=outcome.seconds,
+            task_eval_fp=task_eval_message(outcome.task_eval_fp),
+            task_eval_quantized=task_eval_message(outcome.task_eval_quantized))
+
+
+def task_eval_message(result: TaskEvalResult | None) -> ev.TaskEval | None:
+    if result is None:
+        return None
+    return ev.TaskEval(examples=result.examples, exact_match=result.exact_match,
+                       macro_f1=result.macro_f1, labels=result.labels)

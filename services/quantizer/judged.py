@@ -12,6 +12,14 @@ The gate: the method asked for must keep held-out perplexity within
 fallback (`on_gate_failure = "serve-fp"`): then the artifact still holds the
 quantized model, but `served` is "fp32" and `served_reason` says why, for the
 exporter, the gateway, `lmforge runs` and the logs to repeat.
+
+The run's labelled eval set, when it has one (data-prep stores it in the
+dataset), is scored twice here: on the fp model and on the quantized weights as
+written to the artifact (int4: read back from the packed AWQ GEMM tensors, so
+the figure is the served codes', not the quantizer's in-memory copy). Both ride
+in model.quantized. With `max_exact_match_drop` set, the gate also refuses a
+quantized model whose exact match falls more than that (absolute) below fp's:
+a perplexity within 5% can still hide a task the model no longer answers.
 """
 
 from __future__ import annotations
@@ -25,7 +33,14 @@ from pathlib import Path
 import torch
 
 from lmforge.failures import BadInput
-from lmforge.modeling import load_causal_lm, load_token_stream, perplexity
+from lmforge.modeling import (
+    load_causal_lm,
+    load_dequantized_model,
+    load_token_stream,
+    load_tokenizer,
+    perplexity,
+)
+from lmforge.task_eval import EVAL_SET, TaskEvalResult, evaluate_task, read_eval_set
 from services.quantizer.awq import AwqConfig, awq_quantize, calibration_windows
 from services.quantizer.int4 import Int4Weight, choose_group_size, quantize
 from services.quantizer.packed_model import packable, write_int4_model
@@ -54,6 +69,9 @@ class QuantizeConfig:
     """Tokens per calibration window; 0 = the dataset's sequence length."""
     compare: bool = True
     """Measure the other int4 method too (RTN beside AWQ, AWQ beside RTN)."""
+    max_exact_match_drop: float | None = None
+    """The gate on the eval set: largest absolute exact-match drop from fp accepted (0.05 =
+    five points); None: the eval set is reported, not gated."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -67,6 +85,9 @@ class QuantizeConfig:
         if self.on_gate_failure not in GATE_FAILURE_ACTIONS:
             raise ValueError(f"on_gate_failure {self.on_gate_failure!r} must be one of "
                              f"{GATE_FAILURE_ACTIONS}")
+        if self.max_exact_match_drop is not None and not 0 <= self.max_exact_match_drop <= 1:
+            raise ValueError(f"max_exact_match_drop {self.max_exact_match_drop} must be in "
+                             "[0, 1]")
         if self.calibration_samples < 1 or self.calibration_length < 0:
             raise ValueError("calibration_samples must be >= 1 and calibration_length >= 0")
 
@@ -95,6 +116,10 @@ class QuantizationOutcome:
     weight_format: str
     seconds: float
     """Time to produce `method`'s weights (calibration, search, quantization)."""
+    task_eval_fp: TaskEvalResult | None = None
+    """The run's eval set on the fp model (None: the run has none)."""
+    task_eval_quantized: TaskEvalResult | None = None
+    """... and on `method`'s weights as written."""
 
 
 def gate_verdict(config: QuantizeConfig, fp: float, quantized: float) -> tuple[bool, str]:
@@ -105,6 +130,19 @@ def gate_verdict(config: QuantizeConfig, fp: float, quantized: float) -> tuple[b
                f"{increase:+.1%} against fp {fp:.3f} (gate: at most "
                f"+{config.max_ppl_increase:.1%}, LMFORGE_QUANTIZER_MAX_PPL_INCREASE)")
     return passed, figures
+
+
+def task_gate_verdict(config: QuantizeConfig, fp: TaskEvalResult | None,
+                      quantized: TaskEvalResult | None) -> tuple[bool, str]:
+    """(passed, the sentence with the figures) for the eval-set part of the gate; passes
+    with no sentence where there is no eval set or no such gate."""
+    if fp is None or quantized is None or config.max_exact_match_drop is None:
+        return True, ""
+    drop = fp.exact_match - quantized.exact_match
+    return drop <= config.max_exact_match_drop, (
+        f"{config.method_name} eval-set exact match {quantized.exact_match:.3f} is "
+        f"{-drop:+.3f} against fp {fp.exact_match:.3f} (gate: at most -"
+        f"{config.max_exact_match_drop:.3f}, LMFORGE_QUANTIZER_MAX_EXACT_MATCH_DROP)")
 
 
 def _rtn_int4(state: dict[str, torch.Tensor], group_size: int) -> dict[str, Int4Weight]:
@@ -167,7 +205,23 @@ def quantize_and_judge(model_dir: Path, dataset_dir: Path, out_dir: Path,
                          metadata={"method": config.method_name, "perplexity_fp": fp,
                                    "perplexity_rtn_int4": rtn4, "perplexity_awq_int4": awq4})
         weight_format = "awq-gemm"
+    task_fp = task_quantized = None
+    if (dataset_dir / EVAL_SET).is_file():
+        examples = read_eval_set(dataset_dir / EVAL_SET)
+        tokenizer = load_tokenizer(model_dir)
+        model.load_state_dict(fp_state)
+        task_fp = evaluate_task(model, tokenizer, examples)
+        # Read back from the artifact: the codes as written are what the gateway serves.
+        task_quantized = evaluate_task(load_dequantized_model(out_dir), tokenizer, examples)
+        log.info("eval set: exact match fp %.3f, %s %.3f", task_fp.exact_match,
+                 config.method_name, task_quantized.exact_match)
     passed, figures = gate_verdict(config, fp, chosen)
+    task_passed, task_figures = task_gate_verdict(config, task_fp, task_quantized)
+    if not task_passed:
+        passed, figures = False, (figures + "; " + task_figures if not passed
+                                  else task_figures)
+    elif task_figures:
+        figures = figures + "; " + task_figures
     served, reason = config.method_name, ""
     if not passed:
         if config.on_gate_failure == "fail":
@@ -184,4 +238,5 @@ def quantize_and_judge(model_dir: Path, dataset_dir: Path, out_dir: Path,
     return QuantizationOutcome(
         method=config.method_name, perplexity_fp=fp, perplexity_rtn_int4=rtn4,
         perplexity_awq_int4=awq4, perplexity_method=chosen, passed_quality_gate=passed,
-        served=served, served_reason=reason, weight_format=weight_format, seconds=seconds)
+        served=served, served_reason=reason, weight_format=weight_format, seconds=seconds,
+        task_eval_fp=task_fp, task_eval_quantized=task_quantized)

@@ -24,6 +24,10 @@ class QuantizerSettings(ServiceSettings):
     quantizer_max_ppl_increase: float = Field(
         0.05, ge=0, description="Quality gate: largest relative perplexity increase accepted."
     )
+    quantizer_max_exact_match_drop: float | None = Field(
+        None, ge=0, le=1, description="Quality gate on the run's eval set (lmforge run "
+        "--eval-set): largest absolute exact-match drop of the quantized model from fp "
+        "accepted (0.05 = five points); unset: the figures are reported, not gated.")
     quantizer_on_gate_failure: Literal["fail", "serve-fp"] = Field(
         "fail", description="fail: stage.failed naming the figures; serve-fp: serve fp32 and "
                             "say so in every event. A run's own choice (lmforge run "
