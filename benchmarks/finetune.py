@@ -14,7 +14,15 @@
 4. Memory at the 124M preset: a random 124M base saved as an HF directory, a few
    steps of each mode (micro-batch `--micro-batch-124m`), peak RSS each.
 
+5. Chat (`--chat`, alone with `--chat-only`): synthetic conversations of varied length
+   (arithmetic questions, answers of 1-12 sentences) prepared by data-prep with the
+   chat template of a small random Llama base with ChatML specials (the test
+   fixture's): perplexity on held-out assistant tokens before and after
+   `--chat-steps` packed steps, and trained tokens/s (non-padding tokens through a
+   full optimizer step) packed with the per-conversation mask vs unpacked.
+
     python benchmarks/finetune.py [--preset small] [--base-steps 150] [--steps 40]
+    python benchmarks/finetune.py --chat-only [--chat-steps 30] [--chat-seq-len 256]
 
 Prints JSON. Targets (issue 14): LoRA checkpoint <= 5% of full; LoRA peak training
 memory <= 0.6x full at 124M. Measure alone: two busy cores slow training 10-15x.
@@ -134,6 +142,98 @@ def adapt_once(args: argparse.Namespace) -> dict:
     }
 
 
+def chat_conversations(n: int) -> list[dict]:
+    """Deterministic conversations whose lengths vary ~10x, as real chat data does."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        answer = " ".join(f"Step {k}: {a} plus {b} is {a + b}." for k in
+                          range(1, rng.randint(1, 12) + 1))
+        rows.append({"messages": [
+            {"role": "system", "content": "You add numbers and show the steps."},
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def chat_figures(args: argparse.Namespace) -> dict:
+    """Assistant-token perplexity before/after packed training; packed vs unpacked speed."""
+    import time
+
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from lmforge.artifacts import ArtifactStore
+    from lmforge.base_models import inspect_base_model
+    from lmforge.modeling import load_causal_lm, load_loss_mask, load_token_stream
+    from services.data_prep.prepare import PrepConfig, prepare_dataset
+    from services.trainer.checkpoints import CheckpointIndex
+    from services.trainer.config import TrainConfig
+    from services.trainer.conversations import IGNORE_INDEX, assistant_perplexity
+    from services.trainer.training import Trainer, load_document_index
+    from tests.base_model_fixtures import save_base_model
+
+    work = Path(tempfile.mkdtemp(prefix="chat-bench-"))
+    base_dir = save_base_model(work / "base", "llama")
+    base = inspect_base_model(str(base_dir), [work])
+    data = work / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_conversations(600)))
+    store = ArtifactStore(work / "artifacts")
+    report: dict = {"conversations": 600, "seq_len": args.chat_seq_len,
+                    "micro_batch": args.micro_batch, "base": "random tiny Llama, ChatML"}
+    datasets = {}
+    for packing in ("packed", "unpacked"):
+        datasets[packing] = work / f"ds-{packing}"
+        prepare_dataset(data, "", "", datasets[packing],
+                        PrepConfig.hygiene_only(seq_len=args.chat_seq_len), base=base,
+                        packing=packing)
+
+    def config(steps: int) -> TrainConfig:
+        return TrainConfig.from_preset("test-tiny", max_steps=steps,
+                                       checkpoint_interval=10**6, seq_len=args.chat_seq_len,
+                                       micro_batch=args.micro_batch, pretrained_dir=base_dir,
+                                       learning_rate=2e-3)
+
+    ds = datasets["packed"]
+    heldout = load_token_stream(ds, "heldout")
+    index = load_document_index(ds, "heldout")
+    assert index is not None
+    before = assistant_perplexity(load_causal_lm(base_dir), heldout,
+                                  load_loss_mask(ds, "heldout"), index.offsets,
+                                  seq_len=args.chat_seq_len)
+    trained = Trainer(config(args.chat_steps), ds, store,
+                      CheckpointIndex(work / "ck", "chat", store)).run()
+    report["assistant_perplexity"] = {"before": round(before, 3),
+                                      "after": round(trained.assistant_perplexity, 3),
+                                      "steps": args.chat_steps}
+    speed = {}
+    for packing, path in datasets.items():
+        trainer = Trainer(config(10**6), path, store,
+                          CheckpointIndex(work / "ck", f"speed-{packing}", store))
+        trainer.engine.train_step([trainer.micro_batch(0, 0)])  # warm-up
+        real = targets = 0
+        started = time.perf_counter()
+        for step in range(1, args.chat_speed_steps + 1):
+            batch = trainer.micro_batch(step, 0)
+            trainer.engine.train_step([batch])
+            assert not isinstance(batch, torch.Tensor)
+            real += int((batch.input_ids != trainer.pad_token_id).sum())
+            targets += int((batch.labels != IGNORE_INDEX).sum())
+        seconds = time.perf_counter() - started
+        positions = args.chat_speed_steps * args.micro_batch * args.chat_seq_len
+        speed[packing] = {"tokens_per_s": round(real / seconds, 1),
+                          "assistant_tokens_per_s": round(targets / seconds, 1),
+                          "padding_share": round(1 - real / positions, 3),
+                          "steps": args.chat_speed_steps}
+    report["throughput"] = speed
+    report["packed_speedup"] = round(speed["packed"]["tokens_per_s"]
+                                     / speed["unpacked"]["tokens_per_s"], 2)
+    return report
+
+
 def _child(args: argparse.Namespace, mode: str, base: Path, preset: str, steps: int,
            micro_batch: int) -> dict:
     command = [sys.executable, __file__, "--one", mode, "--base", str(base), "--preset",
@@ -158,11 +258,19 @@ def main() -> None:
     parser.add_argument("--steps-124m", type=int, default=3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--data", type=Path, default=SAMPLE)
+    parser.add_argument("--chat", action="store_true", help="add the chat figures")
+    parser.add_argument("--chat-only", action="store_true", help="only the chat figures")
+    parser.add_argument("--chat-steps", type=int, default=30)
+    parser.add_argument("--chat-speed-steps", type=int, default=8)
+    parser.add_argument("--chat-seq-len", type=int, default=256)
     parser.add_argument("--one", choices=("full", "lora"), help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(adapt_once(args)))
+        return
+    if args.chat_only:
+        print(json.dumps({"chat": chat_figures(args)}, indent=1))
         return
     work = Path(tempfile.mkdtemp(prefix="finetune-bench-"))
     base = train_base(args, work)
@@ -183,6 +291,8 @@ def main() -> None:
                                              / at_124m["full"]["peak_rss_mb"], 3),
         "targets": {"lora_checkpoint_share_max": 0.05, "lora_peak_memory_ratio_124m_max": 0.6},
     }
+    if args.chat:
+        report["chat"] = chat_figures(args)
     print(json.dumps(report, indent=1))
 
 
