@@ -18,14 +18,24 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) scripts/demo.py
 
-# The suite runs a real Prometheus (and promtool) from Debian's `prometheus` package:
-# installed here when run as root, otherwise one line says what to install.
-APT_TOOLS := prometheus promtool
+# The suite runs a real Prometheus (and promtool) from Debian's `prometheus` package, and
+# drives Debian's `chromium` headless for the status page test (playwright only drives it,
+# it downloads no browser): installed here when run as root, otherwise one line says what
+# to install. Each entry is TOOL:PACKAGE.
+APT_TOOLS := prometheus:prometheus promtool:prometheus chromium:chromium
 system-tools:
-	@missing=""; for tool in $(APT_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; packages=""; \
+	for entry in $(APT_TOOLS); do tool=$${entry%%:*}; package=$${entry#*:}; \
+	  if ! command -v $$tool >/dev/null; then missing="$$missing $$tool"; \
+	    case " $$packages " in *" $$package "*) ;; *) packages="$$packages $$package";; esac; \
+	  fi; \
+	done; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q prometheus >/dev/null; \
-	  else echo "make test needs Debian's prometheus package (missing:$$missing): run 'sudo apt-get install -y prometheus' or make test as root"; exit 2; fi; \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "make test: installing Debian's$$packages (missing:$$missing)"; \
+	    apt-get install -y -q $$packages >/dev/null || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q $$packages >/dev/null; }; \
+	  else echo "make test needs Debian's$$packages (missing:$$missing): run 'sudo apt-get install -y$$packages' or make test as root"; exit 2; fi; \
 	fi
 
 test: setup system-tools

@@ -26,6 +26,7 @@ from lmforge.runtime.scrape_targets import targets_file
 from tests.conftest import REPO_ROOT, TEST_DATA
 from tests.otlp_receiver import OtlpTraceReceiver
 from tests.prometheus_server import PrometheusServer
+from tests.status_page_browser import StatusPageBrowser, StatusPageCommand
 
 pytestmark = pytest.mark.e2e
 
@@ -114,6 +115,50 @@ def system(tmp_path):
         receiver.stop()
 
 
+def watch_run_on_status_page(env, workdir: Path, run_id: str
+                             ) -> tuple[list[dict[str, str]], list[str]]:
+    """Start `lmforge run --follow` while chromium shows `lmforge ui`; return the run's
+    row as the page showed it, state by state, and the browser's console errors. Saves
+    test-artifacts/status-page-training.png (mid-training) and status-page.png (served)."""
+    ui = StatusPageCommand(env, workdir / "ui.log")
+    try:
+        with StatusPageBrowser(ui.url) as browser:
+            assert browser.run_row(run_id) is None
+            assert browser.page.locator("#services tr[data-service]").count() == len(SEVEN)
+            run_log = workdir / "run-follow.log"
+            with run_log.open("wb") as log:
+                follow = subprocess.Popen(
+                    [sys.executable, "-m", "lmforge.cli.main", "run",
+                     str(TEST_DATA / "fortunes-sample.txt"), "--model-name", "fortune",
+                     "--run-id", run_id, "--follow", "--timeout", "600"],
+                    env=env, stdout=log, stderr=subprocess.STDOUT)
+                shots: list[Path] = []
+
+                def training_screenshot(row: dict[str, str]) -> None:
+                    if not shots and row["stage"] == "trainer" and int(row["step"]) > 0:
+                        shots.append(browser.screenshot(
+                            ARTIFACTS / "status-page-training.png"))
+
+                seen = browser.watch_run(run_id, until_done=follow, timeout_s=660,
+                                         on_change=training_screenshot)
+                follow.wait(30)
+            assert follow.returncode == 0, run_log.read_text()
+            assert "served as model fortune" in run_log.read_text()
+            # Served, at its precision, and priced: what the final screenshot shows.
+            browser.page.wait_for_selector(
+                f'#runs tr[data-run-id="{run_id}"][data-status="served"]'
+                ':not([data-cost-usd=""])', timeout=30_000)
+            browser.page.wait_for_selector('#models tr[data-model^="fortune "]',
+                                           timeout=30_000)
+            seen.append(browser.run_row(run_id) or {})
+            row = browser.page.locator(f'#runs tr[data-run-id="{run_id}"] td')
+            assert row.nth(2).inner_text() == "served"  # not "queued #1" from the past
+            browser.screenshot(ARTIFACTS / "status-page.png")
+            return seen, list(browser.errors)
+    finally:
+        ui.stop()
+
+
 def _has_value(result: list[dict]) -> bool:
     return any(float(r["value"][1]) == float(r["value"][1]) for r in result)  # not NaN
 
@@ -138,12 +183,18 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
     assert set(status["services"]) == SEVEN
     assert all(s["state"] == "running" and s["replicas"] == 1
                for s in status["services"].values())
-    assert status["nats_url"].startswith("nats://127.0.0.1:")
+    assert status["nats_url"].startswith("tls://127.0.0.1:")  # secured by default
 
-    run = lmforge(env, "run", str(TEST_DATA / "fortunes-sample.txt"), "--model-name",
-                  "fortune", "--run-id", "e2e-run", "--follow", "--timeout", "600",
-                  timeout=660)
-    assert "served as model fortune" in run.stderr
+    # The status page (`lmforge ui`) in headless chromium watches the run from before it
+    # starts until it is served, without a reload: its own polling must show it advance.
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    seen, errors = watch_run_on_status_page(env, tmp_home(env).parent, "e2e-run")
+    trainer_steps = [int(row["step"]) for row in seen
+                     if row["stage"] == "trainer" and row["status"] == "running"]
+    assert seen[0]["status"] != "served", seen  # it appeared before it was done
+    assert len(set(trainer_steps)) >= 2 and trainer_steps == sorted(trainer_steps), seen
+    assert seen[-1]["status"] == "served", seen
+    assert not errors, errors
 
     # A model trained for a few steps may sample end-of-text first for a given seed
     # (a valid, empty answer): a few seeds, and at least one must generate text.

@@ -121,3 +121,18 @@ def test_a_fallback_to_fp32_says_why_in_the_run():
     view.fold(subjects.MODEL_DEPLOYED.name, ev.ModelDeployed(
         run_id="f", precision="fp32", precision_reason=reason), 2.0)
     assert view.served == f"fp32: {reason}"
+
+
+def test_a_run_that_starts_training_leaves_the_queue_when_numbered_again():
+    """The status page folds the same views on and numbers them after every poll."""
+    from lmforge.cli.runs import number_queue
+
+    views = [RunView(run_id) for run_id in ("first", "second")]
+    for t, view in enumerate(views):
+        view.fold(subjects.TRAINING_SCHEDULED.name, ev.TrainingScheduled(run_id=view.run_id),
+                  float(t))
+    number_queue(views)
+    views[0].fold(subjects.TRAINING_PROGRESS.name,
+                  ev.TrainingProgress(run_id="first", step=1, delivery=1), 5.0)
+    number_queue(views)
+    assert [(v.status, v.queue_position) for v in views] == [("running", 0), ("queued", 1)]

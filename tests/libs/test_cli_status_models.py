@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from lmforge.cli.main import gateway_model_loading
+from lmforge.cli.status import gateway_model_loading
 from lmforge.runtime.nats_server import free_port
 
 

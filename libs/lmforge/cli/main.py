@@ -5,6 +5,7 @@
   lmforge run DATA --model-name NAME    clean, train, quantize, export and serve DATA
   lmforge generate --model NAME "..."   stream a completion from the gateway
   lmforge report RUN [--out report.html]  one run as an HTML page with plots
+  lmforge ui [--port 8765]              a status page in the browser, updated every second
   lmforge status | runs | scale | down
   lmforge cost [RUN]                    what each run and serving cost
   lmforge scaling replay TRACE.csv      replay a load trace through the scaling policies
@@ -158,51 +159,20 @@ def _models_note(replicas: list[dict[str, Any]]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from lmforge.cli.up import read_state
+    from lmforge.cli.status import read_status
 
-    state = read_state(_settings().home)
-    if state is None:
+    status = read_status(_settings().home)
+    if status is None:
         if args.json:
             print(json.dumps({"running": False}))
         else:
             console.print("lmforge is not running (start it with `lmforge up -d`)")
         return EXIT_FAILED
-    gateway = (state.get("services") or {}).get(ServiceName.INFERENCE_GATEWAY)
-    if gateway and gateway.get("metrics_urls"):
-        gateway["models"] = gateway_model_loading(gateway["metrics_urls"])
     if args.json:
-        print(json.dumps({k: state.get(k) for k in ("nats_url", "nats", "gateway",
-                                                     "openai_base_url", "services", "home")}))
+        print(json.dumps(status))
     else:
-        _print_status(state)
+        _print_status(status)
     return 0
-
-
-def gateway_model_loading(metrics_urls: list[str]) -> list[dict[str, Any]]:
-    """Per gateway replica: models deployed but not loaded there yet, and failed loads,
-    read from its /metrics (a replica that does not answer says so, never hides)."""
-    from lmforge.cli.metrics import read_samples
-
-    pending = "lmforge_gateway_models_pending"
-    failures = "lmforge_gateway_model_load_failures_total"
-    precision = "lmforge_gateway_model_precision"
-    replicas: list[dict[str, Any]] = []
-    for index, url in enumerate(metrics_urls):
-        try:
-            samples = read_samples(url, (pending, failures, precision), timeout_s=1.0)
-        except OSError as exc:
-            replicas.append({"replica": index, "metrics": f"unreachable: {exc}"})
-            continue
-        replicas.append({
-            "replica": index,
-            "models_pending": int(sum(value for _, value in samples[pending])),
-            "load_failures": {labels.get("model", ""): int(value)
-                              for labels, value in samples[failures] if value},
-            "precision": {f"{labels.get('model', '')} {labels.get('version', '')}":
-                          labels.get("precision", "") for labels, value in samples[precision]
-                          if value},
-        })
-    return replicas
 
 
 # -- run ------------------------------------------------------------------------------
@@ -420,7 +390,7 @@ def _reuse_note(reused_from: dict[str, str]) -> str:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from lmforge.cli.cost import read_ledger
-    from lmforge.cli.runs import collect_runs
+    from lmforge.cli.runs import collect_runs, run_json
 
     url = _nats_url(_settings())
     try:
@@ -431,17 +401,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     except ConnectionError as exc:
         return _unreachable(exc)
     if args.json:
-        print(json.dumps([{"run_id": r.run_id, "model_name": r.model_name, "stage": r.stage,
-                           "status": r.status, "step": r.step, "total_steps": r.total_steps,
-                           "perplexity": r.perplexity, "failure": r.failure,
-                           "started": r.started, "stage_done_at": r.stage_done_at,
-                           "reused_from": r.reused_from, "resumes": r.resumes,
-                           "resumed_at_step": r.resumed_at_step,
-                           "queue_position": r.queue_position, "data_kept": r.data_kept,
-                           "data_dropped": r.data_dropped, "quantization": r.quantization,
-                           "served": r.served,
-                           "cost_usd": (ledger.get(r.run_id) or {}).get("total_usd")}
-                          for r in runs.values()]))
+        print(json.dumps([run_json(r, ledger) for r in runs.values()]))
         return 0
     table = Table(title="runs")
     for column in ("run", "model", "stage", "status", "data kept", "steps", "perplexity",
@@ -587,7 +547,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         record = asyncio.run(read_run_record(_nats_url(settings), args.run,
                                              gateway_metrics_urls=gateway.get("metrics_urls",
-                                                                              [])))
+                                                                              []),
+                                             auth=_nats_auth(settings)))
     except ConnectionError as exc:
         return _unreachable(exc)
     if not record.started:
@@ -605,6 +566,31 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     args.out.write_text(page, encoding="utf-8")
     console.print(f"report of run {args.run} ({record.status}) written to {args.out}")
+    return 0
+
+
+# -- ui ---------------------------------------------------------------------------------
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The status page (lmforge.ui.server), reading what `status`, `runs` and `cost` read,
+    with the CLI's credential."""
+    from lmforge.ui.feed import StatusFeed
+    from lmforge.ui.server import is_loopback, serve
+
+    if not is_loopback(args.host) and not args.insecure:
+        console.print(f"[red]refusing to serve the status page on {args.host}:[/] it has no "
+                      f"login; use a loopback address (default 127.0.0.1), or --insecure")
+        return EXIT_USAGE
+    settings = _settings()
+    feed = StatusFeed(settings.home, nats_url=lambda: _nats_url(settings),
+                      nats_auth=lambda: _nats_auth(settings))
+    try:
+        serve(feed, host=args.host, port=args.port,
+              on_ready=lambda line: print(line, flush=True))
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        console.print(f"[red]cannot serve the status page on {args.host}:{args.port}:[/] "
+                      f"{exc} (choose another with --port)")
+        return EXIT_FAILED
     return 0
 
 
@@ -821,6 +807,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=Path("report.html"))
     report.add_argument("--json", action="store_true", help="the record as JSON instead")
     report.set_defaults(func=cmd_report)
+
+    ui = sub.add_parser("ui", help="a status page in the browser",
+                        description="Serves one page with the services and their replicas, "
+                        "the runs and their progress, recent events and failures (stage.failed, "
+                        "dead letters), the served models with their precision, and the cost so "
+                        "far; it updates itself every second. /api/status has the same as JSON.")
+    ui.add_argument("--port", type=int, default=int(os.environ.get("LMFORGE_UI_PORT", "8765")),
+                    help="HTTP port (0 = any free one; default LMFORGE_UI_PORT or 8765)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ui.add_argument("--insecure", action="store_true",
+                    help="serve a non-loopback address (the page has no login)")
+    ui.set_defaults(func=cmd_ui)
 
     scale = sub.add_parser("scale", help="pin replicas: SERVICE=N, or SERVICE=auto to unpin")
     scale.add_argument("assignments", nargs="+")

@@ -290,17 +290,34 @@ async def collect_runs(nats_url: NatsUrl, *, auth: NatsAuth | None = None, tenan
 
 
 def number_queue(runs: Iterable[RunView]) -> None:
-    """Give the runs waiting for a trainer their place in line, oldest first."""
+    """Give the runs waiting for a trainer their place in line, oldest first, and every
+    other run none (a view folded on, as the status page's, leaves the queue)."""
+    runs = list(runs)
+    for run in runs:
+        run.queue_position = 0
     waiting = sorted((r for r in runs if r.stage == ServiceName.TRAINER and r.status == "queued"),
                      key=lambda r: r.queued_at)
     for position, run in enumerate(waiting, start=1):
         run.queue_position = position
 
 
+def run_json(run: RunView, ledger: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One run as `lmforge runs --json` prints it, its cost from the ledger (None until
+    the autoscaler has priced a stage of it)."""
+    return {"run_id": run.run_id, "model_name": run.model_name, "stage": run.stage,
+            "status": run.status, "step": run.step, "total_steps": run.total_steps,
+            "loss": run.loss, "perplexity": run.perplexity, "failure": run.failure,
+            "started": run.started, "updated": run.updated,
+            "stage_done_at": run.stage_done_at, "reused_from": run.reused_from,
+            "resumes": run.resumes, "resumed_at_step": run.resumed_at_step,
+            "queue_position": run.queue_position, "data_kept": run.data_kept,
+            "data_dropped": run.data_dropped, "quantization": run.quantization,
+            "served": run.served, "cost_usd": (ledger.get(run.run_id) or {}).get("total_usd")}
+
+
 def event_json(subject: str, event: Message, ts: float) -> dict[str, Any]:
     return {"subject": subject, "time": ts,
             "event": MessageToDict(event, preserving_proto_field_name=True)}
-
 
 
 async def model_dataset(nats_url: NatsUrl, model_name: str, *,

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 from lmforge.cli.runs import NatsUrl, stream_events
 from lmforge.report.record import RunRecord, fold_events, histogram_percentiles
+from lmforge.security.nats_connect import NatsAuth
 
 LATENCY_BUCKETS = "lmforge_gateway_request_seconds_bucket"
 
 
 async def read_run_record(nats_url: NatsUrl, run_id: str, *,
-                          gateway_metrics_urls: list[str]) -> RunRecord:
-    """Raises ConnectionError when NATS cannot be reached; a gateway that does not answer
-    is written into the record's latency note, not hidden."""
+                          gateway_metrics_urls: list[str],
+                          auth: NatsAuth | None = None) -> RunRecord:
+    """Raises ConnectionError when NATS cannot be reached (or refuses `auth`, the CLI's
+    credential); a gateway that does not answer is written into the record's latency
+    note, not hidden."""
     from lmforge.cli.cost import read_ledger
 
     events = [(subject, event, ts) async for subject, event, ts, _cached
-              in stream_events(nats_url, run_id=run_id)]
+              in stream_events(nats_url, run_id=run_id, auth=auth)]
     record = fold_events(run_id, events)
     if not events:
         return record
-    runs, _serving = await read_ledger(nats_url)
+    runs, _serving = await read_ledger(nats_url, auth=auth)
     record.cost = runs.get(run_id, {})
     record.latency, record.latency_note = gateway_latency(gateway_metrics_urls)
     return record
