@@ -291,7 +291,7 @@ class StatusFeed:
             gateway = (status.get("services") or {}).get(ServiceName.INFERENCE_GATEWAY) or {}
             models, model_notes = served_models(gateway.get("models", []))
             notes += model_notes
-        runs_usd = sum(entry.get("total_usd") or 0.0 for entry in ledger.values())
+        runs_usd = sum((entry.get("total_usd") or 0.0 for entry in ledger.values()), 0.0)
         serving_usd = serving.get("cost_usd") or 0.0
         return {
             "generated": time.time(), "lmforge": lmforge, "services": services, "runs": runs,
