@@ -48,7 +48,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue as NatsKV
 
 from lmforge.contracts import subjects
-from lmforge.contracts.names import Bucket
+from lmforge.contracts.names import Bucket, Header
 from lmforge.contracts.subjects import Subject
 from lmforge.dispatch import (
     Dispatcher,
@@ -59,6 +59,7 @@ from lmforge.dispatch import (
     retry_delay_s,
 )
 from lmforge.security.nats_connect import NatsAuth
+from lmforge.runtime.publish_journal import journal_from_env
 from lmforge.telemetry import EVENTS_PUBLISHED
 
 log = logging.getLogger("lmforge.bus")
@@ -157,6 +158,8 @@ class EventBus:
         self._closing = asyncio.Event()
         self.dispatcher = Dispatcher(self)
         self.connection_log = ConnectionLog(service, "")
+        self.journal = journal_from_env()
+        """Where acknowledged publishes are recorded for the chaos suite (off by default)."""
 
     @property
     def js(self) -> JetStreamContext:
@@ -250,8 +253,12 @@ class EventBus:
         delay, deadline = 0.05, time.monotonic() + retry_for_s
         while True:
             try:
-                await self.js.publish(subject.name, data, headers=hdrs, timeout=5)
+                ack = await self.js.publish(subject.name, data, headers=hdrs, timeout=5)
                 EVENTS_PUBLISHED.labels(subject.name).inc()
+                if self.journal is not None:
+                    self.journal.record(subject=subject.name, msg_id=msg_id,
+                                        run_id=hdrs.get(Header.RUN_ID, ""),
+                                        duplicate=bool(ack.duplicate))
                 return
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                     nats.errors.ConnectionReconnectingError,
@@ -273,8 +280,12 @@ class EventBus:
 
     async def publish_dead_letter(self, original: Subject[Message], data: bytes,
                                   headers: Mapping[str, str]) -> None:
-        await self.js.publish(f"{subjects.DEAD_LETTER_PREFIX}.{self.service}", data,
-                              headers=dict(headers), timeout=5)
+        subject = f"{subjects.DEAD_LETTER_PREFIX}.{self.service}"
+        ack = await self.js.publish(subject, data, headers=dict(headers), timeout=5)
+        if self.journal is not None:
+            self.journal.record(subject=subject, msg_id=headers.get(Header.MSG_ID, ""),
+                                run_id=headers.get(Header.RUN_ID, ""),
+                                duplicate=bool(ack.duplicate))
 
     # -- consuming ------------------------------------------------------------------
 
@@ -327,9 +338,24 @@ class EventBus:
             self._handling.add(me)
             try:
                 for msg in msgs:
-                    await self._settle(msg, await self.dispatcher.handle(sub, _raw(msg)))
+                    await self._handle_one(sub, msg)
             finally:
                 self._handling.discard(me)
+
+    async def _handle_one(self, sub: Subscription, msg: Msg) -> None:
+        """Handle and settle one message; a NATS error on the way (a stage record that
+        cannot be read or written while a restarted server recovers its streams) leaves
+        it for a later delivery instead of ending this subscription's fetch loop, which
+        used to stop the service consuming while it still reported itself ready."""
+        try:
+            await self._settle(msg, await self.dispatcher.handle(sub, _raw(msg)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("handling %s (delivery %d) hit %s: %s; it will be delivered again",
+                        sub.subject.name, msg.metadata.num_delivered, type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=retry_delay_s(msg.metadata.num_delivered))
 
     async def _settle(self, msg: Msg, outcome: Outcome) -> None:
         if outcome.acknowledged:
