@@ -58,14 +58,22 @@ from lmforge.dispatch import (
     event_headers,
     retry_delay_s,
 )
-from lmforge.security.nats_connect import NatsAuth
 from lmforge.runtime.publish_journal import journal_from_env
+from lmforge.security.nats_connect import NatsAuth
 from lmforge.telemetry import EVENTS_PUBLISHED
 
 log = logging.getLogger("lmforge.bus")
 
 PUBLISH_REFUSED = re.compile(r"permissions violation for publish to \"?([^\s\"']+)", re.I)
 """How nats-server words a publish outside the user's permissions (an -ERR)."""
+
+TRANSIENT_NATS_ERRORS: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError, nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError)
+"""What a JetStream request answers while a server restarts or a stream elects a leader:
+"no responders" comes back as NoStreamResponseError from a publish (a three-node
+cluster's leader kill showed it; it used to fail the handler and redo its work)."""
 
 
 class NatsKeyValue:
@@ -90,8 +98,19 @@ class NatsKeyValue:
             return None
         return entry.value
 
-    async def put(self, key: str, value: bytes) -> None:
-        await (await self._open()).put(key, value)
+    async def put(self, key: str, value: bytes, *, retry_for_s: float = 30.0) -> None:
+        """Store `value`, retried with backoff through a leader election or a restart (a
+        stage record lost here would make a redelivery redo the stage)."""
+        delay, deadline = 0.05, time.monotonic() + retry_for_s
+        while True:
+            try:
+                await (await self._open()).put(key, value)
+                return
+            except TRANSIENT_NATS_ERRORS:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def delete(self, key: str) -> None:
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
@@ -260,10 +279,7 @@ class EventBus:
                                         run_id=hdrs.get(Header.RUN_ID, ""),
                                         duplicate=bool(ack.duplicate))
                 return
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                    nats.errors.ConnectionReconnectingError,
-                    nats.errors.OutboundBufferLimitError,
-                    nats.js.errors.ServiceUnavailableError) as exc:
+            except TRANSIENT_NATS_ERRORS as exc:
                 if subject.name.lower() in self.connection_log.refused_publishes:
                     raise PermissionError(f"NATS refused {self.service} publishing "
                                           f"{subject.name}: not among its permissions "
