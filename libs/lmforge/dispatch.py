@@ -42,6 +42,7 @@ from lmforge.contracts.subjects import Subject
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.failures import BadInput
 from lmforge.run_context import current_run_id
+from lmforge.run_ids import MAX_RUN_ID_CHARS, run_id_problem
 from lmforge.telemetry import (
     EVENTS_CONSUMED,
     HANDLER_SECONDS,
@@ -365,6 +366,10 @@ class Dispatcher:
             return None
         ctx.run_id = getattr(event, "run_id", "") or ctx.run_id
         current_run_id.set(ctx.run_id)
+        problem = run_id_problem(ctx.run_id)
+        if problem:
+            await self._dead_letter(ctx, problem)
+            return None
         return event
 
     # -- 2. already done? -------------------------------------------------------------
@@ -471,24 +476,38 @@ class Dispatcher:
 
     async def _fail(self, ctx: HandlingContext, reason: str, *, dead_lettered: bool) -> None:
         sub = ctx.subscription
+        key = hashlib.sha256(f"{sub.durable}|{ctx.run_id}|{reason}".encode()).hexdigest()[:24]
+        reason = bounded(reason, MAX_REASON_CHARS)
+        run_id = bounded(ctx.run_id, MAX_RUN_ID_CHARS)
         ctx.failure = reason
         log.error("stage failed: %s", reason, extra={"subject": sub.subject.name,
                                                      "stage": self.transport.service})
-        failed = ev.StageFailed(run_id=ctx.run_id, stage=self.transport.service,
+        failed = ev.StageFailed(run_id=run_id, stage=self.transport.service,
                                 subject=sub.subject.name, reason=reason,
                                 deliveries=ctx.message.deliveries, dead_lettered=dead_lettered)
-        key = hashlib.sha256(f"{sub.durable}|{ctx.run_id}|{reason}".encode()).hexdigest()[:24]
-        await self.transport.publish(failed, msg_id=f"{ctx.run_id}:stage.failed:{key}")
+        await self.transport.publish(failed, msg_id=f"{run_id}:stage.failed:{key}")
 
     async def _dead_letter(self, ctx: HandlingContext, reason: str) -> None:
         sub = ctx.subscription
         await self.transport.publish_dead_letter(sub.subject, ctx.message.data, {
-            Header.FAILURE_REASON: reason,
+            Header.FAILURE_REASON: bounded(reason, MAX_REASON_CHARS),
             Header.ORIGINAL_SUBJECT: sub.subject.name,
-            Header.RUN_ID: ctx.run_id,
+            Header.RUN_ID: bounded(ctx.run_id, MAX_RUN_ID_CHARS),
             Header.MSG_ID: f"dead:{sub.durable}:{ctx.message.stream_seq}",
         })
         await self._fail(ctx, reason, dead_lettered=True)
+
+
+MAX_REASON_CHARS = 2000
+"""A failure reason is cut to this: one that quoted a 5 MB dataset_uri back made a
+stage.failed event larger than NATS's 1 MB message limit (and a 5 MB log line)."""
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text`, cut to `limit` characters with a note of how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _bind(layer: Middleware, ctx: HandlingContext, call_next: Next) -> Next:
