@@ -12,6 +12,7 @@ stream's `error_message`, an OpenAI error body or server-sent event).
 | RateLimited | RESOURCE_EXHAUSTED | 429 + Retry-After | the key spent its token bucket |
 | InvalidRequest | INVALID_ARGUMENT | 400 | the request cannot be served as asked |
 | RequestTooLarge | RESOURCE_EXHAUSTED | 413 | the body is over the size limit |
+| RequestTimeout | DEADLINE_EXCEEDED | 408 | the body trickled in slower than its deadline |
 | UnknownModel | NOT_FOUND | 404 | no such model or version, here or on the remote |
 | AtCapacity | RESOURCE_EXHAUSTED | 429 | too many requests generating or queued |
 | ModelLoading | UNAVAILABLE | 503 + Retry-After | deployed, but not loaded on this replica yet |
@@ -85,6 +86,15 @@ class RequestTooLarge(GatewayError):
     http_status = 413
     openai_type = "invalid_request_error"
     openai_code = "request_too_large"
+
+
+class RequestTimeout(GatewayError):
+    """The request body did not arrive in time (a client trickling it byte by byte)."""
+
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 408
+    openai_type = "invalid_request_error"
+    openai_code = "request_timeout"
 
 
 class UnknownModel(GatewayError):

@@ -14,6 +14,7 @@ Chat messages are rendered as "role: content" lines ending with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
@@ -26,7 +27,12 @@ from typing import Any
 from aiohttp import web
 
 from services.inference_gateway.engines.base import Piece
-from services.inference_gateway.errors import GatewayError, InvalidRequest, RequestTooLarge
+from services.inference_gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    RequestTimeout,
+    RequestTooLarge,
+)
 from services.inference_gateway.frontend import GenerationFrontend, GenerationRequest, counted
 
 PROTOCOL = "openai"
@@ -121,6 +127,11 @@ def parse_body(body: Mapping[str, object], *, chat: bool) -> GenerationRequest:
     top_k = _integer(body, ("top_k",), 0)  # an extension many servers accept
     if max_tokens <= 0:
         raise InvalidRequest(f"max_tokens {max_tokens} must be positive")
+    if "top_p" in body and body["top_p"] is not None and not 0 < top_p <= 1:
+        # An explicit 0 used to be served as 1.0 (the native message's "unset"): the
+        # opposite of what the client asked for.
+        raise InvalidRequest(f"top_p {top_p} must be in (0, 1]; for greedy decoding set "
+                             "temperature 0")
     if _integer(body, ("n",), 1) != 1:
         raise InvalidRequest("n must be 1: this server returns one choice per request")
     return GenerationRequest(model=model, prompt=prompt, max_new_tokens=max_tokens,
@@ -145,12 +156,16 @@ def _event(data: Mapping[str, object]) -> bytes:
 class OpenAIServer:
     def __init__(self, frontend: GenerationFrontend, *, host: str, port: int,
                  max_body_bytes: int, middlewares: Iterable[Any] = (),
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        """`middlewares`: the API-key guard (api/guard.py); `ssl_context`: HTTPS."""
+                 ssl_context: ssl.SSLContext | None = None,
+                 body_timeout_s: float = 30.0) -> None:
+        """`middlewares`: the API-key guard (api/guard.py); `ssl_context`: HTTPS;
+        `body_timeout_s`: how long a request body may take to arrive (a client that
+        trickles it, slowloris, is answered 408 instead of holding a connection open)."""
         self.frontend = frontend
         self.host, self.port = host, port
         self.max_body_bytes = max_body_bytes
         self.ssl_context = ssl_context
+        self.body_timeout_s = body_timeout_s
         self.app = web.Application(client_max_size=max_body_bytes,
                                    middlewares=list(middlewares))
         self.app.add_routes([web.get("/v1/models", self.models),
@@ -189,7 +204,11 @@ class OpenAIServer:
 
     async def _body(self, request: web.Request) -> dict[str, object]:
         try:
-            body = await request.json()
+            raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
+            body = json.loads(raw)
+        except TimeoutError:
+            raise RequestTimeout(f"request body not received within {self.body_timeout_s:g}s"
+                                 ) from None
         except web.HTTPRequestEntityTooLarge:
             raise RequestTooLarge(f"request body over {self.max_body_bytes} bytes "
                                   "(LMFORGE_GATEWAY_MAX_MESSAGE_BYTES)") from None

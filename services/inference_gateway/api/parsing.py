@@ -8,6 +8,11 @@ that hands such a request on as an `Unparsed` value instead, and refuses it
 with INVALID_ARGUMENT and a message saying what was wrong; an inference call
 refused so is counted in `lmforge_gateway_requests_total` under its protocol
 (model "", code INVALID_ARGUMENT).
+
+A request over LMFORGE_GATEWAY_MAX_MESSAGE_BYTES is refused here too, with
+RESOURCE_EXHAUSTED, the size and the limit, and counted: grpcio's own limit is set
+`OVERSIZE_CEILING` times higher, because a request grpcio refuses never reaches an
+interceptor and so was answered without being counted (the hostile corpus found it).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from services.inference_gateway.api.kserve import KSERVE_SERVICE
 from services.inference_gateway.api.kserve import PROTOCOL as KSERVE
 from services.inference_gateway.api.native import GENERATOR_SERVICE
 from services.inference_gateway.api.native import PROTOCOL as NATIVE
-from services.inference_gateway.errors import InvalidRequest
+from services.inference_gateway.errors import GatewayError, InvalidRequest, RequestTooLarge
 from services.inference_gateway.frontend import REQUESTS
+
+OVERSIZE_CEILING = 4
+"""grpcio's receive limit, in multiples of the gateway's: past it grpcio refuses alone."""
 
 GUARDED_SERVICES = (GENERATOR_SERVICE, KSERVE_SERVICE)
 INFERENCE_METHODS = {
@@ -38,13 +46,18 @@ INFERENCE_METHODS = {
 class Unparsed:
     """A request message that did not parse, and why."""
 
-    error: InvalidRequest
+    error: GatewayError
 
 
-def _lenient(deserialize: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
+def _lenient(deserialize: Callable[[bytes], Any], method: str, max_message_bytes: int
+             ) -> Callable[[bytes], Any]:
     message = method.rsplit("/", 1)[-1]
 
     def parse(data: bytes) -> Any:
+        if max_message_bytes and len(data) > max_message_bytes:
+            return Unparsed(RequestTooLarge(
+                f"the {message} request is {len(data)} bytes; the limit is "
+                f"{max_message_bytes} (LMFORGE_GATEWAY_MAX_MESSAGE_BYTES)"))
         try:
             return deserialize(data)
         except Exception as exc:
@@ -56,7 +69,11 @@ def _lenient(deserialize: Callable[[bytes], Any], method: str) -> Callable[[byte
 
 
 class RefuseUnparsedRequests(grpc.aio.ServerInterceptor):
-    """INVALID_ARGUMENT for a request of the gateway's services that does not parse."""
+    """INVALID_ARGUMENT for a request of the gateway's services that does not parse,
+    RESOURCE_EXHAUSTED for one over `max_message_bytes` (0: no limit of its own)."""
+
+    def __init__(self, *, max_message_bytes: int = 0) -> None:
+        self.max_message_bytes = max_message_bytes
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -69,13 +86,13 @@ class RefuseUnparsedRequests(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None or \
                 service not in GUARDED_SERVICES:
             return handler
-        return _guarded(handler, method)
+        return _guarded(handler, method, self.max_message_bytes)
 
 
-def _guarded(handler: grpc.RpcMethodHandler[Any, Any], method: str
+def _guarded(handler: grpc.RpcMethodHandler[Any, Any], method: str, max_message_bytes: int
              ) -> grpc.RpcMethodHandler[Any, Any]:
     assert handler.request_deserializer is not None
-    parse = _lenient(handler.request_deserializer, method)
+    parse = _lenient(handler.request_deserializer, method, max_message_bytes)
     protocol = INFERENCE_METHODS.get(method)
 
     async def refuse(context: grpc.aio.ServicerContext, unparsed: Unparsed) -> NoReturn:

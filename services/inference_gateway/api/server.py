@@ -30,7 +30,7 @@ from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 from lmforge.contracts.v1 import generate_pb2_grpc
 from services.inference_gateway.api.kserve import KSERVE_SERVICE, KServeServicer
 from services.inference_gateway.api.native import GENERATOR_SERVICE, GeneratorServicer
-from services.inference_gateway.api.parsing import RefuseUnparsedRequests
+from services.inference_gateway.api.parsing import OVERSIZE_CEILING, RefuseUnparsedRequests
 from services.inference_gateway.frontend import GenerationFrontend
 
 
@@ -45,12 +45,16 @@ class GatewayServer:
         `credentials`: TLS (and mutual TLS) for the port, None: plaintext."""
         self.frontend = frontend
         self.credentials = credentials
-        self.server = grpc.aio.server(interceptors=[*interceptors, RefuseUnparsedRequests()],
-                                      options=[
-            ("grpc.so_reuseport", 1),  # replicas of the gateway share the port
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.server.max_pending_requests", 100_000),
-        ])
+        # gRPC itself refuses only past OVERSIZE_CEILING x the limit: up to there the
+        # interceptor refuses an oversize request itself, said and counted like any other.
+        self.server = grpc.aio.server(
+            interceptors=[*interceptors,
+                          RefuseUnparsedRequests(max_message_bytes=max_message_bytes)],
+            options=[
+                ("grpc.so_reuseport", 1),  # replicas of the gateway share the port
+                ("grpc.max_receive_message_length", max_message_bytes * OVERSIZE_CEILING),
+                ("grpc.server.max_pending_requests", 100_000),
+            ])
         generate_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(frontend),
                                                           self.server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(frontend),
