@@ -136,7 +136,8 @@ class ServiceSettings(PlatformSettings):
         0, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one."
     )
     ack_wait_s: float = Field(
-        30.0, gt=0, description="Seconds before an unacknowledged event is redelivered."
+        30.0, gt=0, allow_inf_nan=False,
+        description="Seconds before an unacknowledged event is redelivered."
     )
     max_deliver: int = Field(
         5, ge=1, description="Deliveries of one event before it is dead-lettered."

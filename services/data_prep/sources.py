@@ -24,7 +24,8 @@ Bad content never stops the run: it is dropped and counted in the
 as the id (`read.binary`, `read.expansion_cap`, ...). A file refused midway (a
 bomb past the expansion cap, a truncated stream) keeps the records read before
 the point of refusal: the reader streams and cannot take them back. A problem
-with the dataset itself (outside the roots, missing, access denied, an empty
+with the dataset itself (outside the roots, missing, access denied, a local file
+written or replaced while it was read, an empty
 glob, a CSV without the text column, a Parquet text column that is not a
 string) raises `DatasetInputError`, a `BadInput`: the bus fails the run once
 with `stage.failed` and the message, which names the path or URL and the cause.
@@ -1091,7 +1092,25 @@ def _open_stored(file: SourceFile, s3: Any, config: ReadConfig) -> Iterator[IO[b
         raise DatasetInputError(f"dataset path {file.url!r} cannot be read ({exc}); "
                                 "check its permissions") from exc
     with f:
+        before = _file_identity(f, file.url)
         yield f
+        after = _file_identity(f, file.url)
+        if after != before:
+            raise DatasetInputError(
+                f"dataset path {file.url!r} changed while it was read (size {before[0]} -> "
+                f"{after[0]} bytes, mtime_ns {before[1]} -> {after[1]}); the run would train "
+                "on a mix of two versions. Run it again once nothing writes to the file")
+
+
+def _file_identity(f: IO[bytes], path: str) -> tuple[int, int, int]:
+    """Size and modification time of the open file, and the inode its path names now
+    (a file replaced by a rename keeps the open one unchanged)."""
+    opened = os.fstat(f.fileno())
+    try:
+        inode = os.stat(path).st_ino
+    except OSError:
+        inode = -1
+    return opened.st_size, opened.st_mtime_ns, inode if inode == opened.st_ino else -inode
 
 
 def _spooled_parquet(stored: IO[bytes], file: SourceFile, config: ReadConfig,
