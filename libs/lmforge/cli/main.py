@@ -80,6 +80,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     from lmforge.cli.up import run_foreground, start_detached
 
     settings = _settings()
+    if args.nats_cluster and (args.nats_cluster < 3 or args.nats_cluster % 2 == 0):
+        console.print(f"[red]--nats-cluster {args.nats_cluster}:[/] a JetStream cluster needs "
+                      "an odd number of nodes, at least 3 (a majority must outlive a node)",
+                      soft_wrap=True)
+        return EXIT_USAGE
     if args.detach:
         argv = ["up", "--gateway-port", str(args.gateway_port)]
         if args.nats_url:
@@ -88,6 +93,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             argv.append("--open-nats")
         if args.insecure:
             argv.append("--insecure")
+        if args.nats_cluster:
+            argv += ["--nats-cluster", str(args.nats_cluster)]
         try:
             state = start_detached(settings.home, argv, timeout_s=args.timeout)
         except (RuntimeError, TimeoutError) as exc:
@@ -97,7 +104,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     env = {"LMFORGE_GATEWAY_INSECURE": "1"} if args.insecure else {}
     return run_foreground(settings.home, nats_url=args.nats_url, gateway_port=args.gateway_port,
-                          env=env, open_nats=args.open_nats)
+                          env=env, open_nats=args.open_nats, nats_cluster=args.nats_cluster)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -261,6 +268,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lmforge.bus import EventBus
     from lmforge.cli.dataset_mounts import container_path
     from lmforge.contracts.v1 import events_pb2 as ev
+    from lmforge.run_ids import run_id_problem
 
     settings = _settings()
     spec = dataset_spec(args.data)
@@ -268,6 +276,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"[red]dataset {spec} does not exist[/]")
         return EXIT_USAGE
     run_id = args.run_id or default_run_id(spec, args.model_name)
+    problem = run_id_problem(run_id)
+    if problem:
+        console.print(f"[red]--run-id:[/] {problem}", soft_wrap=True)
+        return EXIT_USAGE
     try:
         spec = container_path(spec, os.environ.get("LMFORGE_DATASET_MOUNTS", ""))
         training = training_request(args)  # reads --chat-template
@@ -684,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start NATS and the services (foreground, or -d)")
     up.add_argument("-d", "--detach", action="store_true", help="run in the background")
     up.add_argument("--nats-url", help="use this NATS instead of starting one")
+    up.add_argument("--nats-cluster", type=int, default=0, metavar="N",
+                    help="start N local nats-servers as one JetStream cluster (3: streams "
+                         "and key-value buckets at 3 replicas, a node's loss rides out)")
     up.add_argument("--gateway-port", type=int, default=int(
         os.environ.get("LMFORGE_GATEWAY_PORT", "50051")), help="gRPC port (0 = any free)")
     up.add_argument("--timeout", type=float, default=180, help="seconds to wait with -d")

@@ -173,7 +173,7 @@ async def connect_nats(nats_url: str, *, timeout_s: float = CONNECT_TIMEOUT_S,
     while True:
         try:
             return await asyncio.wait_for(
-                nats.connect(nats_url, connect_timeout=2, allow_reconnect=reconnect,
+                nats.connect(nats_url.split(","), connect_timeout=2, allow_reconnect=reconnect,
                              max_reconnect_attempts=-1, reconnect_time_wait=0.25,
                              error_cb=on_error, **(auth or NatsAuth()).connect_options()),
                 max(0.1, deadline - time.monotonic()))

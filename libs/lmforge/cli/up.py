@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.runtime.nats_server import free_port, home_server
+from lmforge.runtime.nats_cluster import home_cluster
+from lmforge.runtime.nats_server import NatsServer, free_port, home_server
 from lmforge.runtime.supervisor import NatsUnreachable, Supervisor, state_file
 from lmforge.security.nats_connect import NatsAuth
 from lmforge.security.nats_secrets import ensure_nats_secrets
@@ -63,7 +64,8 @@ def home_nats_auth(home: Path, role: str = "client") -> NatsAuth:
 
 
 def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
-                   env: dict[str, str], open_nats: bool = False) -> int:
+                   env: dict[str, str], open_nats: bool = False,
+                   nats_cluster: int = 0) -> int:
     """Start NATS (unless given one) and the services; run until SIGTERM/SIGINT."""
     home = home.resolve()
     if read_state(home):
@@ -72,14 +74,21 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # The home's own nats-server, on the ports it had last time (the supervisor starts
     # it first, restarts it if it dies, and stops it last).
+    # With `nats_cluster`, that many routed nodes instead (`nats_cluster.home_cluster`),
+    # each with the same users, permissions and TLS.
     secrets = server = None
+    cluster: list[NatsServer] = []
     if nats_url is None:
         if open_nats:
             log.warning("NATS is OPEN: no credentials, no TLS (--open-nats); any local "
                         "process may publish any event and read any bucket")
         else:
             secrets = ensure_nats_secrets(home / "secrets")
-        server = home_server(home, config_file=secrets.server_config if secrets else None)
+        config_file = secrets.server_config if secrets else None
+        if nats_cluster:
+            cluster = home_cluster(home, nats_cluster, config_file=config_file)
+        else:
+            server = home_server(home, config_file=config_file)
     gateway_port = gateway_port or free_port()
     gateway = f"127.0.0.1:{gateway_port}"
     metrics_base = free_port()
@@ -92,7 +101,7 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
         **env,
     }
     supervisor = Supervisor(home=home, nats_url=nats_url or "", nats_server=server, env=env,
-                            nats_secrets=secrets,
+                            nats_secrets=secrets, nats_cluster=cluster,
                             gateway=gateway, gateway_metrics_base=metrics_base,
                             http=f"http://127.0.0.1:{http_port}/v1")
 
@@ -109,8 +118,9 @@ def run_foreground(home: Path, *, nats_url: str | None, gateway_port: int,
         log.error("%s", exc)
         return 1
     finally:
-        if server is not None:
-            server.stop()
+        for node in [server, *cluster]:
+            if node is not None:
+                node.stop()
         state_file(home).unlink(missing_ok=True)
     return 0
 

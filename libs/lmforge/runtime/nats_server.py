@@ -72,6 +72,11 @@ class NatsServer:
     None: an open server, as the test fixtures use."""
     tls: bool = False
     """The configuration requires TLS on the client port (the URL says tls://)."""
+    server_name: str = "lmforge-embedded"
+    cluster_name: str = ""
+    """Set, with `cluster_port` and `routes`: a node of a JetStream cluster."""
+    cluster_port: int = 0
+    routes: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -85,10 +90,14 @@ class NatsServer:
         args = [
             str(nats_server_binary()), "-js", "-sd", str(self.store_dir),
             "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
-            "--server_name", "lmforge-embedded",
+            "--server_name", self.server_name,
         ]
         if self.config_file is not None:
             args += ["-c", str(self.config_file)]
+        if self.cluster_name:
+            args += ["--cluster_name", self.cluster_name,
+                     "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
+                     "--routes", ",".join(self.routes)]
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log_out = self.log_file.open("ab") if self.log_file else None

@@ -49,6 +49,7 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -215,13 +216,19 @@ class Supervisor:
                  stop_grace_s: float = 60.0, nats_timeout_s: float = 30.0,
                  commands: Mapping[ServiceName, Sequence[str]] | None = None,
                  nats_server: NatsServer | None = None,
-                 nats_secrets: NatsSecrets | None = None) -> None:
+                 nats_secrets: NatsSecrets | None = None,
+                 nats_cluster: Sequence[NatsServer] = ()) -> None:
         """`nats_server`: the embedded server to start first, watch and stop last (its URL
-        is then the NATS URL); without one, `nats_url` is a server run by someone else.
-        `nats_secrets`: the credentials and CA of a secured NATS (one per service)."""
+        is then the NATS URL); `nats_cluster`: the nodes of an embedded JetStream cluster,
+        each watched the same way, streams and buckets at one replica per node; without
+        either, `nats_url` is a server run by someone else. `nats_secrets`: the
+        credentials and CA of a secured NATS (one per service)."""
         self.home = home.resolve()
         self.nats_secrets = nats_secrets
-        self.nats = EmbeddedNats(nats_server) if nats_server is not None else None
+        servers = [nats_server] if nats_server is not None else list(nats_cluster)
+        self.nats_nodes = [EmbeddedNats(server) for server in servers]
+        self.nats = self.nats_nodes[0] if self.nats_nodes else None
+        self.stream_replicas = len(self.nats_nodes) if len(self.nats_nodes) > 1 else 1
         self._nats_url = nats_url
         self.nats_connected = False
         """The supervisor's own connection is up (kept by the NATS client's callbacks)."""
@@ -247,7 +254,9 @@ class Supervisor:
 
     @property
     def nats_url(self) -> str:
-        return self.nats.server.url if self.nats is not None else self._nats_url
+        if self.nats_nodes:
+            return ",".join(node.server.url for node in self.nats_nodes)
+        return self._nats_url
 
     def auth_for(self, role: str) -> NatsAuth:
         """The credential and CA of `role` (a service, `client`, `admin`); none if open."""
@@ -280,6 +289,8 @@ class Supervisor:
         })
         env["LMFORGE_METRICS_PORT"] = str(self.metrics_ports.port(replica.service,
                                                                    replica.index))
+        if self.stream_replicas > 1:
+            env["LMFORGE_STREAM_REPLICAS"] = str(self.stream_replicas)
         replica.ready_file.unlink(missing_ok=True)
         with replica.log_path.open("ab") as out:
             # Its own process group: a terminal's Ctrl-C reaches the supervisor only,
@@ -349,7 +360,13 @@ class Supervisor:
     def nats_status(self) -> dict[str, Any]:
         """NATS as `lmforge status` shows it: running, starting (the embedded server's
         process is up, not answering yet) or down; restarts of the embedded server."""
-        if self.nats is not None:
+        if len(self.nats_nodes) > 1:
+            nodes = [{"name": node.server.server_name, "url": node.server.url,
+                      **node.status(connected=self.nats_connected)}
+                     for node in self.nats_nodes]
+            status = {**nodes[0], "state": "running" if self.nats_connected else "down",
+                      "restarts": sum(n["restarts"] for n in nodes), "nodes": nodes}
+        elif self.nats is not None:
             status = self.nats.status(connected=self.nats_connected)
         else:
             status = {"state": "running" if self.nats_connected else "down",
@@ -464,31 +481,47 @@ class Supervisor:
             raise NatsUnreachable(f"cannot reach NATS at {self.nats_url} within "
                                   f"{self.nats_timeout_s:.0f}s") from exc
         try:
-            await ensure_streams(nc.jetstream())
-            # Every bucket too: with NATS security on, services may use them, not make them.
-            for bucket in Bucket:
-                await ensure_kv(nc.jetstream(), bucket)
+            await self._ensure_streams(nc)
         except BaseException:
             await nc.close()
             raise
         self.nats_connected = nc.is_connected
         return nc
 
+    async def _ensure_streams(self, nc: Client) -> None:
+        """Create the streams and every bucket (with NATS security on, services may use
+        them, not make them); a fresh cluster answers "JetStream system temporarily
+        unavailable" until it has elected its meta leader, so that is waited out."""
+        deadline = time.monotonic() + self.nats_timeout_s
+        while True:
+            try:
+                await ensure_streams(nc.jetstream(), replicas=self.stream_replicas)
+                for bucket in Bucket:
+                    await ensure_kv(nc.jetstream(), bucket, replicas=self.stream_replicas)
+                return
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError,
+                    nats.js.errors.APIError) as exc:
+                if self.stream_replicas == 1 or time.monotonic() > deadline:
+                    raise NatsUnreachable(f"NATS at {self.nats_url} did not create the "
+                                          f"streams: {exc}") from exc
+                await asyncio.sleep(0.5)
+
     async def start_nats(self) -> None:
-        """Start the embedded nats-server, if this supervisor has one and it is not running."""
-        if self.nats is None or self.nats.server.alive():
-            return
+        """Start the embedded nats-server(s) that are not running, together (the nodes of
+        a cluster wait for each other's routes)."""
+        idle = [node for node in self.nats_nodes if not node.server.alive()]
         try:
-            await asyncio.to_thread(self.nats.server.start)
+            await asyncio.gather(*(asyncio.to_thread(node.server.start) for node in idle))
         except (OSError, RuntimeError, TimeoutError) as exc:
             raise NatsUnreachable(f"cannot start the embedded nats-server: {exc}") from exc
-        self.nats.started_at = time.monotonic()
-        log.info("embedded nats-server listening on %s (JetStream store %s)", self.nats_url,
-                 self.nats.server.store_dir)
+        for node in idle:
+            node.started_at = time.monotonic()
+            log.info("embedded nats-server %s listening on %s (JetStream store %s)",
+                     node.server.server_name, node.server.url, node.server.store_dir)
 
     def watch_nats(self) -> None:
-        if self.nats is not None:
-            self.nats.watch(time.monotonic())
+        for node in self.nats_nodes:
+            node.watch(time.monotonic())
 
     async def run(self, stop: asyncio.Event) -> None:
         """NATS and the streams first, then the services; until `stop`, then stop them
@@ -512,9 +545,11 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     await nc.close()
         finally:
-            if self.nats is not None and self.nats.server.alive():
-                log.info("services stopped; stopping the nats-server")
-                self.nats.server.stop()
+            for node in self.nats_nodes:
+                if node.server.alive():
+                    log.info("services stopped; stopping the nats-server %s",
+                             node.server.server_name)
+                    node.server.stop()
 
     async def shutdown(self) -> None:
         """Stop the services (SIGTERM, then SIGKILL after `stop_grace_s`). NATS is kept
