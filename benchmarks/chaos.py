@@ -188,9 +188,9 @@ def all_back(state: dict[str, Any] | None, target: str, killed: Sequence[int],
     return bool(pids) and not set(pids) & set(killed)
 
 
-async def replica_counts(url: str) -> list[int]:
+async def replica_counts(url: str, home: Path) -> list[int]:
     """Replicas of the event stream, the dead letters and the stage-record bucket."""
-    nc = await connect(url)
+    nc = await connect(url, home)
     try:
         js = nc.jetstream()
         await js.key_value(Bucket.STAGE_RECORDS)  # created by the services on first use
@@ -264,11 +264,16 @@ class StreamReader:
         return {e.headers.get(Header.MSG_ID, "") for e in self.events}
 
 
-async def connect(url: str) -> nats.NATS:
+async def connect(url: str, home: Path) -> nats.NATS:
+    """The admin connection of the running `lmforge up` of `home` (its credential and CA:
+    reading the stage-record bucket is not the client role's right)."""
+    from lmforge.cli.up import home_nats_auth
+
     async def quiet(exc: Exception) -> None:
         return None
 
-    return await nats.connect(url.split(","), max_reconnect_attempts=-1,
+    return await nats.connect(url.split(","), **home_nats_auth(home, "admin").connect_options(),
+                              max_reconnect_attempts=-1,
                               reconnect_time_wait=0.3, connect_timeout=2, error_cb=quiet)
 
 
@@ -336,7 +341,7 @@ class ChaosSession:
         fault = (asyncio.create_task(self._kill_and_time(target, started + kill_after_s,
                                                          report))
                  if target else None)
-        nc = await connect(self.nats_url)
+        nc = await connect(self.nats_url, self.home)
         try:
             outcome_at = await self._wait_for_outcome(nc, run_id, started, report)
             if fault is not None:
@@ -358,7 +363,7 @@ class ChaosSession:
                  if nats_fault else None)
         await asyncio.sleep(max(0.0, at - time.monotonic()))
         if target == NATS_LEADER:
-            nc = await connect(self.nats_url)
+            nc = await connect(self.nats_url, self.home)
             try:
                 report.killed_node = await stream_leader(nc)
             finally:
@@ -397,7 +402,10 @@ class ChaosSession:
 
         bus = EventBus("chaos-probe")
         bus.journal = PublishJournal(self.journal)
-        await bus.connect(self.nats_url, stream_replicas=self.config.nats_cluster or 1)
+        from lmforge.cli.up import home_nats_auth
+
+        await bus.connect(self.nats_url, stream_replicas=self.config.nats_cluster or 1,
+                          auth=home_nats_auth(self.home, "admin"))
         last = time.monotonic()
         try:
             while True:
@@ -557,8 +565,8 @@ async def run_session(config: ChaosConfig, workdir: Path) -> dict[str, Any]:
             reports.append(report)
             print(json.dumps({k: v for k, v in asdict(report).items()
                               if k not in ("outputs",)}), file=sys.stderr, flush=True)
-        replicas = await replica_counts(session.nats_url)
-        async_nc = await connect(session.nats_url)
+        replicas = await replica_counts(session.nats_url, session.home)
+        async_nc = await connect(session.nats_url, session.home)
         try:
             await session.stream.catch_up(async_nc)
             await session.dead.catch_up(async_nc)
