@@ -189,15 +189,17 @@ class EventBus:
     # -- connection -----------------------------------------------------------------
 
     async def connect(self, url: str, *, connect_timeout_s: float = 30.0,
-                      stream_replicas: int = 1, auth: NatsAuth | None = None) -> None:
+                      stream_replicas: int | None = None, auth: NatsAuth | None = None
+                      ) -> None:
         """Connect (retrying until `connect_timeout_s`) and make sure the streams exist,
-        with `stream_replicas` copies each (LMFORGE_STREAM_REPLICAS).
+        with `stream_replicas` copies each (LMFORGE_STREAM_REPLICAS); None (the CLI, a
+        client that cannot know): streams already there are used as they are.
 
         `auth`: the credential and CA (LMFORGE_NATS_CREDS/_CA). A server that refuses
         them is retried like an absent one (the supervisor may be rotating them); the
         error says why, once in the log and again if the deadline passes.
         """
-        self.stream_replicas = stream_replicas
+        self.stream_replicas = stream_replicas or 1
         deadline = time.monotonic() + connect_timeout_s
         self.connection_log = ConnectionLog(self.service, url)
         while True:
@@ -388,9 +390,11 @@ def _raw(msg: Msg) -> RawMessage:
                       stream_seq=msg.metadata.sequence.stream, keep_alive=msg.in_progress)
 
 
-async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
+async def ensure_streams(js: JetStreamContext, *, replicas: int | None = 1) -> None:
     """Create (or update) the file-backed streams, `replicas` copies each (R3 on a
-    three-node cluster); safe for every process to call.
+    three-node cluster); safe for every process to call. `replicas=None`: keep the copies
+    an existing stream has (a client such as `lmforge run` on a cluster's R3 streams used
+    to ask for R1, an update its role may not make: its run was never published).
 
     A stream already there with the subjects and replicas wanted is left alone, so a
     process that may only read stream info (every service, with NATS security on: the
@@ -404,14 +408,14 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
             retention=api.RetentionPolicy.LIMITS,
             duplicate_window=120.0,
             max_age=30 * 24 * 3600.0,
-            num_replicas=replicas,
+            num_replicas=replicas or 1,
         ),
         api.StreamConfig(
             name=subjects.DEAD_LETTER_STREAM,
             subjects=[f"{subjects.DEAD_LETTER_PREFIX}.>"],
             storage=api.StorageType.FILE,
             duplicate_window=120.0,
-            num_replicas=replicas,
+            num_replicas=replicas or 1,
         ),
     ]
     for config in wanted:
@@ -420,7 +424,7 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
         except nats.js.errors.NotFoundError:
             info = None
         if info is not None and set(info.config.subjects or ()) == set(
-                config.subjects or ()) and (info.config.num_replicas or 1) == replicas:
+                config.subjects or ()) and replicas in (None, info.config.num_replicas or 1):
             continue
         try:
             await js.add_stream(config)

@@ -73,3 +73,21 @@ def test_streams_and_buckets_are_replicated_on_three_nodes(nats_cluster):
 
     stream_replicas, followers, dead_replicas, bucket_replicas = asyncio.run(scenario())
     assert (stream_replicas, followers, dead_replicas, bucket_replicas) == (3, 2, 3, 3)
+
+
+def test_a_client_that_does_not_name_replicas_leaves_r3_streams_as_they_are(nats_cluster):
+    """`lmforge run` connects without knowing the cluster's size: it used to ask for R1
+    streams, an update the client role may not make, and its dataset.ready was lost."""
+    async def scenario() -> int:
+        services = EventBus("scheduler")
+        await _connect_when_meta_leader_is_elected(services, nats_cluster, 3)
+        client = EventBus("cli")
+        try:
+            await client.connect(",".join(nats_cluster), connect_timeout_s=10)
+            info = await client.js.stream_info(subjects.STREAM)
+            return info.config.num_replicas or 0
+        finally:
+            await client.close(grace_s=1)
+            await services.close(grace_s=1)
+
+    assert asyncio.run(scenario()) == 3
