@@ -269,12 +269,13 @@ class EventBus:
         but unanswered (a leader election), it gives up after `retry_for_s`.
         """
         subject = subjects.for_message(event)
+        concrete = subject.for_tenant(str(getattr(event, "tenant", "")))
         hdrs = event_headers(event, msg_id=msg_id, extra=headers)
         data = event.SerializeToString()
         delay, deadline = 0.05, time.monotonic() + retry_for_s
         while True:
             try:
-                ack = await self.js.publish(subject.name, data, headers=hdrs, timeout=5)
+                ack = await self.js.publish(concrete, data, headers=hdrs, timeout=5)
                 EVENTS_PUBLISHED.labels(subject.name).inc()
                 if self.journal is not None:
                     self.journal.record(subject=subject.name, msg_id=msg_id,
@@ -282,12 +283,12 @@ class EventBus:
                                         duplicate=bool(ack.duplicate))
                 return
             except TRANSIENT_NATS_ERRORS as exc:
-                if subject.name.lower() in self.connection_log.refused_publishes:
+                if concrete.lower() in self.connection_log.refused_publishes:
                     raise PermissionError(f"NATS refused {self.service} publishing "
-                                          f"{subject.name}: not among its permissions "
+                                          f"{concrete}: not among its permissions "
                                           f"(lmforge.security.nats_roles)") from exc
                 if self._server_reachable() and time.monotonic() > deadline:
-                    raise ConnectionError(f"publish to {subject.name} failed: {exc}") from exc
+                    raise ConnectionError(f"publish to {concrete} failed: {exc}") from exc
                 if not self._server_reachable():
                     deadline = time.monotonic() + retry_for_s  # the clock runs when it is up
                 await asyncio.sleep(delay)
@@ -314,22 +315,39 @@ class EventBus:
     async def start(self) -> None:
         """Start one fetch loop per subscription."""
         for sub in self._subscriptions:
-            psub = await self.js.pull_subscribe(
-                sub.subject.name,
-                durable=sub.durable,
-                stream=subjects.STREAM,
-                config=api.ConsumerConfig(
-                    durable_name=sub.durable,
-                    ack_policy=api.AckPolicy.EXPLICIT,
-                    deliver_policy=api.DeliverPolicy.ALL,
-                    ack_wait=sub.ack_wait_s,
-                    # We count deliveries ourselves so the last one can be
-                    # dead-lettered with its reason; this is only a backstop.
-                    max_deliver=sub.max_deliver + 2,
-                    filter_subject=sub.subject.name,
-                ),
+            config = api.ConsumerConfig(
+                durable_name=sub.durable,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                ack_wait=sub.ack_wait_s,
+                # We count deliveries ourselves so the last one can be
+                # dead-lettered with its reason; this is only a backstop.
+                max_deliver=sub.max_deliver + 2,
+                filter_subject=sub.subject.pattern,
             )
+            await self._align_filter(config)
+            psub = await self.js.pull_subscribe(
+                sub.subject.pattern, durable=sub.durable, stream=subjects.STREAM,
+                config=config)
             self._tasks.append(asyncio.create_task(self._fetch_loop(sub, psub)))
+
+    async def _align_filter(self, config: api.ConsumerConfig) -> None:
+        """Move a durable created by an earlier build onto the subject it filters on now.
+
+        nats-py binds to an existing durable as it is; one made when dataset.ready had
+        no tenant token would filter on `lmforge.dataset.ready` and never see another
+        event, with nothing in any log. The server updates a durable's filter in place,
+        keeping its position in the stream.
+        """
+        assert config.durable_name is not None
+        try:
+            info = await self.js.consumer_info(subjects.STREAM, config.durable_name)
+        except nats.js.errors.NotFoundError:
+            return
+        if info.config.filter_subject != config.filter_subject:
+            log.warning("durable %s filtered on %s; moving it to %s", config.durable_name,
+                        info.config.filter_subject, config.filter_subject)
+            await self.js.add_consumer(subjects.STREAM, config)
 
     async def _fetch_loop(self, sub: Subscription,
                           psub: JetStreamContext.PullSubscription) -> None:
@@ -385,7 +403,7 @@ class EventBus:
 
 
 def _raw(msg: Msg) -> RawMessage:
-    return RawMessage(data=msg.data, headers=dict(msg.headers or {}),
+    return RawMessage(data=msg.data, headers=dict(msg.headers or {}), subject=msg.subject,
                       deliveries=msg.metadata.num_delivered,
                       stream_seq=msg.metadata.sequence.stream, keep_alive=msg.in_progress)
 
@@ -403,7 +421,7 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int | None = 1) -> N
     wanted = [
         api.StreamConfig(
             name=subjects.STREAM,
-            subjects=[s.name for s in subjects.ALL],
+            subjects=[s.pattern for s in subjects.ALL],
             storage=api.StorageType.FILE,
             retention=api.RetentionPolicy.LIMITS,
             duplicate_window=120.0,

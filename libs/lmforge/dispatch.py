@@ -238,6 +238,8 @@ class RawMessage:
     headers: dict[str, str]
     deliveries: int
     stream_seq: int
+    subject: str = ""
+    """The subject the server delivered it on (a tenant-scoped one names the tenant)."""
     keep_alive: Callable[[], Awaitable[None]] | None = None
     """Tells the server the handler is still working (JetStream's in-progress ack)."""
 
@@ -336,6 +338,8 @@ class Dispatcher:
         if await self._already_done(ctx):
             log.info("duplicate event ignored")
             return Outcome.DUPLICATE
+        if not await self._tenant_checked(ctx, event):
+            return Outcome.FAILED
         cache_key = await self._cache_key(ctx, event)
         if cache_key is None:
             return Outcome.FAILED
@@ -372,7 +376,38 @@ class Dispatcher:
             return None
         return event
 
-    # -- 2. already done? -------------------------------------------------------------
+    # -- 2. already done? and whose? ---------------------------------------------------
+
+    async def _tenant_checked(self, ctx: HandlingContext, event: Message) -> bool:
+        """On a tenant-scoped subject, the tenant is the subject's token — what the server
+        let the publisher's credential publish — and the event's own field must agree.
+
+        The tenant header is set from the token, overwriting whatever the publisher sent,
+        so every event caused by this one carries the tenant NATS vouched for. A
+        disagreement (a tenant-A credential naming tenant B in the body) fails the run
+        once, with both names, and does no work.
+        """
+        subject = ctx.subscription.subject
+        if not subject.tenant_scoped:
+            return True
+        if not subject.matches(ctx.message.subject):
+            reason = (f"{subject.name} delivered on {ctx.message.subject!r}, which names no "
+                      f"tenant ({subject.pattern})")
+        else:
+            vouched = subject.tenant_of(ctx.message.subject)
+            claimed = str(getattr(event, "tenant", ""))
+            if claimed == vouched:
+                ctx.message.headers[Header.TENANT] = vouched
+                if not vouched:
+                    ctx.message.headers.pop(Header.TENANT, None)
+                return True
+            reason = (f"tenant mismatch: the event claims tenant {claimed!r} but was "
+                      f"published on {ctx.message.subject}, which only tenant "
+                      f"{vouched or '(none)'!r} may publish; publish with that tenant's "
+                      f"credential")
+        await self._fail(ctx, reason, dead_lettered=False)
+        await self._record_done(ctx)
+        return False
 
     def _record_key(self, ctx: HandlingContext) -> str:
         return f"{ctx.subscription.durable}.{payload_digest(ctx.message.data)}"

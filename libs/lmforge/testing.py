@@ -103,7 +103,8 @@ class InMemoryBroker:
     async def publish(self, event: Message, *, msg_id: str,
                       headers: Mapping[str, str] | None = None) -> None:
         """Publish as an outside client would (the CLI, a test)."""
-        await self.append(subjects.for_message(event).name, event.SerializeToString(),
+        subject = subjects.for_message(event).for_tenant(str(getattr(event, "tenant", "")))
+        await self.append(subject, event.SerializeToString(),
                           event_headers(event, msg_id=msg_id, extra=headers))
 
     async def append(self, subject: str, data: bytes, headers: Mapping[str, str]) -> None:
@@ -119,7 +120,7 @@ class InMemoryBroker:
         else:
             self.log.append(stored)
             for consumer in self._consumers.values():
-                if consumer.subscription.subject.name == subject:
+                if consumer.subscription.subject.matches(subject):
                     consumer.queue.put_nowait((stored, 1))
         await self._notify()
 
@@ -130,7 +131,7 @@ class InMemoryBroker:
         consumer = _Consumer(subscription, dispatcher)
         self._consumers[subscription.durable] = consumer
         for stored in self.log:  # deliver policy ALL, as on JetStream
-            if stored.subject == subscription.subject.name:
+            if subscription.subject.matches(stored.subject):
                 consumer.queue.put_nowait((stored, 1))
         self._tasks.append(asyncio.create_task(self._deliver(consumer)))
 
@@ -142,7 +143,7 @@ class InMemoryBroker:
             try:
                 outcome = await consumer.dispatcher.handle(sub, RawMessage(
                     data=stored.data, headers=dict(stored.headers), deliveries=deliveries,
-                    stream_seq=stored.seq))
+                    stream_seq=stored.seq, subject=stored.subject))
                 consumer.outcomes.append(outcome)
                 if outcome is Outcome.RETRIED:
                     asyncio.get_running_loop().call_later(
@@ -158,12 +159,12 @@ class InMemoryBroker:
 
     def events(self, subject: Subject[M], *, run_id: str | None = None) -> list[M]:
         """The events on `subject` so far, decoded, optionally of one run."""
-        found = [m.decode(subject) for m in self.log if m.subject == subject.name]
+        found = [m.decode(subject) for m in self.log if subject.matches(m.subject)]
         return [e for e in found if run_id is None or getattr(e, "run_id", "") == run_id]
 
     def messages(self, subject: Subject[Message], *, run_id: str | None = None
                  ) -> list[StoredMessage]:
-        return [m for m in self.log if m.subject == subject.name and (
+        return [m for m in self.log if subject.matches(m.subject) and (
             run_id is None or m.headers.get(Header.RUN_ID) == run_id)]
 
     async def wait_for(self, subject: Subject[M], count: int, *, run_id: str | None = None,

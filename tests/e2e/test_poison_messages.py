@@ -38,7 +38,7 @@ def test_malformed_events_on_every_consumed_subject(nats_server, tmp_path):
             await bus.connect(nats_server.url)
             for i, subject in enumerate({subject for _, subject in CONSUMED}):
                 # A truncated varint: never a valid protobuf message.
-                await bus.js.publish(subject.name, b"\x0a\xff\xff\xff",
+                await bus.js.publish(subject.for_tenant(""), b"\x0a\xff\xff\xff",
                                      headers={Header.RUN_ID: f"poison-{i}"})
             expected = len(CONSUMED)  # model.trained is consumed twice
             failed = await wait_for_events(nats_server.url, subjects.STAGE_FAILED, expected,

@@ -88,7 +88,7 @@ def test_run_follow_reconnects_to_the_url_in_the_state_file_after_nats_restarts(
              "--run-id", RUN, "--follow", "--json", "--timeout", "120"],
             env={**os.environ, "LMFORGE_HOME": str(home)}, stdout=stdout, stderr=stderr)
     try:
-        _wait_for(lambda: asyncio.run(_stored(first.url, subjects.DATASET_READY.name)),
+        _wait_for(lambda: asyncio.run(_stored(first.url, subjects.DATASET_READY.pattern)),
                   "the follower never published dataset.ready")
         asyncio.run(_publish(first.url, ev.DatasetPrepared(run_id=RUN)))
         _wait_for(lambda: subjects.DATASET_PREPARED.name in out.read_text(),

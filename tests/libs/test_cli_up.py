@@ -49,9 +49,12 @@ def _status(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
 
 async def _publish_core(url: str, home: Path, event: ev.DatasetReady) -> None:
     # as an outside publisher does: the `client` role
-    nc = await nats.connect(url, **home_nats_auth(home, "client").connect_options())
+    auth = home_nats_auth(home, "client")
+    event.tenant = auth.tenant  # the credential's tenant, on the subject it may publish
+    nc = await nats.connect(url, **auth.connect_options())
     try:
-        await nc.publish(subjects.DATASET_READY.name, event.SerializeToString())
+        await nc.publish(subjects.DATASET_READY.for_tenant(auth.tenant),
+                         event.SerializeToString())
         await nc.flush()
     finally:
         await nc.close()
@@ -64,7 +67,7 @@ async def _run_began(url: str, home: Path, timeout_s: float) -> str:
     try:
         js = nc.jetstream()
         try:
-            kept = await js.get_last_msg(subjects.STREAM, subjects.DATASET_READY.name)
+            kept = await js.get_last_msg(subjects.STREAM, subjects.DATASET_READY.pattern)
         except nats.js.errors.NotFoundError:
             kept = None
         assert kept is not None and kept.data is not None and subjects.DATASET_READY.decode(

@@ -23,7 +23,8 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, Subscription
 from lmforge.runtime.nats_server import NatsServer
 from lmforge.security.nats_connect import NatsAuth
-from lmforge.security.nats_secrets import NatsSecrets, ensure_nats_secrets
+from lmforge.security.nats_roles import inbox_prefix
+from lmforge.security.nats_secrets import NatsSecrets, add_tenant_client, ensure_nats_secrets
 
 pytestmark = pytest.mark.connected
 
@@ -35,6 +36,8 @@ ARTIFACT_BUCKETS = (Bucket.STAGE_RECORDS, Bucket.STAGE_CACHE, Bucket.DEPLOYMENTS
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServer, NatsSecrets]]:
     root = tmp_path_factory.mktemp("secured")
     found = ensure_nats_secrets(root / "secrets")
+    for tenant in ("acme", "globex"):
+        add_tenant_client(found, tenant)
     server = NatsServer(store_dir=root / "nats", log_file=root / "nats.log",
                         config_file=found.server_config, tls=True).start()
 
@@ -61,6 +64,10 @@ def synced(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None
 
 def auth(found: NatsSecrets, role: str) -> NatsAuth:
     return NatsAuth.from_files(found.credential_path(role), found.tls.ca)
+
+
+def tenant_auth(found: NatsSecrets, tenant: str) -> NatsAuth:
+    return NatsAuth.from_files(found.client_path(tenant), found.tls.ca)
 
 
 @contextlib.asynccontextmanager
@@ -133,11 +140,82 @@ async def test_the_client_role_starts_runs_but_cannot_publish_model_exported(sec
     bus = EventBus("cli")
     await bus.connect(server.url, auth=auth(found, "client"), connect_timeout_s=5)
     try:
-        await bus.publish(ev.DatasetReady(run_id="sec-1", dataset_uri="/data/x"),
+        await bus.publish(ev.DatasetReady(run_id="sec-1", dataset_uri="/data/x",
+                                          tenant=auth(found, "client").tenant),
                           msg_id="sec-1:dataset.ready")
         with pytest.raises(PermissionError, match=r"lmforge\.model\.exported"):
             await bus.publish(ev.ModelExported(run_id="sec-1"), msg_id="sec-1:exported",
                               retry_for_s=1)
+    finally:
+        await bus.close()
+
+
+@synced
+async def test_a_tenant_credential_cannot_start_a_run_as_another_tenant(secured) -> None:
+    """The server refuses acme's credential on globex's subject; on its own subject, a body
+    naming globex is refused by data-prep (the tenant is the subject's); an honest run
+    reaches data-prep as acme, whatever tenant header it forged."""
+    server, found = secured
+    seen: list[tuple[str, str]] = []
+
+    async def prepare(event: ev.DatasetReady, delivery: Delivery) -> None:
+        seen.append((event.run_id, delivery.tenant))
+
+    data_prep = EventBus(ServiceName.DATA_PREP)
+    acme = EventBus("cli")
+    await data_prep.connect(server.url, auth=auth(found, "data-prep"), connect_timeout_s=5)
+    await acme.connect(server.url, auth=tenant_auth(found, "acme"), connect_timeout_s=5)
+    try:
+        with pytest.raises(PermissionError, match=r"lmforge\.dataset\.ready\.globex"):
+            await acme.publish(ev.DatasetReady(run_id="as-globex", tenant="globex"),
+                               msg_id="as-globex:ready", retry_for_s=1)
+        forged = ev.DatasetReady(run_id="forged-body", tenant="globex")
+        await acme.js.publish(subjects.DATASET_READY.for_tenant("acme"),
+                              forged.SerializeToString(), timeout=5,
+                              headers={"Lmforge-Run-Id": "forged-body"})
+        await acme.publish(ev.DatasetReady(run_id="honest", tenant="acme"),
+                           msg_id="honest:ready", headers={"Lmforge-Tenant": "globex"})
+        data_prep.subscribe(Subscription(
+            subject=subjects.DATASET_READY, handler=prepare,  # type: ignore[arg-type]
+            durable=durable_name(ServiceName.DATA_PREP, subjects.DATASET_READY),
+            ack_wait_s=10, max_deliver=2))
+        await data_prep.start()
+        async with connected(server, found, "admin") as (nc, _):
+            sub = await nc.jetstream().subscribe(subjects.STAGE_FAILED.name,
+                                                 ordered_consumer=True, stream=subjects.STREAM)
+            failed = subjects.STAGE_FAILED.decode((await sub.next_msg(timeout=10)).data)
+        for _ in range(100):
+            if any(run_id == "honest" for run_id, _ in seen):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await data_prep.close(grace_s=5)
+        await acme.close()
+    assert failed.run_id == "forged-body" and "tenant mismatch" in failed.reason
+    mine = {"as-globex", "forged-body", "honest"}  # the module's server holds other runs
+    assert [(run_id, tenant) for run_id, tenant in seen if run_id in mine] == [
+        ("honest", "acme")]
+
+
+@synced
+async def test_a_tenant_created_while_running_counts_after_a_reload(secured) -> None:
+    """`lmforge tenants create` on a running server: the credential is refused until the
+    server re-reads its configuration (SIGHUP), then may publish its own subject."""
+    import signal
+
+    server, found = secured
+    path, created = add_tenant_client(found, "initech")
+    assert created and path == found.client_path("initech")
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(server.url, allow_reconnect=False, connect_timeout=2,
+                           **tenant_auth(found, "initech").connect_options())
+    assert server.process is not None
+    server.process.send_signal(signal.SIGHUP)
+    bus = EventBus("cli")
+    await bus.connect(server.url, auth=tenant_auth(found, "initech"), connect_timeout_s=10)
+    try:
+        await bus.publish(ev.DatasetReady(run_id="initech-1", tenant="initech"),
+                          msg_id="initech-1:ready", retry_for_s=5)
     finally:
         await bus.close()
 
@@ -176,7 +254,7 @@ async def test_a_client_cannot_listen_to_other_users_replies(secured) -> None:
     server, found = secured
     async with connected(server, found, "client") as (nc, errors):
         await nc.subscribe("_INBOX.>")
-        await nc.subscribe("_INBOX_inference_gateway.>")
+        await nc.subscribe(f"{inbox_prefix(ServiceName.INFERENCE_GATEWAY)}.>")
         await nc.flush()
         await asyncio.sleep(0.2)
     assert sum("permissions violation for subscription" in e.lower() for e in errors) == 2

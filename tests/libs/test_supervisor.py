@@ -204,7 +204,7 @@ def test_a_killed_nats_server_is_restarted_on_its_port_and_store(tmp_path: Path)
     async def publish(url: str) -> None:
         nc = await nats.connect(url)
         try:
-            await nc.jetstream().publish(subjects.DATASET_READY.name, b"", timeout=5)
+            await nc.jetstream().publish(subjects.DATASET_READY.for_tenant(""), b"", timeout=5)
         finally:
             await nc.close()
 

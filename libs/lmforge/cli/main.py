@@ -686,6 +686,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return _unreachable(exc)
 
 
+def cmd_tenants(args: argparse.Namespace) -> int:
+    from lmforge.cli.tenants import run_tenants
+    from lmforge.cli.up import read_state
+
+    settings = _settings()
+    return run_tenants(args, settings.home.resolve(), read_state(settings.home))
+
+
 # -- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -873,6 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.cli.keys import add_keys_parser
 
     add_keys_parser(sub, cmd_keys)
+    from lmforge.cli.tenants import add_tenants_parser
+
+    add_tenants_parser(sub, cmd_tenants)
     return parser
 
 

@@ -257,7 +257,8 @@ async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow:
                 except (KeyError, DecodeError):
                     continue
                 ts = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else 0.0
-                yield msg.subject, event, ts, (msg.headers or {}).get(Header.CACHED_FROM, "")
+                # the catalog name: a tenant-scoped subject arrives with its tenant token
+                yield subject.name, event, ts, (msg.headers or {}).get(Header.CACHED_FROM, "")
         except (nats.errors.ConnectionClosedError, nats.errors.TimeoutError,
                 nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
             # Gone, or back but JetStream still recovering its store.

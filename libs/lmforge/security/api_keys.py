@@ -22,10 +22,10 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 
+from lmforge.contracts.subjects import TENANT_PATTERN
 from lmforge.dispatch import KeyValue
 
 KEY_PREFIX = "lmf"
-TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _KEY = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_-]{{20,100}})$")
 
 

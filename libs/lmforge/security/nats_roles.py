@@ -9,7 +9,10 @@ creates them all before any service starts (`bus.ensure_streams`/`ensure_kv`
 only read what exists when it is there).
 
 `client` is the CLI and any outside publisher: it may publish
-`lmforge.dataset.ready`, follow the event stream through ephemeral consumers
+`lmforge.dataset.ready.<its tenant>` and no other tenant's (the tenant is a
+subject token, so the server itself refuses a tenant-A credential starting a run
+as tenant B; data-prep takes the tenant from the token and refuses an event
+whose body names another), follow the event stream through ephemeral consumers
 (`lmforge runs`, `run --follow`), read the cost ledger, and nothing else — no
 artifact-bearing bucket, no durable consumer, no other subject. `admin` (the
 supervisor, `lmforge scale`, `lmforge keys`) may do anything.
@@ -29,6 +32,8 @@ from lmforge.contracts.names import CONSUMES, PRODUCES, Bucket, ServiceName, dur
 
 CLIENT = "client"
 ADMIN = "admin"
+DEFAULT_TENANT = "default"
+"""The tenant of the `client` credential `lmforge up` generates."""
 ROLES: tuple[str, ...] = (*(str(s) for s in ServiceName), CLIENT, ADMIN)
 """Every role a credential is generated for."""
 
@@ -69,8 +74,10 @@ class Permissions:
 
 
 def inbox_prefix(user: str) -> str:
-    """The reply subjects of `user`: only it may subscribe below this prefix."""
-    return f"_INBOX_{user.replace('-', '_')}"
+    """The reply subjects of `user`: only it may subscribe below this prefix. The user
+    name is kept as it is (a subject token may hold '-'), so two users never share one:
+    tenants `a-b` and `a_b` are two clients with two inboxes."""
+    return f"_INBOX_{user}"
 
 
 def _js(*tokens: str) -> str:
@@ -130,25 +137,31 @@ def service_permissions(service: ServiceName) -> Permissions:
     return Permissions(tuple(publish), (f"{inbox_prefix(service)}.>",))
 
 
-def client_permissions() -> Permissions:
+def client_user(tenant: str) -> str:
+    """The NATS user of `tenant`'s client credential (`client` for the default one)."""
+    return CLIENT if tenant in ("", DEFAULT_TENANT) else f"{CLIENT}-{tenant}"
+
+
+def client_permissions(tenant: str) -> Permissions:
+    """A client of `tenant`: dataset.ready on its own tenant's subject only."""
     stream = subjects.STREAM
-    publish = [subjects.DATASET_READY.name, *_stream_info(),
+    publish = [subjects.DATASET_READY.for_tenant(tenant), *_stream_info(),
                # ephemeral ordered consumers only: the server refuses a durable name on
                # this subject, and no consumer of the client's can be fetched from
                _js("CONSUMER", "CREATE", stream), f"$JS.FC.{stream}.>"]
     for bucket in CLIENT_READS:
         publish += _kv_read(bucket)
-    return Permissions(tuple(publish), (f"{inbox_prefix(CLIENT)}.>",))
+    return Permissions(tuple(publish), (f"{inbox_prefix(client_user(tenant))}.>",))
 
 
 def admin_permissions() -> Permissions:
     return Permissions((">",), (">",))
 
 
-def role_permissions(role: str) -> Permissions:
-    """The permissions of `role`: a service name, `client` or `admin`."""
+def role_permissions(role: str, *, tenant: str = "") -> Permissions:
+    """The permissions of `role`: a service name, `client` (of `tenant`) or `admin`."""
     if role == CLIENT:
-        return client_permissions()
+        return client_permissions(tenant)
     if role == ADMIN:
         return admin_permissions()
     return service_permissions(ServiceName(role))

@@ -26,12 +26,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmforge.security.nats_roles import ROLES, inbox_prefix, role_permissions
+from lmforge.contracts.subjects import TENANT_PATTERN
+from lmforge.runtime.nats_server import EMBEDDED_SERVER_NAME
+from lmforge.security.nats_roles import (
+    CLIENT,
+    DEFAULT_TENANT,
+    ROLES,
+    client_user,
+    inbox_prefix,
+    role_permissions,
+)
 from lmforge.security.secret_files import secure_dir, write_secret
 from lmforge.security.tls_certs import ServerTls, ensure_server_tls
-
-DEFAULT_TENANT = "default"
-"""The tenant of the `client` credential `lmforge up` generates."""
 
 TLS_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 
@@ -94,8 +100,16 @@ class NatsSecrets:
     def credential_path(self, role: str) -> Path:
         return self.root / "nats" / f"{role}.json"
 
+    def client_path(self, tenant: str) -> Path:
+        """The client credential of `tenant` (`nats/client.json` for the default tenant)."""
+        return self.credential_path(client_user(tenant))
+
     def credentials(self) -> list[NatsCredential]:
         return [NatsCredential.load(p) for p in sorted((self.root / "nats").glob("*.json"))]
+
+    def tenants(self) -> list[str]:
+        """The tenants that hold a client credential."""
+        return sorted({c.tenant for c in self.credentials() if c.role == CLIENT})
 
 
 def render_server_config(secrets_: NatsSecrets, *, paths_root: Path | None = None) -> str:
@@ -107,8 +121,10 @@ def render_server_config(secrets_: NatsSecrets, *, paths_root: Path | None = Non
     users = []
     for cred in secrets_.credentials():
         users.append({"user": cred.user, "password": cred.password,
-                      "permissions": role_permissions(cred.role).as_config()})
+                      "permissions": role_permissions(cred.role,
+                                                      tenant=cred.tenant).as_config()})
     config = {
+        "server_name": EMBEDDED_SERVER_NAME,
         "tls": {"cert_file": str(root / tls.cert.relative_to(secrets_.root)),
                 "key_file": str(root / tls.key.relative_to(secrets_.root)),
                 "ca_file": str(root / tls.ca.relative_to(secrets_.root)),
@@ -128,9 +144,27 @@ def ensure_nats_secrets(root: Path, *, hosts: Sequence[str] = TLS_HOSTS,
     for role in ROLES:
         path = found.credential_path(role)
         if not path.exists():
-            tenant = DEFAULT_TENANT if role == "client" else ""
+            tenant = DEFAULT_TENANT if role == CLIENT else ""
             new_credential(role, tenant=tenant).save(path)
     ensure_server_tls(secure_dir(found.tls_dir), [*hosts])
     write_secret(found.server_config,
                  render_server_config(found, paths_root=paths_root).encode())
     return found
+
+
+def add_tenant_client(secrets_: NatsSecrets, tenant: str, *,
+                      paths_root: Path | None = None) -> tuple[Path, bool]:
+    """A client credential for `tenant` (kept if there is one) and the server configuration
+    rendered again with its permission on `lmforge.dataset.ready.<tenant>`; returns the
+    credential's path and whether it is new. A running server applies it on a reload
+    (`nats_server.reload`)."""
+    if not TENANT_PATTERN.match(tenant):
+        raise ValueError(f"tenant {tenant!r} must be 1-63 of a-z, 0-9, '-' and '_', "
+                         f"starting with a letter or digit")
+    path = secrets_.client_path(tenant)
+    created = not path.exists()
+    if created:
+        new_credential(CLIENT, user=client_user(tenant), tenant=tenant).save(path)
+    write_secret(secrets_.server_config,
+                 render_server_config(secrets_, paths_root=paths_root).encode())
+    return path, created

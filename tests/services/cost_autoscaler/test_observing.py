@@ -43,14 +43,14 @@ def test_backlog_is_counted_for_the_service_that_owns_each_consumer(nats_server)
             await ensure_streams(js)
             for durable, subject in consumers.items():
                 await js.add_consumer(subjects.STREAM, api.ConsumerConfig(
-                    durable_name=durable, filter_subject=subject.name,
+                    durable_name=durable, filter_subject=subject.pattern,
                     ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL))
             for subject, count in published.items():
                 for _ in range(count):
-                    await js.publish(subject.name, b"")
+                    await js.publish(subject.for_tenant(""), b"")
             # One dataset.ready is in hand (delivered, not yet acked): still backlog.
             data_prep = await js.pull_subscribe(
-                subjects.DATASET_READY.name, stream=subjects.STREAM,
+                subjects.DATASET_READY.pattern, stream=subjects.STREAM,
                 durable=durable_name(ServiceName.DATA_PREP, subjects.DATASET_READY))
             assert len(await data_prep.fetch(1, timeout=5)) == 1
             return await consumer_backlogs(js)
