@@ -17,11 +17,22 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from lmforge.failures import BadInput
+
 if TYPE_CHECKING:
     from lmforge.artifacts import ArtifactStore
     from lmforge.security.nats_connect import NatsAuth
 
 DEFAULT_HOME = Path(".lmforge")
+
+
+class TenantWithoutRoots(BadInput):
+    """A run's tenant has no data roots of its own while per-tenant roots are configured."""
+
+
+def _resolved(roots: list[str]) -> list[str]:
+    return [str(root) if "://" in str(root) else str(Path(root).expanduser().resolve())
+            for root in roots]
 
 
 class PlatformSettings(BaseSettings):
@@ -48,6 +59,13 @@ class PlatformSettings(BaseSettings):
         description="Where datasets may be read from: directories and object-store prefixes "
         "(s3://bucket/prefix/), os.pathsep or comma separated.",
     )
+    tenant_data_roots: Annotated[dict[str, list[str]], NoDecode] = Field(
+        default_factory=dict,
+        description="Data roots per tenant: `acme=/data/acme,globex=/data/globex:s3://g/` "
+        "(a `tenant=` starts a tenant's list; the roots after it, comma or os.pathsep "
+        "separated, are its). Set: a run reads only its tenant's roots (the tenant NATS "
+        "vouched for), and a tenant not listed is refused; an untenanted run (open NATS) "
+        "reads LMFORGE_DATA_ROOTS. Empty: every run reads LMFORGE_DATA_ROOTS.")
     model_roots: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Where base models (local Hugging Face directories) may be read from, "
@@ -86,8 +104,53 @@ class PlatformSettings(BaseSettings):
     def _resolve_roots(cls, roots: list[str]) -> list[str]:
         if not roots:
             raise ValueError("at least one data root is required")
-        return [str(root) if "://" in str(root) else str(Path(root).expanduser().resolve())
-                for root in roots]
+        return _resolved(roots)
+
+    @field_validator("tenant_data_roots", mode="before")
+    @classmethod
+    def _split_tenant_roots(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        from lmforge.contracts.subjects import TENANT_PATTERN
+
+        found: dict[str, list[str]] = {}
+        tenant = ""
+        for part in re.split(rf",|{re.escape(os.pathsep)}(?!//)", value):
+            part = part.strip()
+            head, eq, root = part.partition("=")
+            if eq and TENANT_PATTERN.match(head):
+                tenant, part = head, root.strip()
+                if tenant in found:
+                    raise ValueError(f"tenant {tenant!r} is listed twice")
+                found[tenant] = []
+            elif eq:
+                raise ValueError(f"{head!r} is not a tenant name (1-63 of a-z, 0-9, '-', '_')")
+            if not tenant:
+                raise ValueError(f"root {part!r} comes before any `tenant=`; write "
+                                 f"`acme=/data/acme,globex=/data/globex`")
+            if part:
+                found[tenant].append(part)
+        empty = [t for t, roots in found.items() if not roots]
+        if empty:
+            raise ValueError(f"tenant(s) {empty} have no data roots")
+        return found
+
+    @field_validator("tenant_data_roots")
+    @classmethod
+    def _resolve_tenant_roots(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {tenant: _resolved(roots) for tenant, roots in value.items()}
+
+    def data_roots_for(self, tenant: str) -> list[str]:
+        """Where a run of `tenant` may read data: its own roots when LMFORGE_TENANT_DATA_ROOTS
+        is set (raises TenantWithoutRoots for a tenant it does not list, never another's
+        roots or the shared ones), else LMFORGE_DATA_ROOTS."""
+        if not self.tenant_data_roots or not tenant:
+            return self.data_roots
+        if tenant not in self.tenant_data_roots:
+            raise TenantWithoutRoots(
+                f"tenant {tenant!r} has no data roots: LMFORGE_TENANT_DATA_ROOTS lists "
+                f"{', '.join(sorted(self.tenant_data_roots))}; add {tenant}=/path/to/its/data")
+        return self.tenant_data_roots[tenant]
 
     @field_validator("nats_creds", "nats_ca")
     @classmethod
@@ -104,11 +167,12 @@ class PlatformSettings(BaseSettings):
             raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
         return level
 
-    def base_model_roots(self) -> list[Path]:
-        """Where base models may be read from (LMFORGE_MODEL_ROOTS, else the data roots)."""
+    def base_model_roots(self, tenant: str = "") -> list[Path]:
+        """Where base models may be read from (LMFORGE_MODEL_ROOTS, else the data roots of
+        `tenant`'s runs)."""
         from lmforge.base_models import model_roots
 
-        return model_roots(self.model_roots, self.data_roots)
+        return model_roots(self.model_roots, self.data_roots_for(tenant))
 
     def nats_auth(self) -> NatsAuth:
         """How to authenticate to NATS: LMFORGE_NATS_CREDS and LMFORGE_NATS_CA."""

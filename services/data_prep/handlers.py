@@ -73,18 +73,27 @@ class DataPrepService(Service[DataPrepSettings]):
     def prep_config(self) -> PrepConfig:
         return self.settings.prep_config()
 
+    def data_roots(self, tenant: str) -> DataRoots:
+        """Where a run of `tenant` (the one NATS vouched for: `dispatch`) may read: its own
+        roots with LMFORGE_TENANT_DATA_ROOTS set, else LMFORGE_DATA_ROOTS."""
+        roots = self.settings.data_roots_for(tenant)
+        setting = (f"LMFORGE_TENANT_DATA_ROOTS[{tenant}]"
+                   if tenant and self.settings.tenant_data_roots else "LMFORGE_DATA_ROOTS")
+        return DataRoots.parse(roots, setting=setting)
+
     def _specs(self, event: ev.DatasetReady) -> list[SourceFile]:
         """The dataset's files, each checked against the allowed roots (or BadInput)."""
         validate_request(event)
         config = self.prep_config
-        return list_dataset_files(event.dataset_uri, self.settings.data_roots,
+        return list_dataset_files(event.dataset_uri, self.data_roots(event.tenant),
                                   config=replace(config.read, format=event.format or "auto"))
 
     def base_model(self, event: ev.DatasetReady) -> BaseModelInfo | None:
         """The run's base model, checked (or BaseModelError naming the file and reason)."""
         if not event.training.base_model:
             return None
-        return inspect_base_model(event.training.base_model, self.settings.base_model_roots(),
+        return inspect_base_model(event.training.base_model,
+                                  self.settings.base_model_roots(event.tenant),
                                   allow_pickle=self.settings.base_model_allow_pickle)
 
     def eval_set(self, event: ev.DatasetReady) -> Path | None:
@@ -92,10 +101,10 @@ class DataPrepService(Service[DataPrepSettings]):
         if not event.training.eval_set:
             return None
         path = Path(event.training.eval_set).expanduser().resolve()
-        roots = DataRoots.parse(self.settings.data_roots)
+        roots = self.data_roots(event.tenant)
         if not roots.allows_path(path):
             raise BadInput(f"eval set '{path}' is outside the allowed roots "
-                           f"(LMFORGE_DATA_ROOTS={roots.describe()})")
+                           f"({roots.setting}={roots.describe()})")
         if not path.is_file():
             raise BadInput(f"eval set '{path}' does not exist or is not a file")
         return path
@@ -154,7 +163,7 @@ class DataPrepService(Service[DataPrepSettings]):
         work = self.store.scratch_dir("dataset-")
         stats = await asyncio.to_thread(
             prepare_dataset, event.dataset_uri, event.format, event.text_field or "text", work,
-            config, roots=self.settings.data_roots, seen=seen, log=decisions, base=base,
+            config, roots=self.data_roots(event.tenant), seen=seen, log=decisions, base=base,
             eval_set=eval_path, chat_template=event.training.chat_template,
             packing=event.training.packing)
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)

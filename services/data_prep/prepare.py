@@ -48,7 +48,7 @@ from services.data_prep.pii import PiiConfig, PiiScrubber
 from services.data_prep.quality import QualityConfig, QualityFilter
 from services.data_prep.semantic import SemanticConfig
 from services.data_prep.semantic import curate as semantic_curate
-from services.data_prep.sources import DatasetInputError, ReadConfig, iter_documents
+from services.data_prep.sources import DataRoots, DatasetInputError, ReadConfig, iter_documents
 from services.data_prep.tokenizer_choice import (
     DatasetTokenizer,
     base_tokenizer,
@@ -186,7 +186,7 @@ class CleanStage:
 
 
 def curate(specs: str | Path | Sequence[str | Path], config: PrepConfig, log: DecisionLog, *,
-           roots: Sequence[str | os.PathLike[str]], work_dir: Path,
+           roots: Sequence[str | os.PathLike[str]] | DataRoots, work_dir: Path,
            seen: SignatureIndex | None = None) -> tuple[Iterator[Document], NearDupStage]:
     """The documents that survive reading, cleaning, quality, PII and near-dup removal.
 
@@ -225,7 +225,7 @@ def _texts(path: Path) -> Iterator[str]:
 
 def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_field: str,
                     out_dir: Path, config: PrepConfig, *,
-                    roots: Sequence[str | os.PathLike[str]] | None = None,
+                    roots: Sequence[str | os.PathLike[str]] | DataRoots | None = None,
                     log: DecisionLog | None = None, seen: SignatureIndex | None = None,
                     kept_path: Path | None = None,
                     timings: dict[str, float] | None = None,

@@ -192,9 +192,12 @@ class DataRoots:
     local: tuple[Path, ...] = ()
     buckets: tuple[tuple[str, str], ...] = ()
     """(bucket, key prefix): the prefix is "" (the whole bucket) or ends with "/"."""
+    setting: str = "LMFORGE_DATA_ROOTS"
+    """Where the roots were configured, for messages (a tenant's own roots say so)."""
 
     @classmethod
-    def parse(cls, roots: Iterable[str | os.PathLike[str]] | DataRoots) -> DataRoots:
+    def parse(cls, roots: Iterable[str | os.PathLike[str]] | DataRoots, *,
+              setting: str = "LMFORGE_DATA_ROOTS") -> DataRoots:
         if isinstance(roots, DataRoots):
             return roots
         local: list[Path] = []
@@ -213,7 +216,7 @@ class DataRoots:
             else:
                 raise ValueError(f"data root {text!r}: scheme {scheme!r} is not supported; "
                                  "use a directory or s3://bucket/prefix/")
-        return cls(tuple(local), tuple(buckets))
+        return cls(tuple(local), tuple(buckets), setting)
 
     def describe(self) -> str:
         """The roots as `LMFORGE_DATA_ROOTS` would list them, for messages."""
@@ -300,7 +303,7 @@ def _checked_local(path: Path, roots: DataRoots, *, allow_dir: bool = False) -> 
     resolved = path.resolve()
     if not roots.allows_path(resolved):
         raise DatasetInputError(f"dataset path {str(path)!r} is outside the allowed roots "
-                                f"(LMFORGE_DATA_ROOTS={roots.describe()})")
+                                f"({roots.setting}={roots.describe()})")
     if not resolved.exists():
         raise DatasetInputError(f"dataset path {str(path)!r} does not exist")
     if not (resolved.is_file() or (allow_dir and resolved.is_dir())):
@@ -345,7 +348,7 @@ def _list_local(spec: str, roots: DataRoots, given: str) -> list[SourceFile]:
 def _check_under_roots(fixed: Path, roots: DataRoots, spec: str) -> None:
     if not roots.allows_path(fixed.resolve()):
         raise DatasetInputError(f"dataset path {spec!r} is outside the allowed roots "
-                                f"(LMFORGE_DATA_ROOTS={roots.describe()})")
+                                f"({roots.setting}={roots.describe()})")
 
 
 def _s3_failure(url: str, exc: BaseException) -> DatasetInputError | None:
@@ -405,7 +408,7 @@ def _list_s3(spec: str, roots: DataRoots, given: str, fs: Any) -> list[SourceFil
     fixed = key if glob_at is None else key[:glob_at.start()].rpartition("/")[0]
     if not roots.allows_object(bucket, fixed):
         raise DatasetInputError(f"dataset URL {spec!r} is outside the allowed roots "
-                                f"(LMFORGE_DATA_ROOTS={roots.describe()})")
+                                f"({roots.setting}={roots.describe()})")
     path = f"{bucket}/{key}".rstrip("/")
     denied: PermissionError | None = None
     with _s3_errors(spec):

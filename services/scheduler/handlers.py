@@ -68,13 +68,13 @@ def adaptation_fields(adaptation: Adaptation | None) -> dict[str, Any]:
             "adaptation_reason": adaptation.reason}
 
 
-def adaptation_request(t: ev.TrainingRequest, settings: SchedulerSettings
+def adaptation_request(t: ev.TrainingRequest, settings: SchedulerSettings, tenant: str = ""
                        ) -> AdaptationRequest | None:
-    """The run's base model, checked from its files (the scheduler's roots), and what the
-    user asked of the adaptation; None when the run trains from scratch."""
+    """The run's base model, checked from its files (the scheduler's roots for `tenant`'s
+    runs), and what the user asked of the adaptation; None when the run trains from scratch."""
     if not t.base_model:
         return None
-    base = inspect_base_model(t.base_model, settings.base_model_roots(),
+    base = inspect_base_model(t.base_model, settings.base_model_roots(tenant),
                               allow_pickle=settings.base_model_allow_pickle)
     return AdaptationRequest(
         base=base, kind=t.adaptation, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha,
@@ -83,7 +83,7 @@ def adaptation_request(t: ev.TrainingRequest, settings: SchedulerSettings
 
 
 def plan_request(event: ev.DatasetPrepared, settings: SchedulerSettings,
-                 pool: list[InstanceType]) -> PlanRequest:
+                 pool: list[InstanceType], tenant: str = "") -> PlanRequest:
     """The run's own asks (`TrainingRequest`) over the scheduler's defaults; asking for a
     type this pool does not offer is refused, not quietly replaced."""
     t = event.training
@@ -93,7 +93,7 @@ def plan_request(event: ev.DatasetPrepared, settings: SchedulerSettings,
     if missing:
         raise PlanError(f"instance type(s) {missing} asked for, but this scheduler's pool "
                         f"offers {offered} (LMFORGE_SCHEDULER_INSTANCE_TYPES)")
-    adaptation = adaptation_request(t, settings)
+    adaptation = adaptation_request(t, settings, tenant)
     return PlanRequest(
         train_tokens=event.stats.train_tokens, vocab_size=event.vocab_size,
         seq_len=event.seq_len,
@@ -143,7 +143,7 @@ class SchedulerService(Service[SchedulerSettings]):
     @subscriber(subjects.DATASET_PREPARED, cache_outputs=(ev.TrainingScheduled,))
     async def on_prepared(self, event: ev.DatasetPrepared, delivery: Delivery
                           ) -> ev.TrainingScheduled:
-        request = plan_request(event, self.settings, self.pool)
+        request = plan_request(event, self.settings, self.pool, delivery.tenant)
         types = [i for i in self.pool if i.name in request.instance_types]
         report = plan_training(request, types, await self.calibrations())
         log.info("run %s planned on %s", event.run_id, describe_choice(report))

@@ -137,7 +137,8 @@ class TrainerService(Service[TrainerSettings]):
         if event.plan.base_model:
             # Checked here too: the trainer's roots and pickle setting are its own.
             await asyncio.to_thread(
-                inspect_base_model, event.plan.base_model, self.settings.base_model_roots(),
+                inspect_base_model, event.plan.base_model,
+                self.settings.base_model_roots(delivery.tenant),
                 allow_pickle=self.settings.base_model_allow_pickle)
         config = TrainConfig.from_plan(event.plan)
         config.checkpoint.keep = self.settings.trainer_keep_checkpoints
