@@ -184,6 +184,7 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
     assert all(s["state"] == "running" and s["replicas"] == 1
                for s in status["services"].values())
     assert status["nats_url"].startswith("tls://127.0.0.1:")  # secured by default
+    assert status["nats"]["security"] == "tls+credentials"
 
     # The status page (`lmforge ui`) in headless chromium watches the run from before it
     # starts until it is served, without a reload: its own polling must show it advance.

@@ -136,6 +136,9 @@ def _print_status(state: dict[str, Any]) -> None:
         table.add_row(name, s["state"], str(s["replicas"]), str(s["desired"]),
                       "yes" if s["pinned"] else "", str(s["restarts"]),
                       "; ".join(filter(None, (_load_note(s), _models_note(s.get("models", []))))))
+    security = state.get("security") or {}
+    if security.get("open"):
+        table.caption = "[bold yellow]OPEN:[/] " + "; ".join(security["open"])
     Console().print(table)
 
 
