@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def test_compose_file_is_valid_and_runs_every_service():
         service = resolved[name]
         assert service["build"]["args"]["SERVICE"] == module.removeprefix("services.")
         assert (REPO_ROOT / module.replace(".", "/") / "__main__.py").is_file()
-        assert service["environment"]["LMFORGE_NATS_URL"] == "nats://nats:4222"
+        assert service["environment"]["LMFORGE_NATS_URL"] == "tls://nats:4222"
         assert service["environment"]["OTEL_SERVICE_NAME"] == name
     assert "-js" in resolved["nats"]["command"]
 
@@ -77,7 +78,13 @@ def test_the_nats_cluster_option_runs_three_nodes_and_every_stream_at_r3():
     for name in SERVICE_MODULES:
         env = services[name]["environment"]
         assert env["LMFORGE_STREAM_REPLICAS"] == "3"
-        assert env["LMFORGE_NATS_URL"].count("nats://") == 3
+        assert env["LMFORGE_NATS_URL"].count("tls://") == 3
+    for node in nodes:  # every node secured alike, its certificate valid for its name
+        command = services[node]["command"]
+        assert command[command.index("-c") + 1] == "/etc/nats/secrets/nats-server.conf"
+        assert services[node]["depends_on"]["secrets"]["condition"] == \
+            "service_completed_successfully"
+        assert f"--host {node}" in services["secrets"]["command"][0]
         assert env["OTEL_SERVICE_NAME"] == name  # the override adds, it does not replace
 
 
@@ -100,3 +107,61 @@ def test_metrics_traces_and_dashboards_have_somewhere_to_go():
     assert urls == {"prometheus": "http://prometheus:9090", "jaeger": "http://jaeger:16686"}
     provider = yaml.safe_load((provisioning / "dashboards/lmforge.yaml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def _mounts(service: dict) -> dict[str, dict]:
+    """target -> the volume entry, for the named volumes of a resolved service."""
+    return {v["target"]: v for v in service.get("volumes", []) if v.get("type") == "volume"}
+
+
+def test_compose_runs_the_security_of_lmforge_up(tmp_path):
+    """The secrets service's own command, run here, makes every file the compose file names:
+    NATS loads the configuration it renders, each service connects with its own credential
+    and the CA, the gateway serves TLS, nothing starts before the secrets and streams."""
+    import shlex
+
+    from lmforge.cli.main import main as lmforge_main
+    from lmforge.runtime.nats_server import nats_server_binary
+
+    services = _resolved("docker-compose.yml")["services"]
+    secrets = services["secrets"]
+    (script,) = secrets["command"]
+    generate = shlex.split(script.split("&&")[0])
+    assert generate[:4] == ["python", "-m", "lmforge.cli.main", "secrets"]
+    volume = _mounts(secrets)["/secrets"]["source"]
+
+    nats = services["nats"]
+    conf = nats["command"][nats["command"].index("-c") + 1]
+    nats_mount = next(t for t, v in _mounts(nats).items() if v["source"] == volume)
+    assert _mounts(nats)[nats_mount].get("read_only")
+    assert generate[generate.index("--paths-root") + 1] == nats_mount
+    assert nats["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
+
+    # Generate as the secrets service would, with the NATS paths pointing here.
+    args = generate[4:]
+    args[0] = str(tmp_path)
+    args[args.index("--paths-root") + 1] = str(tmp_path)
+    assert lmforge_main(["secrets", *args]) == 0
+    here = tmp_path / Path(conf).relative_to(nats_mount)
+    checked = subprocess.run([str(nats_server_binary()), "-c", str(here), "-t"],
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+
+    def on_host(service: dict, path: str) -> Path:
+        mount = next(t for t, v in _mounts(service).items() if v["source"] == volume)
+        assert _mounts(service)[mount].get("read_only"), "services read the secrets only"
+        return tmp_path / Path(path).relative_to(mount)
+
+    for name in SERVICE_MODULES:
+        service, env = services[name], services[name]["environment"]
+        creds = on_host(service, env["LMFORGE_NATS_CREDS"])
+        assert json.loads(creds.read_text())["role"] == name  # its own, not another's
+        assert on_host(service, env["LMFORGE_NATS_CA"]).read_text().startswith("-----BEGIN")
+        assert service["depends_on"]["nats-init"]["condition"] == \
+            "service_completed_successfully"
+    gateway = services["inference-gateway"]["environment"]
+    for key in ("LMFORGE_GATEWAY_TLS_CERT", "LMFORGE_GATEWAY_TLS_KEY"):
+        assert on_host(services["inference-gateway"], gateway[key]).is_file()
+    init = services["nats-init"]
+    assert json.loads(on_host(init, init["environment"]["LMFORGE_NATS_CREDS"]).read_text())[
+        "role"] == "admin"

@@ -697,6 +697,26 @@ def cmd_tenants(args: argparse.Namespace) -> int:
     return run_tenants(args, settings.home.resolve(), read_state(settings.home))
 
 
+def cmd_secrets(args: argparse.Namespace) -> int:
+    from lmforge.cli.secrets import run_secrets
+
+    return run_secrets(args)
+
+
+def cmd_nats_init(args: argparse.Namespace) -> int:
+    from lmforge.cli.secrets import create_streams_and_buckets
+
+    settings = _settings()
+    try:
+        made = asyncio.run(create_streams_and_buckets(
+            _nats_url(settings), _nats_auth(settings, "admin"), settings.stream_replicas))
+    except ConnectionError as exc:
+        return _unreachable(exc)
+    console.print(f"{len(made)} streams and buckets ready at {settings.stream_replicas} "
+                  f"replica(s): {', '.join(made)}")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -887,6 +907,12 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.cli.tenants import add_tenants_parser
 
     add_tenants_parser(sub, cmd_tenants)
+    from lmforge.cli.secrets import add_secrets_parser
+
+    add_secrets_parser(sub, cmd_secrets)
+    nats_init = sub.add_parser("nats-init", help="as admin, create every stream and bucket "
+                               "(a secured NATS that `lmforge up` does not run: compose)")
+    nats_init.set_defaults(func=cmd_nats_init)
     return parser
 
 

@@ -93,14 +93,16 @@ def issue_leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def ensure_server_tls(directory: Path, hosts: Sequence[str]) -> ServerTls:
-    """`directory`/{ca.pem, ca-key.pem, server.pem, server-key.pem}: made if missing.
+def ensure_server_tls(directory: Path, hosts: Sequence[str], *, stem: str = "server"
+                      ) -> ServerTls:
+    """`directory`/{ca.pem, ca-key.pem, <stem>.pem, <stem>-key.pem}: made if missing.
 
     A server certificate is (re)issued only when it is missing; an operator's
-    own files are never overwritten.
+    own files are never overwritten. Another `stem` (the gateway's) is another
+    server signed by the same CA, so one ca.pem verifies both.
     """
-    tls = ServerTls(ca=directory / "ca.pem", cert=directory / "server.pem",
-                    key=directory / "server-key.pem")
+    tls = ServerTls(ca=directory / "ca.pem", cert=directory / f"{stem}.pem",
+                    key=directory / f"{stem}-key.pem")
     ca_key_path = directory / "ca-key.pem"
     if not tls.ca.exists():
         ca_cert, ca_key = issue_ca()
