@@ -99,6 +99,7 @@ class AutoscalerService(Service[AutoscalerSettings]):
             raw = await kv.get(run_id)
             ledger = RunLedger.from_json(raw) if raw else RunLedger(run_id)
             ledger.model_name = str(getattr(event, "model_name", "")) or ledger.model_name
+            ledger.tenant = delivery.tenant or ledger.tenant
             if isinstance(event, ev.TrainingScheduled):
                 p = event.plan
                 ledger.plans[event.attempt] = PlannedHardware(

@@ -79,6 +79,9 @@ class PlannedHardware:
 class RunLedger:
     run_id: str
     model_name: str = ""
+    tenant: str = ""
+    """The run's tenant (the one NATS vouched for at dataset.ready): `lmforge cost` shows a
+    tenant's client only its own runs."""
     charges: dict[str, StageCharge] = field(default_factory=dict)
     """By the id of the event that closed the stage: a redelivery replaces, never adds."""
     plans: dict[int, PlannedHardware] = field(default_factory=dict)
@@ -113,7 +116,7 @@ class RunLedger:
 
     def to_json(self) -> bytes:
         return json.dumps({
-            "run_id": self.run_id, "model_name": self.model_name,
+            "run_id": self.run_id, "model_name": self.model_name, "tenant": self.tenant,
             "charges": {k: asdict(c) for k, c in self.charges.items()},
             "plans": {str(a): asdict(p) for a, p in self.plans.items()},
             **self.totals(),
@@ -123,6 +126,7 @@ class RunLedger:
     def from_json(cls, raw: bytes) -> RunLedger:
         data = json.loads(raw)
         return cls(run_id=data["run_id"], model_name=data.get("model_name", ""),
+                   tenant=data.get("tenant", ""),
                    charges={k: StageCharge(**c) for k, c in data.get("charges", {}).items()},
                    plans={int(a): PlannedHardware(**p)
                           for a, p in data.get("plans", {}).items()})

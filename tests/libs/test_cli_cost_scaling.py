@@ -56,6 +56,40 @@ def test_cost_json_reads_the_ledger_with_a_preempted_attempt(nats_server, tmp_pa
     assert lmforge_main(["cost", "nope", "--json"]) == 1
 
 
+@pytest.mark.connected
+def test_a_tenants_cost_shows_only_its_own_runs(nats_server, tmp_path):
+    """The ledger entry keeps the run's tenant (from the event's tenant header, which only
+    services can set past dataset.ready) and `lmforge cost` of a tenant reads only its own."""
+    from lmforge.cli.cost import read_ledger
+
+    harness = NatsHarness(nats_server.url)
+    t0 = 1_700_000_000 * 10**9
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        client = await harness.client()
+        async with harness.service(AutoscalerService, home=tmp_path,
+                                   autoscaler_price_per_hour={"cpu": 0.1}):
+            for run_id, tenant in (("a1", "acme"), ("g1", "globex"), ("open1", "")):
+                headers = {Header.WORK_STARTED_NS: str(t0), Header.PUBLISHED_NS: str(t0),
+                           **({Header.TENANT: tenant} if tenant else {})}
+                await client.publish(ev.ModelQuantized(run_id=run_id, model_name="m"),
+                                     msg_id=f"{run_id}:q", headers=headers)
+            for _ in range(200):
+                if all([await harness.kv_get(Bucket.COST_LEDGER, r)
+                        for r in ("a1", "g1", "open1")]):
+                    break
+                await asyncio.sleep(0.05)
+            everyone, _ = await read_ledger(nats_server.url)
+            acme, _ = await read_ledger(nats_server.url, tenant="acme")
+            globex, _ = await read_ledger(nats_server.url, tenant="globex")
+        return everyone, acme, globex
+
+    everyone, acme, globex = asyncio.run(scenario())
+    assert set(everyone) == {"a1", "g1", "open1"}  # an open deployment's CLI: every run
+    assert set(acme) == {"a1"} and acme["a1"]["tenant"] == "acme"
+    assert set(globex) == {"g1"}
+
+
 def _write_trace(path: Path, days: int) -> None:
     """A daily cycle: 10 req/s at night, 100 at noon, one row a minute."""
     rows = ["minute,requests_per_s"]

@@ -21,9 +21,15 @@ SERVING_KEY = "_serving"
 """The serving entry's key (the ledger's own name for it)."""
 
 
-async def read_ledger(nats_url: NatsUrl, *, auth: NatsAuth | None = None
+async def read_ledger(nats_url: NatsUrl, *, auth: NatsAuth | None = None, tenant: str = ""
                       ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """(ledger entry per run id, the serving entry or {})."""
+    """(ledger entry per run id, the serving entry or {}); with `tenant`, only that
+    tenant's runs.
+
+    The filter is here, in the client: the `client` role may read the whole bucket, so
+    this keeps a tenant's `lmforge cost` to its own runs but does not stop a tenant's
+    credential from reading others' entries with its own NATS client.
+    """
     url = nats_url() if callable(nats_url) else nats_url
     nc = await connect_nats(url, auth=auth)
     try:
@@ -41,7 +47,7 @@ async def read_ledger(nats_url: NatsUrl, *, auth: NatsAuth | None = None
             data = json.loads(entry.value)
             if key == SERVING_KEY:
                 serving = data
-            else:
+            elif not tenant or data.get("tenant", "") == tenant:
                 runs[key] = data
         return runs, serving
     finally:

@@ -618,7 +618,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
     try:
         settings = _settings()
-        runs, serving = asyncio.run(read_ledger(_nats_url(settings), auth=_nats_auth(settings)))
+        auth = _nats_auth(settings)
+        runs, serving = asyncio.run(read_ledger(_nats_url(settings), auth=auth,
+                                                tenant=auth.tenant))
     except ConnectionError as exc:
         return _unreachable(exc)
     if args.run and args.run not in runs:
