@@ -16,6 +16,17 @@ refused at once (RESOURCE_EXHAUSTED) and peak memory (gateway + engine process,
 VmHWM) must stay where it was under the normal load.
 
 Prints JSON. Target: requests/s with batching >= 5x without.
+
+The cost of security, `--security`: two gateways on the same model at once, one
+open (plaintext, no keys) and one as a secured deployment runs it (TLS on the
+port with a CA-signed certificate, an API key required on every call, checked
+against its salted hash and its token bucket, the tenant set for the registry).
+The same load alternates between them, round by round and in swapped order, so
+both see the same machine; requests/s and p99 are the medians over the rounds.
+
+    python benchmarks/gateway_load.py --security [--clients 64] [--seconds 10] [--rounds 3]
+
+Target: secured throughput at most 5 % below open.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -63,7 +75,9 @@ def build_model(directory: Path, preset: str = "tiny") -> Path:
 
 
 def serve(model_dir: str, batching: bool, max_batch: int, max_queue: int, device: str,
-          port_queue) -> None:
+          port_queue, secured: tuple[str, str, str] | None = None) -> None:
+    """`secured`: (certificate PEM path, key PEM path, the API key's record as JSON): serve
+    TLS and require that key, as the gateway service does with keys and TLS configured."""
     import torch
 
     from services.inference_gateway.api.server import GatewayServer
@@ -86,7 +100,23 @@ def serve(model_dir: str, batching: bool, max_batch: int, max_queue: int, device
         frontend = GenerationFrontend(registry, Limits(
             max_new_tokens=64, max_concurrency=max_batch if batching else 4, max_queue=max_queue,
             max_prompt_chars=10_000))
-        server = GatewayServer(frontend, host="127.0.0.1", port=0, max_message_bytes=1 << 20)
+        interceptors, credentials = [], None
+        if secured is not None:
+            import grpc
+
+            from lmforge.security.api_keys import ApiKeyRecord
+            from services.inference_gateway.access import AccessControl
+            from services.inference_gateway.api.guard import RequireApiKey
+
+            cert, key, record_json = secured
+            record = ApiKeyRecord.decode(record_json.encode())
+            access = AccessControl(None, rate_per_s=1e9, burst=10**9)
+            access.use({record.key_id: record})
+            interceptors = [RequireApiKey(access)]
+            credentials = grpc.ssl_server_credentials(
+                [(Path(key).read_bytes(), Path(cert).read_bytes())])
+        server = GatewayServer(frontend, host="127.0.0.1", port=0, max_message_bytes=1 << 20,
+                               interceptors=interceptors, credentials=credentials)
         await server.start()
         await server.set_serving(True)
         port_queue.put(server.port)
@@ -119,16 +149,40 @@ def summarize(latencies: list[float], tokens: int, errors: int, elapsed: float,
     return result
 
 
-async def load(port: int, clients: int, seconds: float, *, backoff_s: float = 0.05) -> dict:
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a secured gateway's client connects: the CA it verifies the server against and
+    the API key it sends (`authorization: Bearer …`)."""
+
+    ca_pem: bytes
+    api_key: str
+
+    def channel(self, port: int):  # -> grpc.aio.Channel
+        import grpc
+
+        return grpc.aio.secure_channel(f"localhost:{port}",
+                                       grpc.ssl_channel_credentials(self.ca_pem))
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),)
+
+
+async def load(port: int, clients: int, seconds: float, *, backoff_s: float = 0.05,
+               security: ClientSecurity | None = None) -> dict:
     """`clients` streaming clients, each sending its next request when the last ends (or
-    `backoff_s` after a RESOURCE_EXHAUSTED refusal), for `seconds`."""
+    `backoff_s` after a RESOURCE_EXHAUSTED refusal), for `seconds`; over TLS with an API
+    key when `security` says how."""
     import grpc
 
     from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 
     latencies, ttfts, refusals, tokens, errors = [], [], [], 0, 0
     deadline = time.perf_counter() + seconds
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    metadata = security.metadata if security else None
+    channel_cm = (security.channel(port) if security
+                  else grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+    async with channel_cm as channel:
         stub = generate_pb2_grpc.GeneratorStub(channel)
 
         async def client(index: int) -> None:
@@ -142,7 +196,7 @@ async def load(port: int, clients: int, seconds: float, *, backoff_s: float = 0.
                 start = time.perf_counter()
                 first = None
                 try:
-                    async for piece in stub.Generate(request, timeout=120):
+                    async for piece in stub.Generate(request, timeout=120, metadata=metadata):
                         first = first or time.perf_counter()
                         if piece.finish_reason:
                             tokens += piece.completion_tokens
@@ -240,6 +294,102 @@ def run_config(model_dir: Path, batching: bool, args, *, clients: int | None = N
         server.join()
 
 
+async def paired_latency(ports: dict[str, int], security: dict[str, ClientSecurity | None],
+                         rounds: int) -> dict:
+    """One 1-token request at a time, alternating between the gateways: the per-request
+    cost of TLS and the key check, paired request by request so that the machine's drift
+    (the load tests above move by +-25 % between rounds here) cancels."""
+    import grpc
+
+    from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
+
+    request = generate_pb2.GenerateRequest(model="bench", prompt=PROMPTS[0], max_new_tokens=1)
+    stubs, channels, metadata = {}, [], {}
+    for name, port in ports.items():
+        sec = security[name]
+        channel = sec.channel(port) if sec else grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        channels.append(channel)
+        stubs[name] = generate_pb2_grpc.GeneratorStub(channel)
+        metadata[name] = sec.metadata if sec else None
+    seconds: dict[str, list[float]] = {name: [] for name in ports}
+    try:
+        for index in range(rounds):
+            order = list(ports) if index % 2 == 0 else list(reversed(ports))
+            for name in order:
+                start = time.perf_counter()
+                async for _ in stubs[name].Generate(request, metadata=metadata[name]):
+                    pass
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        for channel in channels:
+            await channel.close()
+    kept = {name: values[rounds // 10:] for name, values in seconds.items()}  # warm-up
+    open_s, secured_s = kept["open"], kept["tls_and_api_key"]
+    return {"requests_each": len(open_s),
+            "open_p50_ms": round(1e3 * statistics.median(open_s), 3),
+            "tls_and_api_key_p50_ms": round(1e3 * statistics.median(secured_s), 3),
+            "added_p50_ms": round(1e3 * statistics.median(
+                b - a for a, b in zip(open_s, secured_s, strict=True)), 3)}
+
+
+def security_overhead(model_dir: Path, workdir: Path, args) -> dict:
+    """Open against TLS + API key, same model, batching on, interleaved rounds."""
+    from lmforge.security.api_keys import new_key
+    from lmforge.security.tls_certs import ensure_server_tls
+
+    tls = ensure_server_tls(workdir / "tls", ["127.0.0.1", "localhost"])
+    api_key, record = new_key("bench")
+    ctx = mp.get_context("spawn")
+    servers, ports = {}, {}
+    try:
+        for name, secured in (("open", None),
+                              ("tls_and_api_key", (str(tls.cert), str(tls.key),
+                                                   record.encode().decode()))):
+            queue = ctx.Queue()
+            servers[name] = ctx.Process(target=serve, args=(
+                str(model_dir), True, args.max_batch, 1024, args.device, queue, secured))
+            servers[name].start()
+            ports[name] = queue.get(timeout=120)
+        security = {"open": None,
+                    "tls_and_api_key": ClientSecurity(tls.ca.read_bytes(), api_key)}
+        rounds: dict[str, list[dict]] = {"open": [], "tls_and_api_key": []}
+        # a short warm-up of each (first compiles, first TLS handshake), not counted
+        for name in rounds:
+            asyncio.run(load(ports[name], args.clients, 2.0, security=security[name]))
+        paired = asyncio.run(paired_latency(ports, security, 400))
+        for index in range(args.rounds):
+            order = list(rounds) if index % 2 == 0 else list(reversed(rounds))
+            for name in order:
+                rounds[name].append(asyncio.run(load(ports[name], args.clients, args.seconds,
+                                                     security=security[name])))
+    finally:
+        for process in servers.values():
+            process.kill()
+            process.join()
+
+    def median_of(name: str, key: str) -> float:
+        return round(statistics.median(r[key] for r in rounds[name]), 2)
+
+    summary = {name: {"requests_per_s": median_of(name, "requests_per_s"),
+                      "e2e_p99_ms": median_of(name, "e2e_p99_ms"),
+                      "errors": sum(r["errors"] for r in rounds[name]),
+                      "rounds": rounds[name]} for name in rounds}
+    open_rps = summary["open"]["requests_per_s"]
+    secured_rps = summary["tls_and_api_key"]["requests_per_s"]
+    return {
+        "benchmark": "gateway_load --security", "device": args.device,
+        "model": f"{args.preset} preset (Llama, vocab 4096)", "clients": args.clients,
+        "seconds_per_round": args.seconds, "rounds": args.rounds, "max_new_tokens": 32,
+        **summary,
+        "throughput_change_pct": round(100 * (secured_rps - open_rps) / open_rps, 1),
+        "p99_change_pct": round(100 * (summary["tls_and_api_key"]["e2e_p99_ms"]
+                                       - summary["open"]["e2e_p99_ms"])
+                                / summary["open"]["e2e_p99_ms"], 1),
+        "target_throughput_change_pct": -5.0,
+        "one_token_request_paired": paired,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
@@ -247,7 +397,20 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--preset", default="tiny", help="model size (scheduler presets)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run")
+    parser.add_argument("--security", action="store_true",
+                        help="only the cost of TLS + API keys: open vs secured, interleaved")
+    parser.add_argument("--rounds", type=int, default=3, help="--security: rounds of each")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    if args.security:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = build_model(Path(tmp), args.preset)
+            report = security_overhead(model_dir, Path(tmp), args)
+        text = json.dumps(report, indent=1)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp), args.preset)
         on = run_config(model_dir, True, args)
