@@ -9,6 +9,7 @@ hardware has no price is not given a made-up cost: its $/h series is absent.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 from prometheus_client import Counter, Gauge
@@ -32,15 +33,26 @@ CHARGED = Counter("lmforge_autoscaler_charged_usd_total",
 
 def record_scaling(decisions: Iterable[Decision],
                    usd_per_replica_hour: Callable[[str], float | None]) -> None:
+    """One round's decisions. A forecast or price this round does not have removes the
+    service's series, so an earlier round's value is never shown as this one's."""
     for d in decisions:
         LOAD.labels(d.service).set(d.load)
         if d.forecast_load > 0:
             FORECAST.labels(d.service).set(d.forecast_load)
+        else:
+            _remove(FORECAST, d.service)
         REPLICAS.labels(d.service).set(d.replicas)
         PINNED.labels(d.service).set(1.0 if d.pinned else 0.0)
         price = usd_per_replica_hour(d.service)
         if price is not None:
             COST_PER_HOUR.labels(d.service).set(d.replicas * price)
+        else:
+            _remove(COST_PER_HOUR, d.service)
+
+
+def _remove(gauge: Gauge, service: str) -> None:
+    with contextlib.suppress(KeyError):  # never set: nothing to remove
+        gauge.remove(service)
 
 
 def record_charge(stage: str, usd: float) -> None:
