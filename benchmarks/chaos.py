@@ -90,6 +90,15 @@ STAGE_INPUTS: dict[str, tuple[ServiceName, int | None]] = {
 durable is per replica)."""
 
 
+def _catalog_name(subject: str) -> str:
+    """The catalog name of a stored subject: dataset.ready is stored with its tenant token
+    (`lmforge.dataset.ready.default`), and the checks below look stages up by name."""
+    try:
+        return subjects.by_name(subject).name
+    except KeyError:  # a dead letter, or a subject of no catalog entry: as it is
+        return subject
+
+
 @dataclass(kw_only=True, slots=True)
 class ChaosConfig:
     """One chaos session."""
@@ -253,8 +262,8 @@ class StreamReader:
             except nats.js.errors.NotFoundError:
                 self._next_seq += 1  # a deleted message leaves a gap
                 continue
-            self.events.append(StoredEvent(msg.subject, dict(msg.headers or {}),
-                                           msg.data or b""))
+            self.events.append(StoredEvent(_catalog_name(msg.subject or ""),
+                                           dict(msg.headers or {}), msg.data or b""))
             self._next_seq += 1
 
     def of_run(self, run_id: str) -> list[StoredEvent]:

@@ -60,7 +60,8 @@ async def _publish(url: str, *events: Message, dead_letter: bytes = b"",
         await ensure_streams(js)
         for n, event in enumerate(events):
             subject = subjects.for_message(event)
-            await js.publish(subject.name, event.SerializeToString(), timeout=5,
+            await js.publish(subject.for_tenant(str(getattr(event, "tenant", ""))),
+                             event.SerializeToString(), timeout=5,
                              headers=event_headers(event, msg_id=f"{time.time()}:{n}"))
         if dead_letter:
             await js.publish(f"{subjects.DEAD_LETTER_PREFIX}.data-prep", dead_letter, timeout=5)
