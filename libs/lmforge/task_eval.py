@@ -23,10 +23,12 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+    from lmforge.contracts.v1 import events_pb2 as ev
 
 EVAL_SET = "eval/eval.jsonl"
 """Where data-prep stores a run's eval set inside the dataset directory."""
@@ -126,3 +128,54 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Eva
             answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     model.train(was_training)
     return score([e.answer for e in examples], answers)
+
+
+class TaskEvalFigures(Protocol):
+    """A scored eval: a TaskEvalResult here, or the `TaskEval` message of an event."""
+
+    @property
+    def examples(self) -> int: ...
+    @property
+    def exact_match(self) -> float: ...
+    @property
+    def macro_f1(self) -> float: ...
+    @property
+    def labels(self) -> int: ...
+
+
+FP = "fp"
+"""The key of the full-precision model's figures in a `served_figures` report."""
+
+
+def served_figures(measured: dict[str, TaskEvalFigures], served: str) -> dict[str, Any]:
+    """The one shape in which the eval figures of a run leave the services, so that
+    `lmforge runs --json`, the export's export.json and the gateway's /v1/models say
+    the same thing: {"fp": {...}, "awq-int4": {...}, "served": "awq-int4"}, one entry
+    per set of weights that was scored (keyed "fp" or the quantizer's method) and
+    `served` naming the entry of the weights that answer requests ("" when those were
+    not scored). {} when nothing was measured (the run had no eval set)."""
+    report: dict[str, Any] = {
+        name: {"examples": r.examples, "exact_match": r.exact_match,
+               "macro_f1": r.macro_f1, "labels": r.labels}
+        for name, r in measured.items()}
+    if report:
+        report["served"] = served if served in measured else ""
+    return report
+
+
+def serves_full_precision(event: ev.ModelQuantized) -> bool:
+    """Whether the export serves the full-precision model rather than the quantizer's
+    weights: the quantizer said "fp32" (a failed gate with the fp fallback asked for),
+    or, in an event from before `served` existed, its gate failed."""
+    return event.served == "fp32" or not (event.served or event.passed_quality_gate)
+
+
+def quantized_run_figures(event: ev.ModelQuantized) -> dict[str, Any]:
+    """`served_figures` of what model.quantized measured: the fp model and the method's
+    weights, and which of the two the export serves."""
+    measured: dict[str, TaskEvalFigures] = {}
+    if event.HasField("task_eval_fp"):
+        measured[FP] = event.task_eval_fp
+    if event.HasField("task_eval_quantized"):
+        measured[event.method] = event.task_eval_quantized
+    return served_figures(measured, FP if serves_full_precision(event) else event.method)

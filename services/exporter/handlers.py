@@ -2,7 +2,9 @@
 
 hf/ holds the weights model.quantized says to serve (served_weights.py): the
 packed int4 directory as the quantizer wrote it, or fp32 with the reason. The
-ONNX graphs and the Triton repository beside it are packaging.py's.
+ONNX graphs and the Triton repository beside it are packaging.py's. export.json
+also carries the eval set's figures (fp and quantized, and which is served), which
+the gateway shows in /v1/models.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.modeling import load_token_stream
 from lmforge.service import Service
+from lmforge.task_eval import quantized_run_figures
 from services.exporter.packaging import ExportOptions, ExportReport, write_export
 from services.exporter.served_weights import ServedWeights, write_served_weights
 from services.exporter.settings import ExporterSettings
@@ -49,7 +52,10 @@ class ExporterService(Service[ExporterSettings]):
                 served.model, model_dir, load_token_stream(dataset_dir, "heldout"), work,
                 self.export_options(),
                 {"source_model": event.model.digest, "quantized": event.quantized.digest,
-                 "served_weights": served.precision, "served_reason": served.reason})
+                 "served_weights": served.precision, "served_reason": served.reason,
+                 # With the weights they describe, so the gateway reads them from what
+                 # it loads (at a deploy and at a replica's restore alike).
+                 "task_eval": quantized_run_figures(event)})
             return report, self.store.put_dir(work, move=True), served
 
         report, stored, served = await asyncio.to_thread(export)

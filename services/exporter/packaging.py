@@ -5,7 +5,8 @@
     onnx/model.onnx             decoder with KV cache, checked against PyTorch
     onnx/model.int8.onnx        onnxruntime dynamic int8 copy (when asked)
     model_repository/<name>/    Triton model repository around onnx/model.onnx
-    export.json                 the figures below
+    export.json                 the figures below and the provenance the handler
+                                gives (sources, served weights, eval figures)
 
 The handler writes the served weights into hf/ and stores the directory;
 everything between is here, callable without a bus.
@@ -17,6 +18,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedModel
@@ -68,7 +70,7 @@ def _copy_tokenizer_files(model_dir: Path, hf_dir: Path) -> None:
 
 
 def write_export(model: PreTrainedModel, model_dir: Path, heldout: np.ndarray, work: Path,
-                 options: ExportOptions, provenance: dict[str, str]) -> ExportReport:
+                 options: ExportOptions, provenance: dict[str, Any]) -> ExportReport:
     """Complete the export in `work` of the served `model` (an fp32 transformers model of
     the weights in work/hf/): tokenizer files from `model_dir`, the ONNX graphs checked
     on `heldout` tokens, the Triton repository, export.json. Raises OnnxMismatchError

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.modeling import load_causal_lm, load_dequantized_model
+from lmforge.task_eval import serves_full_precision
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -43,7 +44,7 @@ def int4_precision(method: str, group_size: int) -> str:
 def write_served_weights(event: ev.ModelQuantized, model_dir: Path, quantized_dir: Path,
                          hf_dir: Path) -> ServedWeights:
     """Write the weights to serve into `hf_dir` and say which they are."""
-    if event.served == "fp32" or not (event.served or event.passed_quality_gate):
+    if serves_full_precision(event):
         model = load_causal_lm(model_dir)
         model.save_pretrained(str(hf_dir), safe_serialization=True)
         return ServedWeights("fp32", event.served_reason or

@@ -46,6 +46,7 @@ from services.inference_gateway.engines import (
     Engine,
     RemoteTritonEngine,
     build_engine,
+    exported_task_eval,
     import_engine_modules,
     served_precision,
 )
@@ -114,6 +115,8 @@ class GatewayService(Service[GatewaySettings]):
         engine = build_engine(self.settings, export_dir, event.version)
         precision, reason = served_precision(self.settings, export_dir)
         self.registry.record_precision(event.model_name, event.version, precision, reason)
+        self.registry.record_task_eval(event.model_name, event.version,
+                                       exported_task_eval(export_dir))
         log.info("model %s version %s is served at %s%s", event.model_name, event.version,
                  precision, f" ({reason})" if reason else "")
         return engine

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import Gauge
 
@@ -59,6 +60,7 @@ class ModelRegistry:
     _installs: int = 0
     _installed_at: dict[str, int] = field(default_factory=dict)
     _precision: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    _task_eval: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _tenants: dict[str, str] = field(default_factory=dict)
     """model name -> the tenant that owns it ('' or absent: everyone's)."""
@@ -181,6 +183,18 @@ class ModelRegistry:
         with self._lock:
             key = (name, version or self._current.get(name, ""))
             return self._precision.get(key, ("", ""))
+
+    def record_task_eval(self, name: str, version: str, figures: dict[str, Any]) -> None:
+        """The eval set's figures of `version` of `name` as the export carries them
+        (task_eval.served_figures); said by /v1/models."""
+        with self._lock:
+            self._task_eval[(name, version)] = figures
+
+    def task_eval(self, name: str, version: str = "") -> dict[str, Any]:
+        """The eval figures of `version` (default: the current one) of `name`; {} when
+        none were measured or recorded (a remote model)."""
+        with self._lock:
+            return self._task_eval.get((name, version or self._current.get(name, "")), {})
 
     def names(self) -> list[str]:
         """The models served, those of the calling tenant (all outside a request)."""

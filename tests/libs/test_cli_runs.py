@@ -136,3 +136,44 @@ def test_a_run_that_starts_training_leaves_the_queue_when_numbered_again():
                   ev.TrainingProgress(run_id="first", step=1, delivery=1), 5.0)
     number_queue(views)
     assert [(v.status, v.queue_position) for v in views] == [("running", 0), ("queued", 1)]
+
+
+def test_eval_figures_are_shown_for_the_fp_and_the_served_quantized_weights():
+    from lmforge.cli.runs import run_json, task_eval_summary
+
+    view = RunView("e")
+    view.fold(subjects.MODEL_TRAINED.name, ev.ModelTrained(
+        run_id="e", task_eval=ev.TaskEval(examples=40, exact_match=0.65, macro_f1=0.6,
+                                          labels=3)), 1.0)
+    assert view.task_eval == {"fp": {"examples": 40, "exact_match": 0.65, "macro_f1": 0.6,
+                                     "labels": 3}, "served": ""}
+    view.fold(subjects.MODEL_QUANTIZED.name, ev.ModelQuantized(
+        run_id="e", method="awq-int4", passed_quality_gate=True, served="awq-int4",
+        task_eval_fp=ev.TaskEval(examples=40, exact_match=0.65, macro_f1=0.6, labels=3),
+        task_eval_quantized=ev.TaskEval(examples=40, exact_match=0.625, macro_f1=0.55,
+                                        labels=3)), 2.0)
+    assert view.task_eval["awq-int4"]["exact_match"] == 0.625
+    assert view.task_eval["served"] == "awq-int4"
+    assert task_eval_summary(view.task_eval) == \
+        "fp EM 0.65 F1 0.60, awq-int4* EM 0.62 F1 0.55"
+    assert run_json(view, {})["task_eval"] == view.task_eval
+
+
+def test_a_fallback_to_fp32_serves_the_fp_figures_and_a_run_without_eval_set_has_none():
+    from lmforge.cli.runs import run_json, task_eval_summary
+
+    view = RunView("f")
+    view.fold(subjects.MODEL_QUANTIZED.name, ev.ModelQuantized(
+        run_id="f", method="awq-int4", passed_quality_gate=False, served="fp32",
+        served_reason="quality gate failed: exact match drop 0.200 > 0.050",
+        task_eval_fp=ev.TaskEval(examples=20, exact_match=0.7, macro_f1=0.7, labels=2),
+        task_eval_quantized=ev.TaskEval(examples=20, exact_match=0.5, macro_f1=0.4,
+                                        labels=2)), 1.0)
+    assert view.task_eval["served"] == "fp"
+    assert task_eval_summary(view.task_eval).startswith("fp* EM 0.70")
+    plain = RunView("p")
+    plain.fold(subjects.MODEL_TRAINED.name, ev.ModelTrained(run_id="p"), 1.0)
+    plain.fold(subjects.MODEL_QUANTIZED.name, ev.ModelQuantized(
+        run_id="p", method="awq-int4", passed_quality_gate=True, served="awq-int4"), 2.0)
+    assert plain.task_eval == {} and task_eval_summary(plain.task_eval) == ""
+    assert run_json(plain, {})["task_eval"] is None

@@ -405,7 +405,7 @@ def _reuse_note(reused_from: dict[str, str]) -> str:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from lmforge.cli.cost import read_ledger
-    from lmforge.cli.runs import collect_runs, run_json
+    from lmforge.cli.runs import collect_runs, run_json, task_eval_summary
 
     url = _nats_url(_settings())
     try:
@@ -420,7 +420,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     table = Table(title="runs")
     for column in ("run", "model", "stage", "status", "data kept", "steps", "perplexity",
-                   "served", "cost", "detail"):
+                   "eval (* served)", "served", "cost", "detail"):
         table.add_column(column)
     for r in sorted(runs.values(), key=lambda r: r.started):
         cost = (ledger.get(r.run_id) or {}).get("total_usd")
@@ -429,7 +429,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
                       r.data_kept,
                       f"{r.step}/{r.total_steps}" if r.total_steps else "",
                       f"{r.perplexity:.1f}" if r.perplexity else "",
-                      r.served[:100], "" if cost is None else f"${cost:.4f}",
+                      task_eval_summary(r.task_eval), r.served[:100],
+                      "" if cost is None else f"${cost:.4f}",
                       r.failure[:80] or _reuse_note(r.reused_from) or (
                           f"resumed {r.resumes}x, last at step {r.resumed_at_step}"
                           if r.resumes else ""))

@@ -26,6 +26,7 @@ from lmforge.contracts import subjects
 from lmforge.contracts.names import Header, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.security.nats_connect import NatsAuth, refused_credentials
+from lmforge.task_eval import FP, quantized_run_figures, served_figures
 
 STAGES: tuple[ServiceName, ...] = (
     ServiceName.DATA_PREP, ServiceName.SCHEDULER, ServiceName.TRAINER, ServiceName.QUANTIZER,
@@ -84,6 +85,10 @@ class RunView:
     served: str = ""
     """The served precision and, when it is not what was asked, why (model.quantized,
     then model.deployed)."""
+    task_eval: dict[str, Any] = field(default_factory=dict)
+    """The eval set's figures per set of weights scored and which of them is served
+    (task_eval.served_figures): the fp model from model.trained, then the fp and the
+    quantized weights from model.quantized. {} for a run without an eval set."""
 
     def fold(self, subject: str, event: Message, timestamp: float, *,
              cached_from: str = "") -> None:
@@ -117,10 +122,16 @@ class RunView:
         if isinstance(event, ev.ModelTrained):
             self.perplexity = event.heldout_perplexity
             self.step = event.steps
+            if event.HasField("task_eval"):
+                self.task_eval = served_figures({FP: event.task_eval}, "")
         if isinstance(event, ev.ModelQuantized):
             self.quantization = quantization_summary(event)
             if event.served_reason:
                 self.served = f"{event.served}: {event.served_reason}"
+            if figures := quantized_run_figures(event):
+                # The quantizer scores the fp model again, on the same set: its figures
+                # replace the trainer's; a measurement it did not make keeps the earlier.
+                self.task_eval = {**self.task_eval, **figures}
         if isinstance(event, ev.ModelDeployed) and event.precision:
             self.served = event.precision + (f": {event.precision_reason}"
                                              if event.precision_reason else "")
@@ -138,6 +149,15 @@ class RunView:
     @property
     def finished(self) -> bool:
         return self.status in ("served", "failed")
+
+
+def task_eval_summary(task_eval: dict[str, Any]) -> str:
+    """ "fp EM 0.64 F1 0.60, awq-int4* EM 0.62 F1 0.58": exact match and macro-F1 per
+    set of weights, the served one starred ('' without an eval set)."""
+    return ", ".join(
+        f"{name}{'*' if name == task_eval.get('served') else ''} "
+        f"EM {figures['exact_match']:.2f} F1 {figures['macro_f1']:.2f}"
+        for name, figures in task_eval.items() if name != "served")
 
 
 def quantization_summary(event: ev.ModelQuantized) -> str:
@@ -313,7 +333,8 @@ def run_json(run: RunView, ledger: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "resumes": run.resumes, "resumed_at_step": run.resumed_at_step,
             "queue_position": run.queue_position, "data_kept": run.data_kept,
             "data_dropped": run.data_dropped, "quantization": run.quantization,
-            "served": run.served, "cost_usd": (ledger.get(run.run_id) or {}).get("total_usd")}
+            "served": run.served, "task_eval": run.task_eval or None,
+            "cost_usd": (ledger.get(run.run_id) or {}).get("total_usd")}
 
 
 def event_json(subject: str, event: Message, ts: float) -> dict[str, Any]:

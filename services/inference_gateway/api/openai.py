@@ -10,6 +10,10 @@ with its HTTP status — 400 bad request, 404 unknown model, 413 body too large,
 as its last event (`data: {"error": ...}`, which the OpenAI SDKs raise).
 Chat messages are rendered as "role: content" lines ending with
 "assistant:" — the models trained here have no chat template.
+
+/v1/models says of each model its version, the precision it is served at and
+why, and `task_eval`: the run's eval-set figures (exact match, macro-F1) per set
+of weights scored, "served" naming those answering (null without an eval set).
 """
 
 from __future__ import annotations
@@ -193,7 +197,8 @@ class OpenAIServer:
             precision, reason = registry.precision(name)
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "lmforge",
                          "version": registry.version(name), "precision": precision,
-                         "precision_reason": reason})
+                         "precision_reason": reason,
+                         "task_eval": registry.task_eval(name) or None})
         return web.json_response({"object": "list", "data": data})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmforge.modeling import is_awq_model
 from services.inference_gateway.engines.base import Engine
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # settings.py imports the engines' own configs from here
     from services.inference_gateway.settings import GatewaySettings
 
 __all__ = ["Engine", "RemoteTritonConfig", "RemoteTritonEngine", "build_engine",
-           "import_engine_modules", "served_precision"]
+           "exported_task_eval", "import_engine_modules", "served_precision"]
 
 
 def import_engine_modules(settings: GatewaySettings) -> None:
@@ -91,3 +91,15 @@ def served_precision(settings: GatewaySettings, export_dir: Path) -> tuple[str, 
                                         f"{settings.gateway_dtype} at load: no int4 CUDA "
                                         "kernel is wired in the gateway yet")
     return exported, ""
+
+
+def exported_task_eval(export_dir: Path) -> dict[str, Any]:
+    """The eval set's figures the exporter wrote beside the weights in `export_dir`
+    (task_eval.served_figures: per set of weights scored, and which one is served);
+    {} for a run without an eval set or an export from before the figures."""
+    path = export_dir / "export.json"
+    figures = json.loads(path.read_text()).get("task_eval") or {}
+    if not isinstance(figures, dict):
+        raise ValueError(f"{path}: 'task_eval' is {type(figures).__name__}, not an object; "
+                         "re-export the run")
+    return figures

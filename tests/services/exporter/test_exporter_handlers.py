@@ -1,9 +1,11 @@
 """The exporter on the bus: model.exported carries the KV-cache graph's parity, the fp32
-and int8 graphs' perplexities and the Triton model, and the stored export holds them."""
+and int8 graphs' perplexities and the Triton model, and the stored export holds them
+with the eval set's figures."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -21,7 +23,9 @@ def test_model_exported_carries_the_onnx_figures_and_the_triton_model(
     event = ev.ModelQuantized(
         run_id="r1", model_name="m", model=ref, quantized=ref, method="awq-int4",
         dataset=ev.ArtifactRef(digest=dataset.digest, size_bytes=dataset.size_bytes),
-        served="fp32", served_reason="asked for fp32 in this test")
+        served="fp32", served_reason="asked for fp32 in this test",
+        task_eval_fp=ev.TaskEval(examples=12, exact_match=0.75, macro_f1=0.7, labels=3),
+        task_eval_quantized=ev.TaskEval(examples=12, exact_match=0.5, macro_f1=0.45, labels=3))
 
     async def scenario():
         async with harness.service(ExporterService, home=tmp_path,
@@ -42,6 +46,13 @@ def test_model_exported_carries_the_onnx_figures_and_the_triton_model(
     assert (export / "model_repository" / "fortune-onnx" / "1" / "model.onnx").is_file()
     assert (export / "onnx" / "model.int8.onnx").is_file()
     assert (export / "hf" / "tokenizer.json").is_file()
+    # the eval figures travel with the weights, the fp ones marked served (fp32 is served)
+    task_eval = json.loads((export / "export.json").read_text())["task_eval"]
+    assert task_eval == {"fp": {"examples": 12, "exact_match": 0.75, "macro_f1": 0.7,
+                                "labels": 3},
+                         "awq-int4": {"examples": 12, "exact_match": 0.5, "macro_f1": 0.45,
+                                      "labels": 3},
+                         "served": "fp"}
 
 
 # Starts child processes (engine processes, the CLI, model exports): not in `make unit`.

@@ -48,10 +48,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def store_export(store: ArtifactStore, model_dir: Path) -> StoredArtifact:
-    """The trained model as the exporter stores it: a directory with hf/ inside."""
+def store_export(store: ArtifactStore, model_dir: Path,
+                 export_json: dict[str, object] | None = None) -> StoredArtifact:
+    """The trained model as the exporter stores it: a directory with hf/ inside and the
+    export.json the gateway reads (fp32 served weights unless `export_json` says)."""
     staging = store.scratch_dir("export-")
     shutil.copytree(model_dir, staging / "hf", ignore=shutil.ignore_patterns("MANIFEST.json"))
+    (staging / "export.json").write_text(json.dumps(
+        export_json or {"served_weights": "fp32", "served_reason": ""}))
     return store.put_dir(staging, move=True)
 
 
