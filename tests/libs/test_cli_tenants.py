@@ -69,5 +69,8 @@ def test_a_bad_tenant_name_is_refused(tmp_path: Path) -> None:
 def test_what_happens_to_a_server_that_cannot_be_reloaded_is_said() -> None:
     assert "next `lmforge up`" in reload_embedded_server(None)
     assert "open" in reload_embedded_server({"nats": {"security": "open"}})
+    assert "is a cluster" in reload_embedded_server(
+        {"nats": {"security": "tls+credentials", "embedded": True, "pid": None,
+                  "nodes": [{"name": "n0"}, {"name": "n1"}, {"name": "n2"}]}})
     assert "not the embedded server" in reload_embedded_server(
         {"nats": {"security": "tls+credentials", "embedded": False}})

@@ -35,6 +35,11 @@ def reload_embedded_server(state: dict[str, Any] | None) -> str:
         return "lmforge is not running: the credential counts from the next `lmforge up`"
     if nats_state.get("security") != "tls+credentials":
         return "NATS runs open (--open-nats): credentials are not checked at all"
+    if nats_state.get("nodes"):
+        # Each node's name is on its command line, not in the shared configuration, and
+        # nats-server refuses a reload that would change it (runtime.nats_server).
+        return ("NATS is a cluster (--nats-cluster): the credential counts once `lmforge "
+                "down` and `lmforge up` restart its nodes")
     if not nats_state.get("embedded") or not pid:
         return ("NATS is not the embedded server: give its operator the new "
                 "nats-server.conf and reload it")
