@@ -426,12 +426,17 @@ class Dispatcher:
     # -- 3. cached? -----------------------------------------------------------------
 
     async def _cache_key(self, ctx: HandlingContext, event: Message) -> str | None:
-        """'' when the stage is not cached, None when computing the key found bad input."""
+        """'' when the stage is not cached, None when computing the key found bad input.
+
+        The key holds the run's tenant: one tenant's run never replays another's outputs,
+        which would tell it that the other ran the same data, and under which run id."""
         sub = ctx.subscription
         if not (sub.cache_outputs and sub.cache_key):
             return ""
+        tenant = ctx.message.headers.get(Header.TENANT, "")
+        scope = f"{self.transport.service}.{tenant}" if tenant else self.transport.service
         try:
-            return f"{self.transport.service}.{await sub.cache_key(event)}"
+            return f"{scope}.{await sub.cache_key(event)}"
         except BadInput as exc:
             await self._fail(ctx, str(exc), dead_lettered=False)
             await self._record_done(ctx)

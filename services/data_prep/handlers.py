@@ -65,6 +65,13 @@ def dataset_prepared(event: ev.DatasetReady, config: PrepConfig, digest: str, si
         stats=ev.DatasetStats(**scalars, dropped=stats.dropped, tallies=stats.tallies))
 
 
+def model_dataset_key(event: ev.DatasetReady) -> str:
+    """The model's last dataset, per tenant: two tenants' models of one name never dedup
+    against each other's data (which would tell one what the other trained on). The
+    tenant is the one NATS vouched for (`dispatch`); an untenanted run keeps the bare name."""
+    return f"{event.tenant}.{event.model_name}" if event.tenant else event.model_name
+
+
 class DataPrepService(Service[DataPrepSettings]):
     name = ServiceName.DATA_PREP
     Settings = DataPrepSettings
@@ -119,7 +126,7 @@ class DataPrepService(Service[DataPrepSettings]):
         request = ev.DatasetReady(format=event.format, text_field=event.text_field,
                                   time_budget_s=event.time_budget_s, training=event.training)
         contents = await asyncio.to_thread(dataset_digest, files, config=self.prep_config.read)
-        earlier = await self._earlier_dataset(event.model_name)
+        earlier = await self._earlier_dataset(event)
         base_print = base_model_fingerprint(base) if base is not None else ""
         eval_path = await asyncio.to_thread(self.eval_set, event)
         if eval_path is not None:
@@ -127,10 +134,10 @@ class DataPrepService(Service[DataPrepSettings]):
         return request.SerializeToString(deterministic=True) + \
             f"{contents}|{earlier}|{base_print}".encode()
 
-    async def _earlier_dataset(self, model_name: str) -> str:
+    async def _earlier_dataset(self, event: ev.DatasetReady) -> str:
         if not self.settings.dataprep_near_dup_earlier_runs:
             return ""
-        digest = await self.bus.key_value(Bucket.MODEL_DATASETS).get(model_name)
+        digest = await self.bus.key_value(Bucket.MODEL_DATASETS).get(model_dataset_key(event))
         return digest.decode() if digest else ""
 
     def _earlier_index(self, digest: str, config: PrepConfig, decisions: DecisionLog
@@ -157,7 +164,7 @@ class DataPrepService(Service[DataPrepSettings]):
         base = await asyncio.to_thread(self.base_model, event)
         eval_path = await asyncio.to_thread(self.eval_set, event)
         config = self.prep_config
-        earlier = await self._earlier_dataset(event.model_name)
+        earlier = await self._earlier_dataset(event)
         decisions = DecisionLog()
         seen = await asyncio.to_thread(self._earlier_index, earlier, config, decisions)
         work = self.store.scratch_dir("dataset-")
@@ -169,6 +176,6 @@ class DataPrepService(Service[DataPrepSettings]):
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)
         record_prepared(stats)
         if self.settings.dataprep_near_dup_earlier_runs:
-            await self.bus.key_value(Bucket.MODEL_DATASETS).put(event.model_name,
+            await self.bus.key_value(Bucket.MODEL_DATASETS).put(model_dataset_key(event),
                                                                 stored.digest.encode())
         return dataset_prepared(event, config, stored.digest, stored.size_bytes, stats)

@@ -83,3 +83,47 @@ def test_a_run_reads_only_its_own_tenants_roots(tmp_path: Path) -> None:
     assert "outside the allowed roots" in failed["steal"]
     assert f"LMFORGE_TENANT_DATA_ROOTS[acme]={acme}" in failed["steal"]
     assert "tenant 'initech' has no data roots" in failed["unlisted"]
+
+
+def test_a_model_name_shared_by_two_tenants_is_not_deduplicated_across_them(tmp_path: Path
+                                                                           ) -> None:
+    """Near-dup against earlier runs keys the model's last dataset by tenant: globex's run of
+    model 'm' is not compared with acme's data (it would learn what acme trained on)."""
+    import json
+
+    from tests.buses import MemoryHarness
+
+    root = tmp_path / "data"
+    root.mkdir()
+    texts = [f"Record {i}: the quarterly report for region {i} shows steady growth in sales "
+             f"and a modest rise in support tickets, mostly about billing {i}."
+             for i in range(40)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    def ready(run_id: str, tenant: str) -> ev.DatasetReady:
+        return ev.DatasetReady(run_id=run_id, model_name="m", format="", tenant=tenant,
+                               dataset_uri=str(root / "corpus.jsonl"))
+
+    async def scenario() -> tuple[dict[str, ev.DatasetPrepared], list[dict[str, str]], str]:
+        harness = MemoryHarness()
+        async with harness.service(DataPrepService, home=tmp_path / "home", data_roots=[root],
+                                   dataprep_vocab_size=300, dataprep_seq_len=32,
+                                   dataprep_near_dup_earlier_runs=True, dataprep_semantic=False,
+                                   dataprep_near_dup_threshold=0.5):
+            found = {}
+            for run_id, tenant in (("acme-1", "acme"), ("globex-1", "globex")):
+                await harness.publish(ready(run_id, tenant), run_id)
+                (found[run_id],) = await harness.wait_for(subjects.DATASET_PREPARED, 1,
+                                                          run_id=run_id)
+            headers = await harness.headers(subjects.DATASET_PREPARED, "globex-1")
+            # the same tenant's next run of the same data is deduplicated to nothing
+            await harness.publish(ready("acme-2", "acme"), "acme-2")
+            (failed,) = await harness.wait_for(subjects.STAGE_FAILED, 1, run_id="acme-2")
+        return found, headers, failed.reason
+
+    found, headers, acme_again = asyncio.run(scenario())
+    assert "near_dup.seen_before" not in found["globex-1"].stats.dropped
+    assert found["globex-1"].stats.records_kept == 40
+    # nor is acme's prepared dataset replayed for globex from the stage cache
+    assert [h.get("Lmforge-Cached-From", "") for h in headers] == [""]
+    assert "40 near_dup.seen_before" in acme_again
