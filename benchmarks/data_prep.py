@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -48,8 +49,9 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run(name: str, work: Path) -> dict[str, Any]:
+def run(name: str, work: Path, extra: list[str]) -> dict[str, Any]:
     module, arguments = BENCHMARKS[name]
+    arguments = [*arguments, *extra]
     out = work / f"{name}.json"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "libs")])}
@@ -149,14 +151,24 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=list(BENCHMARKS))
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/data_prep.json")
+    parser.add_argument("--with", dest="extra", action="append", default=[],
+                        metavar="NAME=ARGS", help="more arguments for one benchmark, e.g. "
+                        "--with 'pipeline=--inputs corpus' --with 'index=--minilm-chunks 2000'")
     args = parser.parse_args()
+    extra: dict[str, list[str]] = {}
+    for item in args.extra:
+        name, _, rest = item.partition("=")
+        if name not in BENCHMARKS:
+            parser.error(f"--with {item!r}: no benchmark {name!r}")
+        extra.setdefault(name, []).extend(shlex.split(rest))
     names = [n for n in (args.only or BENCHMARKS) if n not in args.skip]
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="lmforge-data-prep-bench-") as tmp:
         for name in names:
             print(f"data_prep benchmark: {name} ...", file=sys.stderr, flush=True)
-            results[name] = run(name, Path(tmp))
+            results[name] = run(name, Path(tmp), extra.get(name, []))
     report = {"benchmark": "data_prep", "cpus": os.cpu_count(), "ran": names,
+              "arguments": extra, "load_average_at_end": os.getloadavg(),
               "summary": summarize(results), "details": results}
     text = json.dumps(report, indent=1, ensure_ascii=False)
     print(text)
