@@ -139,6 +139,8 @@ class RunReport:
     """deployed, failed or timeout."""
     failure_reason: str = ""
     duration_s: float = 0.0
+    fault_injected: bool = False
+    """The kill -9 was sent."""
     killed_mid_run: bool = False
     """The kill landed before the run's outcome."""
     recover_s: float | None = None
@@ -355,7 +357,7 @@ class ChaosSession:
             outcome_at = await self._wait_for_outcome(nc, run_id, started, report)
             if fault is not None:
                 await fault
-                report.killed_mid_run = (report.recover_s is not None
+                report.killed_mid_run = (report.fault_injected
                                          and started + kill_after_s < outcome_at)
             # Let a stage that a kill made run twice publish its second copy, if any.
             await asyncio.sleep(3)
@@ -385,6 +387,7 @@ class ChaosSession:
                 probe.cancel()
             return
         killed_at = time.monotonic()
+        report.fault_injected = True
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -520,10 +523,11 @@ def summarise(reports: list[RunReport], lost: list[str], warmup_s: float,
     recover = sorted(r.recover_s for r in faulted if r.recover_s is not None)
     return {
         "runs": len(reports),
-        "faults_injected": sum(r.recover_s is not None for r in faulted),
+        "faults_injected": sum(r.fault_injected for r in faulted),
+        "faults_recovered_in_120s": sum(r.recover_s is not None for r in faulted),
         "faults_mid_run": sum(r.killed_mid_run for r in faulted),
         "nats_server_kills": sum(r.target in (NATS_TARGET, NATS_LEADER)
-                                 and r.recover_s is not None
+                                 and r.fault_injected
                                  for r in faulted),
         "runs_finished": sum(r.finished for r in reports),
         "runs_deployed": sum(r.outcome == "deployed" for r in reports),
