@@ -90,12 +90,14 @@ class RemoteArtifacts:
         base = self._key("sha256", self._hex(digest))
         files = sorted(p for p in directory.rglob("*")
                        if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST)
-        size = 0
+        size = sum(path.stat().st_size for path in files)
         try:
-            for path in files:
-                rel = path.relative_to(directory).as_posix()
-                self.fs.put_file(str(path), f"{base}/{rel}")
-                size += path.stat().st_size
+            # One call for every file: s3fs (and other async file systems) move them
+            # concurrently; the manifest goes alone, last, when the rest is there.
+            if files:
+                self.fs.put([str(path) for path in files],
+                            [f"{base}/{path.relative_to(directory).as_posix()}"
+                             for path in files])
             self.fs.put_file(str(directory / MANIFEST), f"{base}/{MANIFEST}")
         except OSError as exc:
             raise ObjectStoreError(f"{self.url}: upload of {digest} failed: {exc}") from exc
@@ -111,12 +113,13 @@ class RemoteArtifacts:
         base = self._key("sha256", self._hex(digest))
         try:
             manifest = json.loads(self.fs.cat_file(f"{base}/{MANIFEST}"))
-            size = 0
-            for entry in manifest["files"]:
-                target = into / entry["path"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(f"{base}/{entry['path']}", str(target))
-                size += int(entry["size"])
+            entries = manifest["files"]
+            for entry in entries:
+                (into / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+            if entries:
+                self.fs.get([f"{base}/{entry['path']}" for entry in entries],
+                            [str(into / entry["path"]) for entry in entries])
+            size = sum(int(entry["size"]) for entry in entries)
         except FileNotFoundError as exc:
             raise ObjectStoreError(f"{self.url}: artifact {digest} is not there ({exc})") from exc
         except (OSError, ValueError, KeyError) as exc:
