@@ -27,6 +27,7 @@ evaluation and export happen on rank 0 after the weights are consolidated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -103,6 +104,8 @@ class TrainResult:
     resumed_from_step: int = 0
     checkpoint: CheckpointRef | None = None
     peak_memory_bytes: int = 0
+    """The training steps' peak (resident memory, or CUDA allocated), from the loaded
+    model through the last step: not the load's transients, nor the export after."""
     trainable_parameters: int = 0
     task_eval: TaskEvalResult | None = None
     """Exact match and macro-F1 on the run's eval set, when it has one."""
@@ -310,9 +313,33 @@ def build_model(config: TrainConfig, meta: dict, pad_token_id: int,
     return AutoModelForCausalLM.from_config(hf_config)
 
 
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark at the current footprint, so that `peak_memory_bytes`
+    read after the loop is the training's peak: the loaded model and what the steps
+    add, not the transient copies of loading a base model, nor an earlier job of the
+    same process. On the CPU, Linux's VmHWM is reset ("5" to clear_refs); where that
+    is refused (another OS, a locked-down /proc), the process's lifetime peak stays."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        PROC_CLEAR_REFS.write_text("5")
+
+
 def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA max allocated, or the CPU's resident high-water mark (VmHWM, which
+    `reset_peak_memory` resets; getrusage's ru_maxrss, which nothing resets, where
+    /proc is missing)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    with contextlib.suppress(OSError, ValueError):
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -460,6 +487,7 @@ class Trainer:
         max_steps = config.schedule.max_steps
         started = time.perf_counter()
         resumed_from = self.try_resume()
+        reset_peak_memory(self.device)
         losses: list[float] = []
         tokens_per_step = (config.batch.micro_batch * config.batch.seq_len
                            * config.batch.grad_accum * self.world_size)
@@ -532,12 +560,15 @@ class Trainer:
                                 "checkpointed, stopping there", budget, self.step, max_steps)
                     stopped_at_budget = True
                     break
+        # Read before the export: merging LoRA loads a second copy of the base, which is
+        # not training memory (the process's peak, export included, is getrusage's).
+        training_peak = peak_memory_bytes(self.device)
         state = self.engine.export_state_dict()  # collective under ZeRO-3
         result = TrainResult(
             preempted=False, step=self.step, final_loss=losses[-1] if losses else float("nan"),
             train_tokens=(self.step - resumed_from) * tokens_per_step,
             parameters=self.parameters, resumed_from_step=resumed_from, losses=losses,
-            peak_memory_bytes=peak_memory_bytes(self.device),
+            peak_memory_bytes=training_peak,
             stopped_at_budget=stopped_at_budget, planned_steps=max_steps)
         result.trainable_parameters = self.trainable_parameters
         if self.rank == 0:

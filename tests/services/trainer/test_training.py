@@ -118,3 +118,21 @@ def test_calibration_reports_flops_and_leaves_training_unchanged(tmp_path, artif
     uncalibrated = _trainer(tmp_path, artifact_store, prepared_dataset, "plain")
     uncalibrated.calibrate = lambda flops_per_token: (0.0, "")  # type: ignore[method-assign]
     assert run.losses == pytest.approx(uncalibrated.run().losses, abs=1e-6)
+
+
+def test_peak_memory_is_the_training_steps_not_what_the_process_held_before(
+        tmp_path, artifact_store, prepared_dataset):
+    """A transient before the loop (a base model's load, an earlier job of the same
+    trainer process) is not counted as training memory."""
+    import numpy as np
+
+    from services.trainer.training import PROC_CLEAR_REFS, peak_memory_bytes
+
+    if not PROC_CLEAR_REFS.exists():
+        pytest.skip("no /proc/self/clear_refs: the peak is the process's lifetime peak")
+    trainer = _trainer(tmp_path, artifact_store, prepared_dataset, "peak", max_steps=2)
+    transient = np.ones(384 * 2**20 // 8)  # 384 MiB, touched, then given back
+    del transient
+    before = peak_memory_bytes(trainer.device)
+    result = trainer.run()
+    assert 0 < result.peak_memory_bytes < before - 256 * 2**20
