@@ -124,9 +124,11 @@ def encode_chat_documents(renderer: ChatRenderer, docs: Iterable[Document], eos_
                           clusters: Iterator[int] | None = None) -> dict[str, int]:
     """Render, tokenize and mask each conversation into `writer` (tokens and loss mask),
     each followed by the untrained separator; returns tallies: conversations, trained
-    (assistant) tokens, and conversations longer than `seq_len` (the trainer keeps
-    their first `seq_len` tokens)."""
-    tallies = {"conversations": 0, "assistant_tokens": 0, "longer_than_seq_len": 0}
+    (assistant) tokens, conversations longer than `seq_len` (the trainer keeps
+    their first `seq_len` tokens), and the assistant tokens inside those first
+    `seq_len`: the ones the trainer can learn from."""
+    tallies = {"conversations": 0, "assistant_tokens": 0, "longer_than_seq_len": 0,
+               "assistant_tokens_within_seq_len": 0}
     for doc in docs:
         if doc.messages is None:
             raise DatasetInputError(f"document {doc.id!r} is plain text in a chat dataset; "
@@ -142,4 +144,18 @@ def encode_chat_documents(renderer: ChatRenderer, docs: Iterable[Document], eos_
         tallies["conversations"] += 1
         tallies["assistant_tokens"] += int(mask.sum())
         tallies["longer_than_seq_len"] += int(len(ids) > seq_len)
+        tallies["assistant_tokens_within_seq_len"] += int(mask[:seq_len].sum())
     return tallies
+
+
+def check_trainable(tallies: dict[str, int], part: str, seq_len: int) -> None:
+    """Refuse a split whose conversations have no assistant token within their first
+    `seq_len` tokens: the trainer keeps only those, so it would train on no target and
+    the held-out assistant perplexity could not be measured; said here, before any
+    training, instead of by a trainer failing every delivery after the steps."""
+    if tallies["conversations"] and not tallies["assistant_tokens_within_seq_len"]:
+        raise DatasetInputError(
+            f"no {part} conversation has an assistant token within its first {seq_len} "
+            f"tokens ({tallies['longer_than_seq_len']} of {tallies['conversations']} are "
+            f"longer; the trainer keeps the first {seq_len} of each): raise "
+            "LMFORGE_DATAPREP_SEQ_LEN or shorten the system and user turns")

@@ -32,6 +32,7 @@ from services.data_prep.chat import (
     PACKING_MODES,
     ChatRenderer,
     chat_template_for,
+    check_trainable,
     encode_chat_documents,
 )
 from services.data_prep.cleaning import (
@@ -345,6 +346,7 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                                                 seq_len=config.seq_len, clusters=part_clusters)
                 for what, n in tallies.items():
                     stats.tallies[f"chat.{part}_{what}"] = n
+                check_trainable(tallies, part, config.seq_len)
             else:
                 encode_documents(tokenizer, _texts(spool), eos_id, writer,
                                  clusters=part_clusters)

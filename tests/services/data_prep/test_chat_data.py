@@ -172,6 +172,27 @@ def test_chat_data_refusals(tmp_path, base):
                         packing="tight")
 
 
+def test_conversations_whose_answers_start_past_seq_len_are_refused_before_training(
+        tmp_path, base):
+    """The trainer keeps each conversation's first seq_len tokens: answers that all start
+    later would train on nothing, and the run used to fail only after training."""
+    long_prompt = [{"messages": [
+        {"role": "system", "content": "You answer briefly and politely. " * 4},
+        {"role": "user", "content": f"Please tell me which word follows number {i}."},
+        {"role": "assistant", "content": "The word that follows is next."}]}
+        for i in range(20)]
+    data = _write_jsonl(tmp_path / "long.jsonl", long_prompt)
+    with pytest.raises(DatasetInputError, match=r"no train conversation has an assistant "
+                                                r"token within its first 32 tokens.*"
+                                                r"LMFORGE_DATAPREP_SEQ_LEN"):
+        prepare_dataset(data, "", "", tmp_path / "short", PrepConfig.hygiene_only(seq_len=32),
+                        base=base)
+    stats = prepare_dataset(data, "", "", tmp_path / "long",
+                            PrepConfig.hygiene_only(seq_len=1024), base=base)
+    assert stats.tallies["chat.train_assistant_tokens_within_seq_len"] == \
+        stats.tallies["chat.train_assistant_tokens"] > 0
+
+
 def test_the_loss_mask_is_cut_into_shards_with_its_tokens(tmp_path):
     import numpy as np
 
