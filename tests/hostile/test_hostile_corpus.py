@@ -234,7 +234,8 @@ async def _event_case(case: dict[str, Any], tmp_path: Path) -> None:
                                data_roots=[str(data_root)]):
         headers = {Header.MSG_ID: f"hostile-{case['id']}", Header.RUN_ID: run_id,
                    **case.get("headers", {})}
-        await harness.publish_raw(subjects.DATASET_READY.name, payload, headers)
+        # on the untenanted subject: a body naming a tenant there is a tenant mismatch
+        await harness.publish_raw(subjects.DATASET_READY.for_tenant(""), payload, headers)
         (failed,) = await harness.wait_for(subjects.STAGE_FAILED, 1, timeout=60)
         assert case["reason"] in failed.reason, failed.reason[:300]
         assert len(failed.reason) < 2100 and len(failed.run_id) < 260, len(failed.reason)
