@@ -95,3 +95,47 @@ def test_an_untenanted_run_is_one_on_the_no_tenant_subject() -> None:
     seen, failed, _ = _run([(subjects.DATASET_READY.for_tenant(""),
                              ev.DatasetReady(run_id="open"), {Header.TENANT: "acme"})])
     assert seen == [""] and not failed
+
+
+@pytest.mark.connected
+def test_a_store_from_before_the_tenant_token_is_moved_onto_it(nats_server) -> None:
+    """An upgraded store: the stream held bare `lmforge.dataset.ready` and data-prep's
+    durable filtered on it. Starting the new build moves both, and the durable consumes
+    a tenant's dataset.ready instead of waiting forever on a subject nobody publishes."""
+    import nats
+    from nats.js import api
+
+    from lmforge.bus import EventBus, ensure_streams
+    from lmforge.contracts.names import ServiceName, durable_name
+
+    durable = durable_name(ServiceName.DATA_PREP, subjects.DATASET_READY)
+    seen = asyncio.Event()
+
+    async def handle(event: ev.DatasetReady, delivery: Delivery) -> None:
+        seen.set()
+
+    async def scenario() -> str:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.add_stream(api.StreamConfig(name=subjects.STREAM, subjects=[
+            s.name for s in subjects.ALL], storage=api.StorageType.FILE))
+        await js.add_consumer(subjects.STREAM, api.ConsumerConfig(
+            durable_name=durable, filter_subject=subjects.DATASET_READY.name,
+            ack_policy=api.AckPolicy.EXPLICIT))
+        bus = EventBus(ServiceName.DATA_PREP)
+        await bus.connect(nats_server.url, connect_timeout_s=5)  # updates the stream
+        bus.subscribe(Subscription(subject=subjects.DATASET_READY,
+                                   handler=handle,  # type: ignore[arg-type]
+                                   durable=durable, ack_wait_s=5, max_deliver=2))
+        try:
+            await bus.start()
+            await ensure_streams(js)
+            await bus.publish(ev.DatasetReady(run_id="upgraded", tenant="acme"),
+                              msg_id="upgraded:ready")
+            await asyncio.wait_for(seen.wait(), 10)
+            return str((await js.consumer_info(subjects.STREAM, durable)).config.filter_subject)
+        finally:
+            await bus.close(grace_s=2)
+            await nc.close()
+
+    assert asyncio.run(scenario()) == subjects.DATASET_READY.pattern
