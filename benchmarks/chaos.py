@@ -558,10 +558,11 @@ async def run_session(config: ChaosConfig, workdir: Path) -> dict[str, Any]:
     """Start the system, a warm-up run, then `config.runs` runs with a kill each."""
     session_start = time.monotonic()
     session = ChaosSession(config, workdir)
-    await asyncio.to_thread(session.up)
     reports: list[RunReport] = []
     warmup_s = 0.0
     try:
+        # Inside the try: an `up` that times out leaves its supervisor running.
+        await asyncio.to_thread(session.up)
         window = config.kill_window_s
         if config.warmup:
             warmup = await session.run(0, None, 0.0)
