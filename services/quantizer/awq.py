@@ -20,6 +20,17 @@ four groups of a Llama-family layer, with the module whose output judges them:
 - gate, up   after post_attention_layernorm -> the MLP block
 - down       after up                        -> down itself
 
+Checked against AutoAWQ's quantizer (awq/quantize/quantizer.py): the same α grid
+(20) and sqrt(max·min) normalisation, the same judging modules (the whole attention
+for q/k/v, the whole MLP for gate/up, o only when v's width equals o's), clipping on
+sampled tokens, per-group output error, q and k unclipped. Differences, on purpose:
+each group's input is recorded again after the previous group's scales are folded
+(AutoAWQ searches all four on the layer's original inputs), the clip grid is 20
+ratios down to 0.5 (AutoAWQ: 10 down to 0.55), and the int4 range always contains 0.
+`duo_scaling` (AutoAWQ's later default) is an option, off: it drops α = 0, which is
+round-to-nearest itself, from the grid. The fold is pinned by a test: with clipping
+off the scaled fp model computes what the original did.
+
 The searches know nothing of files or events: `awq_quantize` takes a model and
 token windows, returns `Int4Weight`s, and leaves the model holding the scaled,
 clipped fp weights (so it can be evaluated with `fake_quantize`).
@@ -82,7 +93,15 @@ def decoder_layers(model: nn.Module) -> list[_Layer]:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AwqConfig:
     group_size: int = 128
-    """Input columns per scale (a layer whose width it does not divide gets its own)."""
+    """Input columns per scale (a layer whose width it does not divide gets its own);
+    0: one group per output channel."""
+    bits: int = 4
+    """Code width: 4 is what is packed and served; 3 or 2 only to measure the search
+    where round-to-nearest's loss is large (int4.py)."""
+    duo_scaling: bool = False
+    """Divide the activation term by the weights' own per-channel magnitude,
+    s = mean|x|^α / mean|w|^(1-α), as later AutoAWQ versions do; off: s = mean|x|^α,
+    the paper's form, whose α = 0 is round-to-nearest itself."""
     scale_grid: int = 20
     """α values tried for the per-channel scales: 0, 1/grid, ..., (grid-1)/grid."""
     clip_grid: int = 20
@@ -94,8 +113,11 @@ class AwqConfig:
     search_clip: bool = True
 
     def __post_init__(self) -> None:
-        if self.group_size <= 0:
-            raise ValueError(f"group_size {self.group_size} must be positive")
+        if self.group_size < 0:
+            raise ValueError(f"group_size {self.group_size} must be positive, or 0 for "
+                             "whole rows")
+        if not 2 <= self.bits <= 4:
+            raise ValueError(f"bits {self.bits} must be 2, 3 or 4")
         if self.scale_grid < 1 or self.clip_grid < 1:
             raise ValueError("scale_grid and clip_grid must be at least 1")
         if not 0 < self.max_shrink <= 1:
@@ -180,24 +202,38 @@ def _fold_inverse_scale(previous: nn.Module, scales: torch.Tensor) -> None:
         bias.div_(scales)
 
 
+def _weight_magnitude(linears: list[nn.Linear], group: int) -> torch.Tensor:
+    """Per input channel, the mean over output channels of |w| relative to its group's
+    largest |w| (AutoAWQ's w_mean for duo scaling)."""
+    weight = torch.cat([linear.weight.detach().float() for linear in linears])
+    grouped = weight.abs().reshape(weight.shape[0], -1, group)
+    relative = grouped / (grouped.amax(dim=-1, keepdim=True) + 1e-6)
+    return relative.reshape(weight.shape).mean(dim=0)
+
+
 def _search_scales(linears: list[nn.Linear], groups: list[int], x: torch.Tensor,
-                   block: Callable[[], torch.Tensor], grid: int
+                   block: Callable[[], torch.Tensor], config: AwqConfig
                    ) -> tuple[torch.Tensor, float]:
     """The per-input-channel scales (and their α) that make `block()`'s output with the
     linears quantized closest to its fp output."""
     reference = block()
     x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(dim=0)
+    w_mean = _weight_magnitude(linears, groups[0]) if config.duo_scaling else None
     originals = [linear.weight.detach().clone() for linear in linears]
     best: tuple[float, float, torch.Tensor] = (float("inf"), 0.0,
                                                 torch.ones_like(x_mean))
     try:
-        for step in range(grid):
-            alpha = step / grid
-            scales = x_mean.pow(alpha).clamp(min=1e-4)
+        for step in range(config.scale_grid):
+            alpha = step / config.scale_grid
+            scales = x_mean.pow(alpha)
+            if w_mean is not None:
+                scales = scales / (w_mean.pow(1 - alpha) + 1e-4)
+            scales = scales.clamp(min=1e-4)
             scales = scales / (scales.max() * scales.min()).sqrt()
             for linear, original, group in zip(linears, originals, groups, strict=True):
-                scaled = original * scales[None, :]
-                linear.weight.copy_(fake_quantize(scaled, group) / scales[None, :])
+                scaled = original * scales[None, :].to(original.dtype)
+                linear.weight.copy_(fake_quantize(scaled, group, bits=config.bits)
+                                    / scales[None, :])
             error = _mse(block(), reference)
             if error < best[0]:
                 best = (error, alpha, scales)
@@ -225,7 +261,8 @@ def _search_clip(weight: torch.Tensor, group: int, x: torch.Tensor, config: AwqC
         for step in range(config.clip_grid):
             ratio = 1 - (1 - config.max_shrink) * step / max(1, config.clip_grid - 1)
             clip = max_abs * ratio
-            quantized = fake_quantize(chunk, group, clip=clip).reshape(wg.shape)
+            quantized = fake_quantize(chunk, group, clip=clip, bits=config.bits
+                                      ).reshape(wg.shape)
             error = (torch.einsum("tgc,ogc->tog", xg, quantized) - reference
                      ).pow(2).mean(dim=0)
             better = error < best_error
@@ -286,7 +323,7 @@ def awq_quantize(model: nn.Module, calibration: torch.Tensor, config: AwqConfig
             sizes = [choose_group_size(linear.in_features, config.group_size)
                      for linear in group.linears]
             scales, alpha = _search_scales(group.linears, sizes, x,
-                                           partial(group.block, x), config.scale_grid)
+                                           partial(group.block, x), config)
             _fold_inverse_scale(group.previous, scales)
             for linear in group.linears:
                 linear.weight.mul_(scales[None, :])
@@ -300,7 +337,7 @@ def awq_quantize(model: nn.Module, calibration: torch.Tensor, config: AwqConfig
                 clip = (_search_clip(linear.weight, size, x, config)
                         if config.search_clip and not name.endswith(("q_proj", "k_proj"))
                         else None)
-                quantized = quantize(linear.weight, size, clip=clip)
+                quantized = quantize(linear.weight, size, clip=clip, bits=config.bits)
                 if clip is not None:
                     linear.weight.copy_(torch.maximum(torch.minimum(
                         linear.weight.reshape((*quantized.scales.shape, size)),

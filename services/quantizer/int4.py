@@ -10,7 +10,14 @@ A layer whose input width is not a multiple of the requested group gets its own
 group size (`choose_group_size`): first the largest of the group sizes that int4
 kernels take (torch's CPU and CUDA kernels, AutoAWQ, Marlin: 32, 64, 128, 256) that
 divides the width, else the largest divisor at all. The default presets' widths are
-all multiples of 32 (the tiny preset's MLP width 352 gets group 32).
+all multiples of 32 (the tiny preset's MLP width 352 gets group 32). Group 0 asks
+for one group per output channel (the whole row).
+
+`bits` below 4 (codes 0..2^bits-1 on the same layout) exists for measurement only:
+a model trained for minutes on a CPU loses almost nothing at int4 g128, so the
+benchmark also compares AWQ with round-to-nearest at 3 bits, where the baseline's
+loss is large enough for the comparison to mean something. Only 4 bits is packed
+and served.
 """
 
 from __future__ import annotations
@@ -20,15 +27,19 @@ from dataclasses import dataclass
 import torch
 
 MAX_CODE = 15
+"""The largest int4 code (the packed and served format)."""
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 """Group sizes int4 GEMM kernels take, largest first."""
 
 
 def choose_group_size(in_features: int, requested: int) -> int:
     """`requested` when it divides `in_features`; else the largest kernel group size up to
-    `requested` that does; else the largest divisor of `in_features` up to `requested`."""
-    if requested <= 0:
-        raise ValueError(f"group size {requested} must be positive")
+    `requested` that does; else the largest divisor of `in_features` up to `requested`.
+    0 is one group per row: `in_features`."""
+    if requested < 0:
+        raise ValueError(f"group size {requested} must be positive, or 0 for whole rows")
+    if requested == 0:
+        return in_features
     if in_features % requested == 0:
         return requested
     for size in KERNEL_GROUP_SIZES:
@@ -65,12 +76,15 @@ def group_ranges(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.
     return grouped.amin(dim=-1), grouped.amax(dim=-1)
 
 
-def quantize(weight: torch.Tensor, group: int, *, clip: torch.Tensor | None = None
-             ) -> Int4Weight:
+def quantize(weight: torch.Tensor, group: int, *, clip: torch.Tensor | None = None,
+             bits: int = 4) -> Int4Weight:
     """Round-to-nearest int4 of `weight` [out, in] with `group` columns per scale.
 
     `clip` [out, in / group]: the largest magnitude kept per group (AWQ's clipping);
-    values beyond it saturate."""
+    values beyond it saturate. `bits` < 4 uses codes 0..2^bits-1 (measurement only)."""
+    if not 2 <= bits <= 4:
+        raise ValueError(f"bits {bits} must be 2, 3 or 4")
+    max_code = 2**bits - 1
     out_features, in_features = weight.shape
     if in_features % group:
         raise ValueError(f"in_features {in_features} is not a multiple of group {group}")
@@ -79,14 +93,14 @@ def quantize(weight: torch.Tensor, group: int, *, clip: torch.Tensor | None = No
         grouped = torch.maximum(torch.minimum(grouped, clip[..., None]), -clip[..., None])
     low = grouped.amin(dim=-1).clamp(max=0)  # zero stays representable
     high = grouped.amax(dim=-1).clamp(min=0)
-    scales = ((high - low).clamp(min=1e-5) / MAX_CODE).half().float()
-    zeros = torch.round(-low / scales).clamp(0, MAX_CODE)
+    scales = ((high - low).clamp(min=1e-5) / max_code).half().float()
+    zeros = torch.round(-low / scales).clamp(0, max_code)
     codes = torch.round(grouped / scales[..., None]) + zeros[..., None]
-    return Int4Weight(codes=codes.clamp(0, MAX_CODE).to(torch.uint8).reshape(weight.shape),
+    return Int4Weight(codes=codes.clamp(0, max_code).to(torch.uint8).reshape(weight.shape),
                       zeros=zeros.to(torch.uint8), scales=scales)
 
 
-def fake_quantize(weight: torch.Tensor, group: int, *, clip: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, group: int, *, clip: torch.Tensor | None = None,
+                  bits: int = 4) -> torch.Tensor:
     """`weight` after an int4 round trip, in its own dtype (for searches and evaluation)."""
-    return quantize(weight, group, clip=clip).dequantize().to(weight.dtype)
+    return quantize(weight, group, clip=clip, bits=bits).dequantize().to(weight.dtype)

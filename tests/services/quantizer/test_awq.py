@@ -16,9 +16,11 @@ from services.quantizer.int4 import choose_group_size, fake_quantize
 from services.quantizer.judged import QualityGateFailed, QuantizeConfig, quantize_and_judge
 
 
-def _outlier_model(intermediate_size: int = 256):
+def _outlier_model(intermediate_size: int = 256, *, inner_outliers: bool = False):
     """A random Llama whose norms make a few input channels 20x larger than the rest:
-    the activation outliers AWQ is made for."""
+    the activation outliers AWQ is made for. `inner_outliers`: v and up get outlier
+    output channels too, so o and down (whose scales fold into v and up) have outlier
+    inputs of their own."""
     torch.manual_seed(0)
     config = llama_config(vocab_size=300, hidden_size=128, num_layers=2, num_heads=4,
                           intermediate_size=intermediate_size, seq_len=64, eos_token_id=0,
@@ -28,6 +30,9 @@ def _outlier_model(intermediate_size: int = 256):
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[:: 16] *= 20
+            if inner_outliers:
+                layer.self_attn.v_proj.weight[:: 16] *= 20
+                layer.mlp.up_proj.weight[:: 16] *= 20
     return model
 
 
@@ -65,11 +70,59 @@ def test_awq_output_error_on_calibration_data_is_below_rtn():
     assert awq_error < 0.7 * rtn_error, (float(awq_error), float(rtn_error))
 
 
+def test_the_folded_scales_leave_the_fp_model_computing_the_same_function():
+    # AWQ only moves magnitude between a Linear's input channels and what produces them
+    # (RMSNorm, v_proj, up_proj): before rounding, the model must compute exactly what
+    # it did. A scale applied to the wrong axis, or folded into the wrong module, or
+    # a v -> o fold under grouped-query attention, changes the logits here.
+    ids = torch.randint(1, 300, (8, 64), generator=torch.Generator().manual_seed(3))
+    reference = _logits(_outlier_model(inner_outliers=True), ids)
+    model = _outlier_model(inner_outliers=True)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = awq_quantize(model, ids, AwqConfig(group_size=64, search_clip=False))
+    # Every group chose non-trivial scales, and each fold changed its previous module.
+    assert all(alpha > 0 for alpha in result.alphas.values()), result.alphas
+    assert len(result.alphas) == 2 * 4
+    for changed in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                    "self_attn.v_proj.weight", "mlp.up_proj.weight",
+                    "self_attn.o_proj.weight", "mlp.down_proj.weight"):
+        name = f"model.layers.1.{changed}"
+        assert not torch.allclose(dict(model.named_parameters())[name], original[name])
+    scaled = _logits(model, ids)
+    assert torch.allclose(scaled, reference, rtol=1e-4, atol=1e-4), \
+        float((scaled - reference).abs().max())
+
+
+def test_awq_beats_rtn_by_more_where_rtn_loses_more():
+    # Whole-row int3 is where round-to-nearest is worst: one scale per row has to cover
+    # the outlier columns. AWQ's search must still find its way (the benchmark's coarse
+    # settings rely on bits and group 0 reaching every search, not only the final codes).
+    ids = torch.randint(1, 300, (16, 64), generator=torch.Generator().manual_seed(1))
+    reference = _logits(_outlier_model(inner_outliers=True), ids)
+    rtn_model, awq_model = (_outlier_model(inner_outliers=True),
+                            _outlier_model(inner_outliers=True))
+    with torch.no_grad():
+        for name, p in rtn_model.named_parameters():
+            if ".layers." in name and p.ndim == 2:
+                p.copy_(fake_quantize(p, p.shape[1], bits=3))
+    result = awq_quantize(awq_model, ids, AwqConfig(group_size=0, bits=3))
+    with torch.no_grad():
+        for name, p in awq_model.named_parameters():
+            if name in result.weights:
+                assert result.weights[name].group_size == p.shape[1]
+                assert int(result.weights[name].codes.max()) <= 7
+                p.copy_(result.weights[name].dequantize())
+    rtn_error = (_logits(rtn_model, ids) - reference).pow(2).mean()
+    awq_error = (_logits(awq_model, ids) - reference).pow(2).mean()
+    assert awq_error < 0.5 * rtn_error, (float(awq_error), float(rtn_error))
+
+
 def test_a_layer_of_odd_width_gets_the_largest_group_that_divides_it():
     assert choose_group_size(352, 128) == 32   # the tiny preset's MLP width
     assert choose_group_size(704, 128) == 64   # the small preset's
     assert choose_group_size(2816, 128) == 128
     assert choose_group_size(200, 128) == 100  # no kernel size divides it: a divisor does
+    assert choose_group_size(704, 0) == 704    # 0: one group per row (measurement only)
     model = _outlier_model(intermediate_size=200)
     ids = torch.randint(1, 300, (4, 32), generator=torch.Generator().manual_seed(2))
     result = _awq(model, ids, 128)
