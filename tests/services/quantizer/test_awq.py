@@ -93,7 +93,7 @@ def test_the_folded_scales_leave_the_fp_model_computing_the_same_function():
         float((scaled - reference).abs().max())
 
 
-def test_awq_beats_rtn_by_more_where_rtn_loses_more():
+def test_awq_at_least_halves_rtn_error_at_int3_whole_rows():
     # Whole-row int3 is where round-to-nearest is worst: one scale per row has to cover
     # the outlier columns. AWQ's search must still find its way (the benchmark's coarse
     # settings rely on bits and group 0 reaching every search, not only the final codes).
