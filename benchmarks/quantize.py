@@ -73,13 +73,24 @@ def english_text(source: Path, out: Path, max_mb: float) -> dict[str, object]:
 
 def train(preset: str, dataset: Path, store: ArtifactStore, minutes: float, seq_len: int
           ) -> tuple[Path, dict[str, object]]:
-    """The preset trained for about `minutes`: step time measured on a short run first,
-    then a schedule (warm-up, cosine) sized to fill the budget."""
-    probe = TrainConfig.from_preset(preset, seq_len=seq_len, max_steps=6,
-                                    checkpoint_interval=10**9)
-    started = time.perf_counter()
-    Trainer(probe, dataset, store, CheckpointIndex(store.root / "probe", "p", store)).run()
-    step_s = (time.perf_counter() - started) / 6
+    """The preset trained for about `minutes`: step time measured on short runs first,
+    then a schedule (warm-up, cosine) sized to fill the budget.
+
+    The step time is the difference of two probes (4 and 12 steps) over their 8 extra
+    steps: one probe's time over its steps also counts the trainer's fixed cost (model
+    build, held-out evaluation, writing the model), which made a 27-minute request
+    train for 18 minutes and a 16-minute one for 6."""
+    elapsed = {}
+    for probe_steps in (4, 12):
+        probe = TrainConfig.from_preset(preset, seq_len=seq_len, max_steps=probe_steps,
+                                        checkpoint_interval=10**9)
+        started = time.perf_counter()
+        Trainer(probe, dataset, store, CheckpointIndex(
+            store.root / f"probe-{probe_steps}", "p", store)).run()
+        elapsed[probe_steps] = time.perf_counter() - started
+    step_s = (elapsed[12] - elapsed[4]) / 8
+    if step_s <= 0:  # a load spike during the short probe: fall back to the long one
+        step_s = elapsed[12] / 12
     steps = max(20, int(minutes * 60 / step_s))
     config = TrainConfig.from_preset(preset, seq_len=seq_len, max_steps=steps,
                                      checkpoint_interval=10**9)
