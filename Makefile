@@ -44,9 +44,10 @@ test: setup system-tools
 	$(PY) -m pytest -q --durations=15
 
 # The tier without a nats-server, torchrun, the whole pipeline, an embedding model or child
-# processes (engine processes, the CLI): under a minute.
+# processes (engine processes, the CLI) or another server (moto, the Kubernetes stand-in, a
+# gateway with its engine): under a minute.
 unit: setup
-	$(PY) -m pytest -q -m "not (connected or e2e or distributed or embeddings or processes)" \
+	$(PY) -m pytest -q -m "not (connected or e2e or distributed or embeddings or processes or servers)" \
 		-p no:cacheprovider
 
 lint: setup

@@ -326,13 +326,21 @@ class KubernetesJobLauncher:
         return [j.metadata.name for j in jobs.items]
 
     def watch_round(self, name: str) -> list[dict[str, Any]]:
-        """The Job as it is and as it changes, for up to WATCH_ROUND_S."""
+        """The Job as it is and as it changes, for up to WATCH_ROUND_S, or until it is
+        over: the run's outcome is taken the moment the Job reports it, not at the end
+        of the round."""
         from kubernetes import watch
 
-        return [event["object"] for event in watch.Watch().stream(
-            self.batch.list_namespaced_job, self.config.namespace,
-            field_selector=f"metadata.name={name}", timeout_seconds=WATCH_ROUND_S,
-            deserialize=False)]
+        stream = watch.Watch()
+        seen: list[dict[str, Any]] = []
+        for event in stream.stream(self.batch.list_namespaced_job, self.config.namespace,
+                                   field_selector=f"metadata.name={name}",
+                                   timeout_seconds=WATCH_ROUND_S, deserialize=False):
+            seen.append(event["object"])
+            if self.outcome(event["object"]):
+                stream.stop()
+                break
+        return seen
 
     @staticmethod
     def outcome(obj: dict[str, Any]) -> tuple[str, str] | None:

@@ -7,6 +7,8 @@ import pytest
 from lmforge.artifacts import ArtifactError, ArtifactStore
 from lmforge.object_store import MANIFEST, RemoteArtifacts
 
+pytestmark = pytest.mark.servers
+
 
 def _dir(tmp_path, name, files):
     d = tmp_path / name

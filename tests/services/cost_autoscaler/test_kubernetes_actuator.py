@@ -26,6 +26,8 @@ from services.cost_autoscaler.settings import AutoscalerSettings, default_worklo
 from tests.buses import NatsHarness
 from tests.kube_api_server import StandInCluster, start_kube_api
 
+pytestmark = pytest.mark.servers
+
 NS = "lmforge"
 
 

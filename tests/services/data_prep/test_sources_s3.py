@@ -22,6 +22,8 @@ from services.data_prep.sources import (
 )
 from tests.conftest import TEST_DATA
 
+pytestmark = pytest.mark.servers
+
 INGEST = TEST_DATA / "ingest"
 CORPUS = INGEST / "corpus"
 

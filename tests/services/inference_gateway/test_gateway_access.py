@@ -25,6 +25,8 @@ from services.inference_gateway.engines.process import EngineProcess
 from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.registry import ModelRegistry
 
+pytestmark = pytest.mark.servers
+
 
 @pytest.fixture(scope="module")
 def engine(trained_model):

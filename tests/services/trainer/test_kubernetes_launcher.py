@@ -42,6 +42,8 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.training import Progress, TrainResult
 from tests.kube_api_server import StandInCluster, start_kube_api
 
+pytestmark = pytest.mark.servers
+
 NS = "lmforge"
 IMAGE = "registry.example/lmforge/trainer:1.4"
 DATASET = "sha256:" + "ab" * 32
