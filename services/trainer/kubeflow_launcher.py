@@ -93,17 +93,8 @@ class PyTorchJobLauncher(KubernetesJobLauncher):
             self.config.namespace, PLURAL, field_selector=f"metadata.name={name}",
             timeout_seconds=WATCH_ROUND_S)]
 
-    @staticmethod
-    def outcome(obj: dict[str, Any]) -> tuple[str, str] | None:
-        for condition in (obj.get("status") or {}).get("conditions") or []:
-            if condition.get("status") != "True":
-                continue
-            why = ": ".join(filter(None, [condition.get("reason"), condition.get("message")]))
-            if condition.get("type") == "Succeeded":
-                return "succeeded", why
-            if condition.get("type") == "Failed":
-                return "failed", why
-        return None
+    success_condition = "Succeeded"
+    """A PyTorchJob's success condition (a batch Job says "Complete")."""
 
     def delete(self, name: str) -> None:
         self.custom.delete_namespaced_custom_object(

@@ -342,14 +342,17 @@ class KubernetesJobLauncher:
                 break
         return seen
 
-    @staticmethod
-    def outcome(obj: dict[str, Any]) -> tuple[str, str] | None:
-        """("succeeded" | "failed", why) once the Job is over, else None."""
+    success_condition = "Complete"
+    """The condition type that says the workload succeeded (a batch Job's)."""
+
+    @classmethod
+    def outcome(cls, obj: dict[str, Any]) -> tuple[str, str] | None:
+        """("succeeded" | "failed", why) once the workload is over, else None."""
         for condition in (obj.get("status") or {}).get("conditions") or []:
             if condition.get("status") != "True":
                 continue
             why = ": ".join(filter(None, [condition.get("reason"), condition.get("message")]))
-            if condition.get("type") == "Complete":
+            if condition.get("type") == cls.success_condition:
                 return "succeeded", why
             if condition.get("type") == "Failed":
                 return "failed", why
