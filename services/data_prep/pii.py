@@ -155,12 +155,16 @@ _CN_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 
 
 def cn_resident_id_ok(value: str) -> bool:
-    """GB 11643: a real birth date and the ISO 7064 MOD 11-2 check character."""
+    """GB 11643: a real birth date and the ISO 7064 MOD 11-2 check character.
+
+    The standard's century digits run from 18: an ID with a birth year in the
+    1800s is still a valid number (and still personal data), so the date check
+    starts at 1800, where the pattern does."""
     try:
         birth = datetime.date(int(value[6:10]), int(value[10:12]), int(value[12:14]))
     except ValueError:
         return False
-    if not datetime.date(1900, 1, 1) <= birth <= datetime.date.today():
+    if not datetime.date(1800, 1, 1) <= birth <= datetime.date.today():
         return False
     total = sum(int(c) * w for c, w in zip(value[:17], _CN_WEIGHTS, strict=True))
     return "10X98765432"[total % 11] == value[17].upper()
@@ -187,7 +191,9 @@ _SSN_WORDS = _keywords(r"\bssn\b", r"social security", r"\btin\b", r"社会安�
 _VERSION_WORDS = _keywords(
     r"version", r"\bver\b", r"release", r"build", r"firmware", r"\bupgrade", r"\bupdate",
     r"install", r"patch", r"固件", r"版本", r"升级", r"更新", r"section", r"chapter", r"clause",
-    r"§", r"章", r"节", r"条款", r"发布", r"\boid\b", r"\bsdk\b", r"\bapi level\b")
+    r"§", r"章", r"节", r"条款", r"发布", r"\boid\b", r"\bsdk\b", r"\bapi level\b",
+    r"\bscore", r"\brating", r"\bpoints\b", r"\btally\b", r"比分", r"得分", r"评分")
+"""Words after which a dotted number is a version, section number or score, not an address."""
 _ADDRESS_WORDS = _keywords(
     r"\bip\b", r"\bips\b", r"address", r"\baddr\b", r"host", r"server", r"from", r"client",
     r"upstream", r"proxy", r"\bdns\b", r"gateway", r"\bping\b", r"\bssh\b", r"listen",

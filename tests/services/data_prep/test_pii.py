@@ -102,6 +102,8 @@ NEAR_MISSES = [
     ("UUID 550e8400-e29b-41d4-a716-446655440000 not found", "UUID"),
     ("坐标 39.9042, 116.4074，邮编100084", "coordinates, postcode"),
     ("Failed password for root from port 22", "the word password in a log"),
+    ("Final score: 6.4.3.6 after four sets.", "a score shaped like an address"),
+    ("比分 3.5.2.1，主队领先", "a Chinese score shaped like an address"),
 ]
 
 
@@ -143,6 +145,9 @@ def test_the_checksums():
     assert not iban_ok("DE8937040044053201300")  # one digit short for Germany
     assert cn_resident_id_ok("11010519491231002X") and not cn_resident_id_ok("110105194912310021")
     assert not cn_resident_id_ok("110105194902301234")  # 30 February
+    # GB 11643's century digits start at 18: born 1880 is a valid (and personal) number.
+    assert cn_resident_id_ok("440524188001010014")
+    assert [s.type for s in find_pii("身份证：440524188001010014")] == ["ID"]
 
 
 def test_the_stage_rewrites_documents_and_counts_each_type():
