@@ -1,5 +1,6 @@
-"""cost-autoscaler's wiring: a control loop publishing scaling.decided, and a cost
-ledger fed by the event that closes each stage.
+"""cost-autoscaler's wiring: a control loop publishing scaling.decided, a cost
+ledger fed by the event that closes each stage, and the answers to tenants' queries
+for their own runs and costs (tenant_queries.py).
 
 SRE pins (`lmforge scale trainer=2`) live in the `lmforge_scale_pins`
 key-value bucket and always win. A decision is published when it changes;
@@ -50,6 +51,7 @@ from services.cost_autoscaler.pricing import (
     price_book,
 )
 from services.cost_autoscaler.settings import AutoscalerSettings
+from services.cost_autoscaler.tenant_queries import TenantQueries
 
 log = logging.getLogger("lmforge.autoscaler")
 
@@ -85,6 +87,16 @@ class AutoscalerService(Service[AutoscalerSettings]):
                                  settings.autoscaler_price_per_hour,
                                  settings.autoscaler_spot_price_per_hour)
         self._ledger_lock = asyncio.Lock()
+        self.queries: TenantQueries | None = None
+
+    async def start(self) -> None:
+        """Consume, and answer tenants' queries for their runs and costs on NATS (the
+        in-memory test bus has no request/reply: nothing to answer there)."""
+        await super().start()
+        if isinstance(self.bus, EventBus) and self.bus.nc is not None:
+            self.queries = TenantQueries(self.bus.nc, self.bus.js,
+                                         self.bus.key_value(Bucket.COST_LEDGER))
+            await self.queries.start()
 
     # -- the cost ledger -------------------------------------------------------------
 

@@ -59,8 +59,12 @@ def test_cost_json_reads_the_ledger_with_a_preempted_attempt(nats_server, tmp_pa
 @pytest.mark.connected
 def test_a_tenants_cost_shows_only_its_own_runs(nats_server, tmp_path):
     """The ledger entry keeps the run's tenant (from the event's tenant header, which only
-    services can set past dataset.ready) and `lmforge cost` of a tenant reads only its own."""
+    services can set past dataset.ready); the autoscaler answers a tenant's cost query with
+    that tenant's entries only, and an open deployment's CLI reads every run."""
+    import nats
+
     from lmforge.cli.cost import read_ledger
+    from lmforge.cli.tenant_reads import tenant_costs
 
     harness = NatsHarness(nats_server.url)
     t0 = 1_700_000_000 * 10**9
@@ -80,8 +84,12 @@ def test_a_tenants_cost_shows_only_its_own_runs(nats_server, tmp_path):
                     break
                 await asyncio.sleep(0.05)
             everyone, _ = await read_ledger(nats_server.url)
-            acme, _ = await read_ledger(nats_server.url, tenant="acme")
-            globex, _ = await read_ledger(nats_server.url, tenant="globex")
+            nc = await nats.connect(nats_server.url)
+            try:
+                acme, _ = await tenant_costs(nc, "acme")
+                globex, _ = await tenant_costs(nc, "globex")
+            finally:
+                await nc.close()
         return everyone, acme, globex
 
     everyone, acme, globex = asyncio.run(scenario())

@@ -2,7 +2,8 @@
 
 The autoscaler writes it (services/cost_autoscaler/ledger.py): one JSON entry
 per run id in the `lmforge_cost_ledger` bucket with its charges and totals,
-and `_serving` for the gateway's replica-hours and tokens. The CLI only reads.
+and `_serving` for the gateway's replica-hours and tokens. The CLI only reads: the
+bucket itself as admin or on an open server, a tenant's own entries as that tenant.
 """
 
 from __future__ import annotations
@@ -21,18 +22,21 @@ SERVING_KEY = "_serving"
 """The serving entry's key (the ledger's own name for it)."""
 
 
-async def read_ledger(nats_url: NatsUrl, *, auth: NatsAuth | None = None, tenant: str = ""
+async def read_ledger(nats_url: NatsUrl, *, auth: NatsAuth | None = None
                       ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """(ledger entry per run id, the serving entry or {}); with `tenant`, only that
-    tenant's runs.
+    """(ledger entry per run id, the serving entry or {}).
 
-    The filter is here, in the client: the `client` role may read the whole bucket, so
-    this keeps a tenant's `lmforge cost` to its own runs but does not stop a tenant's
-    credential from reading others' entries with its own NATS client.
+    A tenant's client credential gets its own runs' entries only, asked of
+    cost-autoscaler (`tenant_reads`): the server refuses it the bucket, which holds
+    every tenant's. The admin credential, or none (an open server), reads the bucket.
     """
     url = nats_url() if callable(nats_url) else nats_url
     nc = await connect_nats(url, auth=auth)
     try:
+        if auth is not None and auth.reads_by_query:
+            from lmforge.cli.tenant_reads import tenant_costs
+
+            return await tenant_costs(nc, auth.tenant)
         kv = await ensure_kv(nc.jetstream(), Bucket.COST_LEDGER)
         runs: dict[str, dict[str, Any]] = {}
         serving: dict[str, Any] = {}
@@ -47,7 +51,7 @@ async def read_ledger(nats_url: NatsUrl, *, auth: NatsAuth | None = None, tenant
             data = json.loads(entry.value)
             if key == SERVING_KEY:
                 serving = data
-            elif not tenant or data.get("tenant", "") == tenant:
+            else:
                 runs[key] = data
         return runs, serving
     finally:

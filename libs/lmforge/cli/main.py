@@ -411,7 +411,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     try:
         settings = _settings()
         auth = _nats_auth(settings)
-        runs = asyncio.run(collect_runs(url, auth=auth, tenant=auth.tenant))
+        runs = asyncio.run(collect_runs(url, auth=auth))
         ledger, _serving = asyncio.run(read_ledger(url, auth=auth))
     except ConnectionError as exc:
         return _unreachable(exc)
@@ -620,8 +620,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     try:
         settings = _settings()
         auth = _nats_auth(settings)
-        runs, serving = asyncio.run(read_ledger(_nats_url(settings), auth=auth,
-                                                tenant=auth.tenant))
+        runs, serving = asyncio.run(read_ledger(_nats_url(settings), auth=auth))
     except ConnectionError as exc:
         return _unreachable(exc)
     if args.run and args.run not in runs:

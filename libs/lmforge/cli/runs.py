@@ -218,13 +218,21 @@ NatsUrl = str | Callable[[], str]
 """A NATS URL, or where to read the current one (the state file of `lmforge up`)."""
 
 
+RawEvent = tuple[str, bytes, float, dict[str, str]]
+"""(subject as delivered, data, time, headers) of one message of the stream."""
+
+
 async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow: bool = False,
                         idle_timeout_s: float = 1.0,
                         on_connection: Callable[[str], None] | None = None,
-                        auth: NatsAuth | None = None, tenant: str = "",
+                        auth: NatsAuth | None = None,
                         ) -> AsyncGenerator[tuple[str, Message, float, str], None]:
     """Every event in the stream (optionally one run's), oldest first, as (subject,
     event, time, the run it was reused from or '').
+
+    A tenant's client credential (`auth.reads_by_query`) gets its tenant's events only,
+    asked of cost-autoscaler (`tenant_reads`): the server lets it read nothing else. The
+    admin credential, or none (an open server), reads the stream itself: every run.
 
     Without `follow`, an unreachable server is a ConnectionError. With `follow`,
     keep waiting for new events; when the server goes away, read the URL again
@@ -233,7 +241,7 @@ async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow:
     loss and return of the server, once each.
     """
     current_url = nats_url if callable(nats_url) else (lambda: nats_url)
-    next_seq = 1
+    position = [1]  # the next stream sequence to read, kept across reconnects
     lost_at = ""
     while True:
         url = current_url()
@@ -251,34 +259,24 @@ async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow:
             on_connection(f"following again on NATS at {url}")
         lost_at = ""
         try:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                    opt_start_seq=next_seq)
-            sub = await nc.jetstream().subscribe("lmforge.>", ordered_consumer=True,
-                                                 stream=subjects.STREAM, config=config)
-            while True:
+            if auth is not None and auth.reads_by_query:
+                raw = _queried_events(nc, auth.tenant, position, run_id=run_id or "",
+                                      follow=follow, idle_timeout_s=idle_timeout_s,
+                                      on_connection=on_connection)
+            else:
+                raw = _stream_messages(nc, position, run_id=run_id or "", follow=follow,
+                                       idle_timeout_s=idle_timeout_s)
+            async for delivered, data, ts, headers in raw:
                 try:
-                    msg = await sub.next_msg(timeout=idle_timeout_s)
-                except nats.errors.ConnectionClosedError:
-                    break
-                except nats.errors.TimeoutError:
-                    if not nc.is_connected:
-                        break
-                    if follow:
-                        continue
-                    return
-                next_seq = msg.metadata.sequence.stream + 1
-                if run_id and (msg.headers or {}).get(Header.RUN_ID) != run_id:
-                    continue
-                if tenant and (msg.headers or {}).get(Header.TENANT, "") != tenant:
-                    continue  # another tenant's run (or one from before tenants)
-                try:
-                    subject = subjects.by_name(msg.subject)
-                    event = subject.decode(msg.data)
+                    subject = subjects.by_name(delivered)
+                    event = subject.decode(data)
                 except (KeyError, DecodeError):
                     continue
-                ts = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else 0.0
                 # the catalog name: a tenant-scoped subject arrives with its tenant token
-                yield subject.name, event, ts, (msg.headers or {}).get(Header.CACHED_FROM, "")
+                yield subject.name, event, ts, headers.get(Header.CACHED_FROM, "")
+            if not nc.is_connected:  # not the end of the stream: the server went away
+                raise nats.errors.ConnectionClosedError
+            return
         except (nats.errors.ConnectionClosedError, nats.errors.TimeoutError,
                 nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
             # Gone, or back but JetStream still recovering its store.
@@ -287,20 +285,78 @@ async def stream_events(nats_url: NatsUrl, *, run_id: str | None = None, follow:
         finally:
             with contextlib.suppress(Exception):
                 await nc.close()
-        if not follow:
-            raise ConnectionError(f"lost NATS at {url} while reading the stream")
         if on_connection:
             on_connection(f"lost NATS at {url}; waiting for it")
         lost_at = url
         await asyncio.sleep(0.5)
 
 
-async def collect_runs(nats_url: NatsUrl, *, auth: NatsAuth | None = None, tenant: str = ""
+async def _stream_messages(nc: Client, position: list[int], *, run_id: str, follow: bool,
+                           idle_timeout_s: float) -> AsyncGenerator[RawEvent, None]:
+    """The stream itself from `position[0]` on (every tenant's runs): until it is idle for
+    `idle_timeout_s`, or, following, until the connection is lost."""
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                            opt_start_seq=position[0])
+    sub = await nc.jetstream().subscribe("lmforge.>", ordered_consumer=True,
+                                         stream=subjects.STREAM, config=config)
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=idle_timeout_s)
+        except nats.errors.ConnectionClosedError:
+            return
+        except nats.errors.TimeoutError:
+            if not nc.is_connected or not follow:
+                return
+            continue
+        position[0] = msg.metadata.sequence.stream + 1
+        headers = msg.headers or {}
+        if run_id and headers.get(Header.RUN_ID) != run_id:
+            continue
+        ts = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else 0.0
+        yield msg.subject, msg.data, ts, headers
+
+
+async def _queried_events(nc: Client, tenant: str, position: list[int], *, run_id: str,
+                          follow: bool, idle_timeout_s: float,
+                          on_connection: Callable[[str], None] | None
+                          ) -> AsyncGenerator[RawEvent, None]:
+    """`tenant`'s events from `position[0]` on, page by page; following, asking again
+    every `idle_timeout_s` once the pages reach the end of the stream. Without
+    cost-autoscaler, a QueryUnanswered (a ConnectionError), or, following, a wait for
+    it, said once."""
+    from lmforge.cli.tenant_reads import QueryUnanswered, events_page
+
+    waiting = False
+    while nc.is_connected:
+        try:
+            page = await events_page(nc, tenant, from_seq=position[0], run_id=run_id)
+        except QueryUnanswered as exc:
+            if not follow or not nc.is_connected:
+                raise
+            if not waiting and on_connection:
+                on_connection(f"{exc}; waiting for an answer")
+            waiting = True
+            await asyncio.sleep(1.0)
+            continue
+        if waiting and on_connection:
+            on_connection("cost-autoscaler answers again")
+        waiting = False
+        for queried in page.events:
+            yield (queried.subject, queried.data, queried.time,
+                   {Header.CACHED_FROM: queried.cached_from} if queried.cached_from else {})
+        position[0] = page.next_seq
+        if page.end:
+            if not follow:
+                return
+            await asyncio.sleep(idle_timeout_s)
+
+
+async def collect_runs(nats_url: NatsUrl, *, auth: NatsAuth | None = None
                        ) -> dict[str, RunView]:
-    """The runs in the stream; with `tenant`, only that tenant's."""
+    """The runs in the stream: a tenant's credential, only that tenant's."""
     runs: dict[str, RunView] = {}
     async for subject, event, ts, cached_from in stream_events(nats_url, idle_timeout_s=0.5,
-                                                               auth=auth, tenant=tenant):
+                                                               auth=auth):
         run_id = getattr(event, "run_id", "")
         if not run_id or subject == subjects.SCALING_DECIDED.name:
             continue
@@ -346,8 +402,8 @@ async def model_dataset(nats_url: NatsUrl, model_name: str, *,
                         auth: NatsAuth | None = None) -> str:
     """The digest of the dataset last prepared for `model_name` ('' if none)."""
     digest = ""
-    async for _subject, event, _ts, _cached in stream_events(
-            nats_url, idle_timeout_s=0.5, auth=auth, tenant=auth.tenant if auth else ""):
+    async for _subject, event, _ts, _cached in stream_events(nats_url, idle_timeout_s=0.5,
+                                                             auth=auth):
         if isinstance(event, ev.DatasetPrepared) and event.model_name == model_name:
             digest = event.dataset.digest
     return digest

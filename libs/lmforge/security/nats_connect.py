@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.security.nats_roles import CLIENT
 from lmforge.security.nats_secrets import NatsCredential
 
 
@@ -39,6 +40,12 @@ class NatsAuth:
     @property
     def tenant(self) -> str:
         return self.credential.tenant if self.credential else ""
+
+    @property
+    def reads_by_query(self) -> bool:
+        """A tenant's client credential: the server lets it read its runs and costs only
+        by asking (`contracts.tenant_queries`), never from the stream or the ledger."""
+        return self.credential is not None and self.credential.role == CLIENT
 
     def tls_context(self) -> ssl.SSLContext | None:
         if self.ca is None:

@@ -194,8 +194,7 @@ class StatusFeed:
             self._note("stream", line)
 
         async for subject, event, ts, cached_from in stream_events(
-                self._nats_url, follow=True, auth=auth, tenant=auth.tenant,
-                on_connection=connection):
+                self._nats_url, follow=True, auth=auth, on_connection=connection):
             with self._lock:
                 self.fold(subject, event, ts, cached_from=cached_from)
 
