@@ -297,10 +297,10 @@ async def test_a_service_does_its_work_within_its_permissions(secured) -> None:
         await trainer.start()
         await scheduler.publish(ev.TrainingScheduled(run_id="sec-3"), msg_id="sec-3:sched")
         await asyncio.wait_for(handled.wait(), 10)
-        async with connected(server, found, "client") as (nc, errors):
+        async with connected(server, found, "admin") as (nc, errors):
             sub = await nc.jetstream().subscribe(subjects.MODEL_TRAINED.name,
                                                  ordered_consumer=True, stream=subjects.STREAM)
-            msg = await sub.next_msg(timeout=5)  # and the client may read the status
+            msg = await sub.next_msg(timeout=5)  # (a tenant reads it through cost-autoscaler)
             assert subjects.MODEL_TRAINED.decode(msg.data).run_id == "sec-3"
         assert not errors
         assert not trainer.connection_log.refused_publishes

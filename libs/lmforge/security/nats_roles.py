@@ -8,14 +8,16 @@ or changing streams and buckets is `admin`'s: the supervisor of `lmforge up`
 creates them all before any service starts (`bus.ensure_streams`/`ensure_kv`
 only read what exists when it is there).
 
-`client` is the CLI and any outside publisher: it may publish
-`lmforge.dataset.ready.<its tenant>` and no other tenant's (the tenant is a
+`client` is the CLI and any outside publisher, always of one tenant: it may
+publish `lmforge.dataset.ready.<its tenant>` and no other tenant's (the tenant is a
 subject token, so the server itself refuses a tenant-A credential starting a run
 as tenant B; data-prep takes the tenant from the token and refuses an event
-whose body names another), follow the event stream through ephemeral consumers
-(`lmforge runs`, `run --follow`), read the cost ledger, and nothing else — no
-artifact-bearing bucket, no durable consumer, no other subject. `admin` (the
-supervisor, `lmforge scale`, `lmforge keys`) may do anything.
+whose body names another), and ask for its tenant's runs and costs on
+`lmforge.query.<events|cost>.<its tenant>` (cost-autoscaler answers,
+`contracts.tenant_queries`), and nothing else: not the event stream nor the cost
+ledger, which hold every tenant's runs; no artifact-bearing bucket, no durable
+consumer, no other subject. `admin` (the supervisor, `lmforge scale`, `lmforge
+keys`) may do anything.
 
 Replies: every user gets its own inbox prefix (`_INBOX_<user>`), and may
 subscribe only below it, so no one can listen to the answers the server sends
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 from lmforge.contracts import subjects
 from lmforge.contracts.names import CONSUMES, PRODUCES, Bucket, ServiceName, durable_name
+from lmforge.contracts.tenant_queries import KINDS, PREFIX, query_subject
 
 CLIENT = "client"
 ADMIN = "admin"
@@ -58,19 +61,22 @@ BUCKETS: dict[ServiceName, tuple[tuple[Bucket, ...], tuple[Bucket, ...]]] = {
 """(read-write, read-only) key-value buckets per service. A service that uses a new
 bucket needs it here, or NATS refuses it with a permissions violation."""
 
-CLIENT_READS: tuple[Bucket, ...] = (Bucket.COST_LEDGER,)
-
-
 @dataclass(frozen=True)
 class Permissions:
     """What one NATS user may publish and subscribe to (nats-server `permissions`)."""
 
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    answers_requests: bool = False
+    """May publish one reply to each request it receives, whatever its reply subject
+    (nats-server `allow_responses`): how a service answers a client's own inbox."""
 
     def as_config(self) -> dict[str, object]:
-        return {"publish": {"allow": list(self.publish)},
-                "subscribe": {"allow": list(self.subscribe)}}
+        config: dict[str, object] = {"publish": {"allow": list(self.publish)},
+                                     "subscribe": {"allow": list(self.subscribe)}}
+        if self.answers_requests:
+            config["allow_responses"] = True
+        return config
 
 
 def inbox_prefix(user: str) -> str:
@@ -132,9 +138,19 @@ def service_permissions(service: ServiceName) -> Permissions:
         publish += _kv_write(bucket)
     for bucket in read_only:
         publish += _kv_read(bucket)
-    if service == ServiceName.COST_AUTOSCALER:  # consumer lag is part of its load signal
-        publish += [_js("CONSUMER", "LIST", subjects.STREAM)]
-    return Permissions(tuple(publish), (f"{inbox_prefix(service)}.>",))
+    subscribe = [f"{inbox_prefix(service)}.>"]
+    if service == ServiceName.COST_AUTOSCALER:
+        publish += [_js("CONSUMER", "LIST", subjects.STREAM),  # lag: part of its load signal
+                    *_ephemeral_reader(subjects.STREAM)]  # tenants' events (tenant_queries)
+        subscribe += [f"{PREFIX}.*.*"]
+        return Permissions(tuple(publish), tuple(subscribe), answers_requests=True)
+    return Permissions(tuple(publish), tuple(subscribe))
+
+
+def _ephemeral_reader(stream: str) -> list[str]:
+    """Ordered (ephemeral) consumers over `stream`: the server refuses a durable name on
+    CONSUMER.CREATE.<stream>, and no consumer made this way can be fetched from."""
+    return [_js("CONSUMER", "CREATE", stream), f"$JS.FC.{stream}.>"]
 
 
 def client_user(tenant: str) -> str:
@@ -143,14 +159,10 @@ def client_user(tenant: str) -> str:
 
 
 def client_permissions(tenant: str) -> Permissions:
-    """A client of `tenant`: dataset.ready on its own tenant's subject only."""
-    stream = subjects.STREAM
+    """A client of `tenant`: dataset.ready and the queries on its own tenant's subjects
+    only (`lmforge up`'s own `client` is the default tenant's)."""
     publish = [subjects.DATASET_READY.for_tenant(tenant), *_stream_info(),
-               # ephemeral ordered consumers only: the server refuses a durable name on
-               # this subject, and no consumer of the client's can be fetched from
-               _js("CONSUMER", "CREATE", stream), f"$JS.FC.{stream}.>"]
-    for bucket in CLIENT_READS:
-        publish += _kv_read(bucket)
+               *(query_subject(kind, tenant) for kind in KINDS)]
     return Permissions(tuple(publish), (f"{inbox_prefix(client_user(tenant))}.>",))
 
 
