@@ -54,6 +54,7 @@ def test_create_writes_the_tenants_credential_and_reloads_the_embedded_server(
     assert acme["permissions"] == role_permissions("client", tenant="acme").as_config()
     assert "lmforge.dataset.ready.acme" in acme["permissions"]["publish"]["allow"]
     assert "lmforge.dataset.ready.default" not in acme["permissions"]["publish"]["allow"]
+    assert cred.password not in found.server_config.read_text()  # only its hash
 
     listing = argparse.Namespace(action="list", json=True)
     assert run_tenants(listing, home, state) == 0

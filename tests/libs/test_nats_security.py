@@ -24,7 +24,14 @@ from lmforge.dispatch import Delivery, Subscription
 from lmforge.runtime.nats_server import NatsServer
 from lmforge.security.nats_connect import NatsAuth
 from lmforge.security.nats_roles import inbox_prefix
-from lmforge.security.nats_secrets import NatsSecrets, add_tenant_client, ensure_nats_secrets
+from lmforge.security.nats_secrets import (
+    NatsCredential,
+    NatsSecrets,
+    add_tenant_client,
+    ensure_nats_secrets,
+    hash_password,
+    is_bcrypt,
+)
 
 pytestmark = pytest.mark.connected
 
@@ -121,6 +128,65 @@ async def test_a_wrong_password_is_refused(secured) -> None:
     options["password"] = "guessed"
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await nats.connect(server.url, allow_reconnect=False, connect_timeout=2, **options)
+
+
+def test_the_server_config_holds_no_credential_secret(secured) -> None:
+    """Whoever reads nats-server.conf gets bcrypt hashes, not one usable password: not a
+    service's, the admin's nor a tenant's."""
+    _, found = secured
+    text = found.server_config.read_text()
+    credentials = [NatsCredential.load(p) for p in (found.root / "nats").glob("*.json")]
+    assert {c.user for c in credentials} >= {"admin", "trainer", "client-acme"}
+    for cred in credentials:
+        assert cred.password not in text, cred
+    users = json.loads(text)["authorization"]["users"]
+    assert len(users) == len(credentials)
+    assert all(is_bcrypt(u["password"]) for u in users)
+
+
+@synced
+async def test_every_credential_is_accepted_against_its_hash(secured) -> None:
+    server, found = secured
+    for cred in found.credentials():
+        nc = await nats.connect(server.url, allow_reconnect=False, connect_timeout=5,
+                                **NatsAuth(cred, found.tls.ca).connect_options())
+        await nc.close()
+
+
+@synced
+async def test_the_hash_from_the_server_config_is_no_password(secured) -> None:
+    server, found = secured
+    users = json.loads(found.server_config.read_text())["authorization"]["users"]
+    stolen = next(u["password"] for u in users if u["user"] == "admin")
+    options = auth(found, "admin").connect_options()
+    options["password"] = stolen
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(server.url, allow_reconnect=False, connect_timeout=2, **options)
+
+
+def test_a_plaintext_config_of_an_older_up_is_migrated_once(tmp_path: Path, caplog) -> None:
+    """An older `lmforge up` wrote the passwords themselves; the next `up` rewrites the
+    configuration with hashes, keeps every credential file and says so in one line."""
+    found = ensure_nats_secrets(tmp_path / "secrets")
+    config = json.loads(found.server_config.read_text())
+    passwords = {c.user: c.password for c in found.credentials()}
+    for user in config["authorization"]["users"]:
+        user["password"] = passwords[user["user"]]
+    found.server_config.write_text(json.dumps(config))
+    files = {p: p.read_bytes() for p in (found.root / "nats").glob("*.json")}
+    with caplog.at_level("INFO", logger="lmforge.security.nats_secrets"):
+        ensure_nats_secrets(found.root)
+        ensure_nats_secrets(found.root)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "plaintext passwords of 9 NATS users" in said[0], said
+    assert not any(p in found.server_config.read_text() for p in passwords.values())
+    assert {p: p.read_bytes() for p in files} == files
+
+
+def test_a_password_bcrypt_cannot_hash_is_refused_with_the_reason() -> None:
+    too_long = NatsCredential(user="ops", password="x" * 73, role="admin")
+    with pytest.raises(ValueError, match="'ops' is 73 bytes: it must be 1-72"):
+        hash_password(too_long)
 
 
 @synced

@@ -8,23 +8,32 @@ the server (and `lmforge secrets DIR` for docker-compose):
                                      service, `client` and `admin`
     tls/ca.pem, server.pem     the CA services verify the server against, its cert
     tls/*-key.pem              0600
-    nats-server.conf           0600  users, their permissions (nats_roles) and TLS
+    nats-server.conf           0600  users with a bcrypt hash of their password, their
+                                     permissions (nats_roles) and TLS
 
 Credentials and certificates already there (an earlier `up`, or the
 operator's own) are kept; the server configuration is rendered again on every
 call, so a newer build's permissions apply at the next start. Passwords are
-256-bit random tokens: nats-server compares them in constant time, and they
-never appear on a command line or in the environment (services read their
-credential file, named by LMFORGE_NATS_CREDS).
+256-bit random tokens; they never appear on a command line, in the environment
+(services read their credential file, named by LMFORGE_NATS_CREDS) or in the
+server configuration: it holds only their bcrypt hashes (nats-server takes a
+`$2b$` hash in `password` and checks what a client presents against it), so
+whoever reads it, or the NATS container's volume, holds no usable credential.
+A configuration an older lmforge wrote with plaintext passwords is rewritten
+hashed at the next `up` (or `tenants create`), and one log line says so.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import bcrypt
 
 from lmforge.contracts.subjects import TENANT_PATTERN
 from lmforge.runtime.nats_server import EMBEDDED_SERVER_NAME
@@ -40,6 +49,15 @@ from lmforge.security.secret_files import secure_dir, write_secret
 from lmforge.security.tls_certs import ServerTls, ensure_server_tls
 
 TLS_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
+
+BCRYPT_COST = 10
+"""bcrypt's work factor (Go's default). It is not what protects a generated password (a
+256-bit token cannot be guessed at any cost); it protects a weak one an operator
+supplied, and nats-server pays it on every connection, ~0.05 s of CPU."""
+BCRYPT_MAX_BYTES = 72
+"""bcrypt reads no further; both Python's bcrypt and nats-server's refuse longer."""
+
+log = logging.getLogger("lmforge.security.nats_secrets")
 
 
 @dataclass(frozen=True)
@@ -112,15 +130,30 @@ class NatsSecrets:
         return sorted({c.tenant for c in self.credentials() if c.role == CLIENT})
 
 
+def is_bcrypt(password: str) -> bool:
+    """nats-server's own test: a value like this in `password` is a hash to check against."""
+    return re.match(r"^\$2[abxy]\$\d{2}\$", password) is not None
+
+
+def hash_password(cred: NatsCredential) -> str:
+    """The bcrypt hash of `cred`'s password, for the server configuration."""
+    secret = cred.password.encode()
+    if len(secret) > BCRYPT_MAX_BYTES or not secret:
+        raise ValueError(f"the NATS password of {cred.user!r} is {len(secret)} bytes: it must "
+                         f"be 1-{BCRYPT_MAX_BYTES} (bcrypt reads no further)")
+    return bcrypt.hashpw(secret, bcrypt.gensalt(BCRYPT_COST)).decode()
+
+
 def render_server_config(secrets_: NatsSecrets, *, paths_root: Path | None = None) -> str:
     """The nats-server configuration (JSON, which its parser reads): TLS on the client
-    port, every credential with its role's permissions. `paths_root`: where the secrets
-    directory is mounted for the server (a container), if not where it is here."""
+    port, every credential's user, password hash and role's permissions. `paths_root`:
+    where the secrets directory is mounted for the server (a container), if not where it
+    is here."""
     root = paths_root or secrets_.root
     tls = secrets_.tls
     users = []
     for cred in secrets_.credentials():
-        users.append({"user": cred.user, "password": cred.password,
+        users.append({"user": cred.user, "password": hash_password(cred),
                       "permissions": role_permissions(cred.role,
                                                       tenant=cred.tenant).as_config()})
     config = {
@@ -135,6 +168,29 @@ def render_server_config(secrets_: NatsSecrets, *, paths_root: Path | None = Non
     return json.dumps(config, indent=1)
 
 
+def plaintext_users(config: Path) -> list[str]:
+    """The users of an existing server configuration whose password is not a hash (one an
+    older lmforge wrote); none if there is no configuration or it is not lmforge's JSON."""
+    try:
+        users = json.loads(config.read_text())["authorization"]["users"]
+        return [str(u["user"]) for u in users if not is_bcrypt(str(u.get("password", "")))]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def write_server_config(secrets_: NatsSecrets, *, paths_root: Path | None = None) -> None:
+    """Render the server configuration and write it (0600). Credentials stay as they are,
+    so a configuration that held plaintext passwords is replaced by hashes without any
+    service, tenant or running server noticing; the log says it happened."""
+    plaintext = plaintext_users(secrets_.server_config)
+    write_secret(secrets_.server_config,
+                 render_server_config(secrets_, paths_root=paths_root).encode())
+    if plaintext:
+        log.warning("migrated %s: it held the plaintext passwords of %d NATS users (an older "
+                    "lmforge); now only their bcrypt hashes, credential files unchanged",
+                    secrets_.server_config, len(plaintext))
+
+
 def ensure_nats_secrets(root: Path, *, hosts: Sequence[str] = TLS_HOSTS,
                         paths_root: Path | None = None) -> NatsSecrets:
     """Credentials for every role, the CA and server certificate (each made only if
@@ -147,8 +203,7 @@ def ensure_nats_secrets(root: Path, *, hosts: Sequence[str] = TLS_HOSTS,
             tenant = DEFAULT_TENANT if role == CLIENT else ""
             new_credential(role, tenant=tenant).save(path)
     ensure_server_tls(secure_dir(found.tls_dir), [*hosts])
-    write_secret(found.server_config,
-                 render_server_config(found, paths_root=paths_root).encode())
+    write_server_config(found, paths_root=paths_root)
     return found
 
 
@@ -165,6 +220,5 @@ def add_tenant_client(secrets_: NatsSecrets, tenant: str, *,
     created = not path.exists()
     if created:
         new_credential(CLIENT, user=client_user(tenant), tenant=tenant).save(path)
-    write_secret(secrets_.server_config,
-                 render_server_config(secrets_, paths_root=paths_root).encode())
+    write_server_config(secrets_, paths_root=paths_root)
     return path, created
