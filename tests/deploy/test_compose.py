@@ -114,43 +114,56 @@ def _mounts(service: dict) -> dict[str, dict]:
     return {v["target"]: v for v in service.get("volumes", []) if v.get("type") == "volume"}
 
 
+def _secrets_mount(service: dict, volume: str) -> tuple[str, str]:
+    """Where `service` mounts the secrets volume, and which directory of it (its subpath):
+    read-only, and never the whole volume."""
+    (target,) = [t for t, v in _mounts(service).items() if v["source"] == volume]
+    entry = _mounts(service)[target]
+    assert entry.get("read_only"), "containers read the secrets only"
+    subpath = (entry.get("volume") or {}).get("subpath", "")
+    assert subpath.startswith("mounts/"), f"mounts the whole secrets volume at {target}"
+    return target, subpath
+
+
+def _generate_secrets(services: dict, here: Path) -> None:
+    """Run the `secrets` service's own command into `here`, NATS paths rendered for the
+    nats-server mount as it lies under `here`."""
+    import shlex
+
+    from lmforge.cli.main import main as lmforge_main
+
+    (script,) = services["secrets"]["command"]
+    generate = shlex.split(script.split("&&")[0])
+    assert generate[:4] == ["python", "-m", "lmforge.cli.main", "secrets"]
+    volume = _mounts(services["secrets"])["/secrets"]["source"]
+    nats_mount, nats_subpath = _secrets_mount(services["nats"], volume)
+    assert generate[generate.index("--paths-root") + 1] == nats_mount
+    args = generate[4:]
+    args[0] = str(here)
+    args[args.index("--paths-root") + 1] = str(here / nats_subpath)
+    assert lmforge_main(["secrets", *args]) == 0
+
+
 def test_compose_runs_the_security_of_lmforge_up(tmp_path):
     """The secrets service's own command, run here, makes every file the compose file names:
     NATS loads the configuration it renders, each service connects with its own credential
     and the CA, the gateway serves TLS, nothing starts before the secrets and streams."""
-    import shlex
-
-    from lmforge.cli.main import main as lmforge_main
     from lmforge.runtime.nats_server import nats_server_binary
 
     services = _resolved("docker-compose.yml")["services"]
-    secrets = services["secrets"]
-    (script,) = secrets["command"]
-    generate = shlex.split(script.split("&&")[0])
-    assert generate[:4] == ["python", "-m", "lmforge.cli.main", "secrets"]
-    volume = _mounts(secrets)["/secrets"]["source"]
-
+    volume = _mounts(services["secrets"])["/secrets"]["source"]
     nats = services["nats"]
-    conf = nats["command"][nats["command"].index("-c") + 1]
-    nats_mount = next(t for t, v in _mounts(nats).items() if v["source"] == volume)
-    assert _mounts(nats)[nats_mount].get("read_only")
-    assert generate[generate.index("--paths-root") + 1] == nats_mount
     assert nats["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
-
-    # Generate as the secrets service would, with the NATS paths pointing here.
-    args = generate[4:]
-    args[0] = str(tmp_path)
-    args[args.index("--paths-root") + 1] = str(tmp_path)
-    assert lmforge_main(["secrets", *args]) == 0
-    here = tmp_path / Path(conf).relative_to(nats_mount)
-    checked = subprocess.run([str(nats_server_binary()), "-c", str(here), "-t"],
-                             capture_output=True, text=True, timeout=30)
-    assert checked.returncode == 0, checked.stderr
+    _generate_secrets(services, tmp_path)
 
     def on_host(service: dict, path: str) -> Path:
-        mount = next(t for t, v in _mounts(service).items() if v["source"] == volume)
-        assert _mounts(service)[mount].get("read_only"), "services read the secrets only"
-        return tmp_path / Path(path).relative_to(mount)
+        target, subpath = _secrets_mount(service, volume)
+        return tmp_path / subpath / Path(path).relative_to(target)
+
+    conf = on_host(nats, nats["command"][nats["command"].index("-c") + 1])
+    checked = subprocess.run([str(nats_server_binary()), "-c", str(conf), "-t"],
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
 
     for name in SERVICE_MODULES:
         service, env = services[name], services[name]["environment"]
@@ -165,3 +178,32 @@ def test_compose_runs_the_security_of_lmforge_up(tmp_path):
     init = services["nats-init"]
     assert json.loads(on_host(init, init["environment"]["LMFORGE_NATS_CREDS"]).read_text())[
         "role"] == "admin"
+
+
+def test_each_container_mounts_only_its_own_credential(tmp_path):
+    """No container but the one-shot `secrets` sees the whole volume: a service's mount
+    holds its credential and the CA, the NATS nodes' the configuration and the server's
+    TLS key, and none of them another's password or the CA's key."""
+    services = _resolved("docker-compose.yml", "deploy/compose/nats-cluster.yml")["services"]
+    volume = _mounts(services["secrets"])["/secrets"]["source"]
+    _generate_secrets(services, tmp_path)
+    passwords = {c["user"]: c["password"] for c in
+                 (json.loads(p.read_text()) for p in (tmp_path / "nats").glob("*.json"))}
+    expected: dict[str, set[str]] = {str(name): {f"nats/{name}.json", "tls/ca.pem"}
+                                     for name in SERVICE_MODULES}
+    expected["inference-gateway"] |= {"tls/gateway.pem", "tls/gateway-key.pem"}
+    expected["nats-init"] = {"nats/admin.json", "tls/ca.pem"}
+    server_files = {"nats-server.conf", "tls/server.pem", "tls/server-key.pem", "tls/ca.pem"}
+    expected |= {node: server_files for node in ("nats", "nats-2", "nats-3")}
+    users = {str(name): {str(name)} for name in SERVICE_MODULES} | {"nats-init": {"admin"}}
+    mounting = {name for name, service in services.items()
+                if any(v["source"] == volume for v in _mounts(service).values())}
+    assert mounting == {"secrets", *expected}
+    for name, files in expected.items():
+        _, subpath = _secrets_mount(services[name], volume)
+        mount = tmp_path / subpath
+        held = {str(p.relative_to(mount)) for p in mount.rglob("*") if p.is_file()}
+        assert held == files, name
+        text = "".join(p.read_text() for p in mount.rglob("*") if p.is_file())
+        readable = {user for user, password in passwords.items() if password in text}
+        assert readable == users.get(name, set()), name

@@ -6,9 +6,11 @@ a credential per service, `client`, `admin` and each `--tenant`, the CA, a NATS
 server certificate for `--host` names and the nats-server configuration, with its
 file paths as the server sees them (`--paths-root`, where the volume is mounted
 in the NATS container). `--gateway-host` also issues the gateway a certificate
-from the same CA (tls/gateway.pem, tls/gateway-key.pem). Files already there are
-kept, so running it again (every `docker compose up`) changes nothing but the
-rendered configuration.
+from the same CA (tls/gateway.pem, tls/gateway-key.pem). Then a directory per
+container under `mounts/` with only that container's files
+(`security.secret_mounts`): compose mounts each service's own, never the whole
+volume. Files already there are kept, so running it again (every `docker
+compose up`) changes nothing but the rendered configuration and its copies.
 
 `lmforge nats-init` is the other one-shot: as `admin`, it creates the streams and
 buckets that services may use but not make.
@@ -26,6 +28,7 @@ from lmforge.contracts import subjects
 from lmforge.contracts.names import Bucket
 from lmforge.security.nats_connect import NatsAuth
 from lmforge.security.nats_secrets import add_tenant_client, ensure_nats_secrets
+from lmforge.security.secret_mounts import write_mounts
 from lmforge.security.tls_certs import ensure_server_tls
 
 
@@ -45,8 +48,10 @@ def run_secrets(args: argparse.Namespace) -> int:
     if args.gateway_host:
         issued = ensure_server_tls(found.tls_dir, args.gateway_host, stem="gateway")
         gateway = {"cert": str(issued.cert), "key": str(issued.key)}
+    mounts = write_mounts(found, gateway_tls=gateway is not None)
     print(json.dumps({"secrets": str(found.root), "server_config": str(found.server_config),
-                      "ca": str(found.tls.ca), "tenants": tenants, "gateway_tls": gateway}))
+                      "ca": str(found.tls.ca), "tenants": tenants, "gateway_tls": gateway,
+                      "mounts": {name: str(path) for name, path in mounts.items()}}))
     return 0
 
 
