@@ -26,7 +26,12 @@ from lmforge.presets import ModelPreset
 ADAPTATIONS = ("full", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_RANK = 8
-DEFAULT_DROPOUT = 0.05
+DEFAULT_DROPOUT = 0.0
+"""No adapter dropout unless asked: peft's dropout keeps a dropped copy (and its mask) of
+every target projection's input for backward, ~40% of a LoRA step's saved activations
+(at 124M: 283 MiB saved with 0.05 against 171 MiB without, where full fine-tuning saves
+190 MiB); with 0 the adapters read the input the frozen layer already holds. peft's own
+default is 0 too. A run that wants the regularisation asks for it (`--lora-dropout`)."""
 FULL_LEARNING_RATE = 1e-4
 """Continued pre-training: well below a from-scratch peak, so the base is not forgotten."""
 LORA_LEARNING_RATE = 1e-3

@@ -176,8 +176,10 @@ class AdapterConfig:
     """LoRA rank r of each adapter pair (A: r x in, B: out x r)."""
     alpha: float = 16.0
     """LoRA scaling numerator: the update is (alpha / rank) * B A."""
-    dropout: float = 0.05
-    """Dropout on the adapters' input."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input. Off by default, as in the planner (its
+    DEFAULT_DROPOUT says why): above 0, peft keeps a dropped copy of each target's input
+    for backward, which costs LoRA more activation memory than full fine-tuning keeps."""
     targets: tuple[str, ...] = LORA_TARGETS
     """Module names (suffixes) that get adapters."""
     base_weights: str = ""

@@ -788,7 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "fits, else LoRA)")
     base_flags.add_argument("--lora-rank", type=int, help="adapter rank (default 8)")
     base_flags.add_argument("--lora-alpha", type=float, help="adapter scale (default 2 x rank)")
-    base_flags.add_argument("--lora-dropout", type=float, help="adapter dropout (default 0.05)")
+    base_flags.add_argument("--lora-dropout", type=float,
+                            help="adapter dropout (default 0: above 0 each adapter keeps a "
+                            "copy of its input for backward)")
     base_flags.add_argument("--lora-targets", metavar="NAMES",
                             help="comma-separated modules (default: every attention and MLP "
                             "projection)")
