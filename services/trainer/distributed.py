@@ -6,7 +6,8 @@ lines to the callbacks, and turns a stop request into a stop file that every
 rank polls (and agrees on with an all-reduce) so they all checkpoint at the
 same step. Across nodes the same worker runs under
 `torchrun --nnodes M --node_rank K --rdzv_endpoint HOST:PORT --nproc_per_node N
--m services.trainer.worker JOB.json`, with LMFORGE_HOME on shared storage.
+-m services.trainer.worker JOB.json`; each node's LMFORGE_HOME may be its own disk
+(node_checkpoints.py) when the job names an object store.
 """
 
 from __future__ import annotations

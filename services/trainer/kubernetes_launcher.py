@@ -20,7 +20,9 @@ What crosses from the pods to the trainer, and why this way:
 
 - Durable facts go through the object store (LMFORGE_ARTIFACT_URL), which the
   trainer already needs to resume anywhere: the pods fetch the dataset by digest;
-  checkpoints and their index are uploaded as checkpoints.py always does; rank 0
+  the ranks of pods other than 0 send their checkpoint files to rank 0, which
+  stores and uploads them with their index as checkpoints.py always does, and on a
+  resume each pod fetches the checkpoint by digest (node_checkpoints.py); rank 0
   stores the model as an artifact and writes its result as the document
   `runs/<run>/result-<job>.json`; the trainer asks for a stop by writing
   `runs/<run>/stop-<job>.json`, which rank 0 polls. (An annotation on the Job

@@ -21,7 +21,9 @@ reporting the steps it reached. With a preemption rate in the plan, each
 checkpoint's measured cost re-plans the interval by Young/Daly.
 
 With several ranks (torchrun), every rank runs this loop; checkpoints are
-written by all ranks into one directory that rank 0 then stores and indexes;
+written by all ranks into one directory that rank 0 then stores and indexes (on
+nodes that share no disk, the other nodes' files are sent to rank 0 first, see
+node_checkpoints.py);
 evaluation and export happen on rank 0 after the weights are consolidated.
 """
 
@@ -66,6 +68,11 @@ from services.trainer.conversations import (
     assistant_perplexity,
 )
 from services.trainer.engines import Engine, build_engine
+from services.trainer.node_checkpoints import (
+    checkpoint_on_this_node,
+    gather_on_rank0,
+    make_checkpoint_dir,
+)
 
 if TYPE_CHECKING:  # transformers is imported where a model is built, not here
     from transformers import PreTrainedModel
@@ -437,13 +444,12 @@ class Trainer:
 
     def save_checkpoint(self) -> CheckpointRef:
         work = self.store.root / "tmp" / f"ckpt-{self.index.run_id}-{self.step}"
-        if self.rank == 0:
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-        self._barrier()
+        on_rank0_disk = make_checkpoint_dir(work, self.rank, self.world_size)
         self.engine.save(work)
         torch.save({"torch_rng": torch.get_rng_state()}, work / f"rng-rank{self.rank}.pt")
         self._barrier()
+        gather_on_rank0(work, rank=self.rank, world_size=self.world_size,
+                        on_rank0_disk=on_rank0_disk)
         ref = None
         if self.rank == 0:
             (work / "trainer_state.json").write_text(json.dumps(
@@ -459,12 +465,12 @@ class Trainer:
         if self.rank == 0:
             latest = self.index.latest_good()
             if latest is not None:
-                found = (latest[0].step, str(latest[1]))
+                found = (latest[0].step, latest[0].digest)
         found = self._broadcast(found)
         if found is None:
             return 0
-        step, path = found
-        path = Path(path)
+        step, digest = found
+        path = checkpoint_on_this_node(self.store, digest, self.world_size)
         state = json.loads((path / "trainer_state.json").read_text())
         if state["world_size"] != self.world_size or state["engine"] != self.config.engine.kind:
             raise ValueError(
