@@ -504,12 +504,14 @@ class KubernetesJobLauncher:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            text = self.core.read_namespaced_pod_log(pod, self.config.namespace,
-                                                     container=self.container,
-                                                     tail_lines=LOG_TAIL_LINES)
+            # The raw body, decoded here: kubernetes 36's client hands a pod log back as
+            # the repr of its bytes ("b'...\\n...'"), one line with escaped newlines.
+            response = self.core.read_namespaced_pod_log(
+                pod, self.config.namespace, container=self.container,
+                tail_lines=LOG_TAIL_LINES, _preload_content=False)
         except ApiException as exc:
             return f"  (log unreadable: {exc.status} {exc.reason})"
-        tail = str(text).splitlines()[-LOG_TAIL_LINES:]
+        tail = response.data.decode("utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
         return "\n".join(f"  | {line}" for line in tail)
 
     container = CONTAINER

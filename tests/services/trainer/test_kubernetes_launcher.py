@@ -327,7 +327,8 @@ def test_a_failed_pod_fails_the_run_naming_the_pod_its_exit_code_and_log_tail(
     assert f"Job {NS}/{name} failed (BackoffLimitExceeded" in message
     assert f"pod {name}-1-x7k2p (node rank 1) on gpu-node-1: exit code 137 (OOMKilled)" in (
         message)
-    assert "CUDA out of memory" in message
+    assert "\n  | torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" in (
+        message)  # the log's own lines, not the repr of its bytes
     assert _deleted(state, "jobs") == []  # kept for kubectl logs until its TTL
 
 
