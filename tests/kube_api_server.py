@@ -12,7 +12,8 @@ slice of the API that lmforge calls through the official `kubernetes` client:
   (409 AlreadyExists on a second create; a uid and resourceVersion are filled
   in), GET one, list with `labelSelector` (k=v,...) and `fieldSelector`
   (metadata.name=...), `?watch=true` streams (ADDED for what exists, then
-  MODIFIED/DELETED as they happen, closed after `timeoutSeconds`), DELETE
+  MODIFIED/DELETED as they happen, each sent as a chunk as the API server does,
+  ended after `timeoutSeconds`), DELETE
   (objects whose ownerReferences name the deleted uid go with it, as the
   garbage collector would), and `pods/NAME/log` (with `follow=true`: streamed
   until the pod has Succeeded or Failed, or is deleted; 400 while it is Pending).
@@ -178,6 +179,8 @@ def _selected(obj: dict[str, Any], query: dict[str, str]) -> bool:
 
 def _handler(cluster: StandInCluster) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # chunked streams; every other reply has a length
+
         def _body(self) -> tuple[Any, dict[str, str]]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
@@ -209,9 +212,13 @@ def _handler(cluster: StandInCluster) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?")[0]
             if (m := _NAMESPACED.match(path)) and self.command == "GET" and (
                     query.get("watch", "").lower() == "true" or m.group(4)):
-                if m.group(4):
-                    return self._log(m.group(1), m.group(3), query)
-                return self._watch(m.group(2), m.group(1), query)
+                try:
+                    if m.group(4):
+                        return self._log(m.group(1), m.group(3), query)
+                    return self._watch(m.group(2), m.group(1), query)
+                except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
+                    self.close_connection = True
+                    return None
             with cluster.lock:
                 if m := _SCALE.match(path):
                     ns, kind, name = m.group(1), m.group(2), m.group(3)
@@ -260,10 +267,17 @@ def _handler(cluster: StandInCluster) -> type[BaseHTTPRequestHandler]:
             return self._reply(405, _status(405, "MethodNotAllowed", self.command))
 
         def _stream_start(self, content_type: str) -> None:
-            # HTTP/1.0 without Content-Length: the body ends when the connection closes.
+            # Chunked, as the API server streams: the client sees each event as it is
+            # sent (a body that ends at the connection's close is read whole, at the end).
             self.send_response(200)
             self.send_header("Content-Type", content_type)
+            self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+
+        def _chunk(self, data: bytes) -> None:
+            """One chunk of a stream; an empty one ends it."""
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
 
         def _watch(self, plural: str, ns: str, query: dict[str, str]) -> None:
             deadline = time.monotonic() + float(query.get("timeoutSeconds", "30"))
@@ -275,8 +289,7 @@ def _handler(cluster: StandInCluster) -> type[BaseHTTPRequestHandler]:
             self._stream_start("application/json")
             while True:
                 for kind, obj in pending:
-                    self.wfile.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
-                self.wfile.flush()
+                    self._chunk(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
                 with cluster.changed:
                     while len(cluster.events) == seen and time.monotonic() < deadline:
                         cluster.changed.wait(deadline - time.monotonic())
@@ -284,7 +297,7 @@ def _handler(cluster: StandInCluster) -> type[BaseHTTPRequestHandler]:
                 pending = [(kind, obj) for _, kind, p, n, obj in fresh
                            if p == plural and n == ns and _selected(obj, query)]
                 if not pending and time.monotonic() >= deadline:
-                    return
+                    return self._chunk(b"")
 
         def _log(self, ns: str, pod: str, query: dict[str, str]) -> None:
             with cluster.lock:
@@ -308,11 +321,10 @@ def _handler(cluster: StandInCluster) -> type[BaseHTTPRequestHandler]:
                         cluster.changed.wait(min(1.0, max(0.0, deadline - time.monotonic())))
                         text = cluster.logs.get((ns, pod), "")
                 if len(text) > sent:
-                    self.wfile.write(text[sent:].encode())
-                    self.wfile.flush()
+                    self._chunk(text[sent:].encode())
                     sent = len(text)
                 if not follow or over or time.monotonic() >= deadline:
-                    return
+                    return self._chunk(b"")
 
         do_GET = do_PATCH = do_POST = do_DELETE = _route
 

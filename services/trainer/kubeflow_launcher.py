@@ -18,6 +18,7 @@ operator's admin; it is not created here (deploy/k8s/README.md, "Not yet").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from services.trainer.jobs import TrainingJob
@@ -25,7 +26,6 @@ from services.trainer.kubernetes_launcher import (
     FINISHED_TTL_S,
     JOB_LABEL,
     RUN_LABEL,
-    WATCH_ROUND_S,
     ClusterConfig,
     KubernetesJobLauncher,
     _labels,
@@ -85,13 +85,9 @@ class PyTorchJobLauncher(KubernetesJobLauncher):
             label_selector=f"{RUN_LABEL}={label_value(run_id)}")
         return [item["metadata"]["name"] for item in listed.get("items", [])]
 
-    def watch_round(self, name: str) -> list[dict[str, Any]]:
-        from kubernetes import watch
-
-        return [event["object"] for event in watch.Watch().stream(
-            self.custom.list_namespaced_custom_object, GROUP, VERSION,
-            self.config.namespace, PLURAL, field_selector=f"metadata.name={name}",
-            timeout_seconds=WATCH_ROUND_S)]
+    def watched(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return self.custom.list_namespaced_custom_object, (
+            GROUP, VERSION, self.config.namespace, PLURAL)
 
     success_condition = "Succeeded"
     """A PyTorchJob's success condition (a batch Job says "Complete")."""

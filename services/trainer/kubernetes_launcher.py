@@ -327,22 +327,9 @@ class KubernetesJobLauncher:
             self.config.namespace, label_selector=f"{RUN_LABEL}={label_value(run_id)}")
         return [j.metadata.name for j in jobs.items]
 
-    def watch_round(self, name: str) -> list[dict[str, Any]]:
-        """The Job as it is and as it changes, for up to WATCH_ROUND_S, or until it is
-        over: the run's outcome is taken the moment the Job reports it, not at the end
-        of the round."""
-        from kubernetes import watch
-
-        stream = watch.Watch()
-        seen: list[dict[str, Any]] = []
-        for event in stream.stream(self.batch.list_namespaced_job, self.config.namespace,
-                                   field_selector=f"metadata.name={name}",
-                                   timeout_seconds=WATCH_ROUND_S, deserialize=False):
-            seen.append(event["object"])
-            if self.outcome(event["object"]):
-                stream.stop()
-                break
-        return seen
+    def watched(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """The list call a watch of this kind follows, and its leading arguments."""
+        return self.batch.list_namespaced_job, (self.config.namespace,)
 
     success_condition = "Complete"
     """The condition type that says the workload succeeded (a batch Job's)."""
@@ -379,6 +366,23 @@ class KubernetesJobLauncher:
         return labels.get("batch.kubernetes.io/job-completion-index", "?")
 
     # -- shared: create, watch, relay, stop, result --------------------------------
+
+    def watch_round(self, name: str) -> list[dict[str, Any]]:
+        """The workload as it is and as it changes, for up to WATCH_ROUND_S, or until it
+        is over: the run's outcome is taken the moment the watch reports it, not at the
+        end of the round."""
+        from kubernetes import watch
+
+        stream = watch.Watch()
+        call, args = self.watched()
+        seen: list[dict[str, Any]] = []
+        for event in stream.stream(call, *args, field_selector=f"metadata.name={name}",
+                                   timeout_seconds=WATCH_ROUND_S, deserialize=False):
+            seen.append(event["object"])
+            if self.outcome(event["object"]):
+                stream.stop()
+                break
+        return seen
 
     def run(self, job: TrainingJob, *, stop: threading.Event,
             on_progress: Callable[[Progress], None],

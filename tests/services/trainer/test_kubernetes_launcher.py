@@ -24,6 +24,7 @@ from kubernetes import client
 from lmforge.artifacts import ArtifactStore
 from lmforge.failures import BadInput
 from lmforge.object_store import RemoteArtifacts
+from services.trainer import kubernetes_launcher
 from services.trainer.checkpoints import CheckpointRef
 from services.trainer.config import TrainConfig
 from services.trainer.distributed import EVENT_PREFIX, result_to_dict
@@ -459,6 +460,31 @@ def test_kubeflow_creates_a_pytorchjob_of_a_master_and_workers_and_follows_it(
     assert "--nproc_per_node=4" in container["command"]
     assert state.requests_to("POST", "services") == []  # the operator makes its own
     assert _deleted(state, "pytorchjobs") == [posted.body["metadata"]["name"]]
+
+
+@pytest.mark.parametrize(("kind", "plural", "condition", "outcome"), [
+    (KubernetesJobLauncher, "jobs", "Complete", "succeeded"),
+    (KubernetesJobLauncher, "jobs", "Failed", "failed"),
+    (PyTorchJobLauncher, "pytorchjobs", "Succeeded", "succeeded"),
+    (PyTorchJobLauncher, "pytorchjobs", "Failed", "failed"),
+])
+def test_a_watch_round_ends_the_moment_the_workload_reports_its_outcome(
+        cluster, monkeypatch, kind, plural, condition, outcome) -> None:
+    state, api = cluster
+    monkeypatch.setattr(kubernetes_launcher, "WATCH_ROUND_S", 30)
+    state.put(plural, NS, {"metadata": {"name": "lmforge-train-run-7f3a-1a2b3c"}})
+
+    def report() -> None:
+        time.sleep(0.2)
+        state.update(plural, NS, "lmforge-train-run-7f3a-1a2b3c", lambda j: j.setdefault(
+            "status", {}).update(conditions=[{"type": condition, "status": "True"}]))
+
+    thread = _in_thread(report)
+    started = time.monotonic()
+    seen = _launcher(api, kind).watch_round("lmforge-train-run-7f3a-1a2b3c")
+    _join_checked(thread)
+    assert time.monotonic() - started < 1.5  # not the round's 30 s (nor the default 2)
+    assert kind.outcome(seen[-1]) == (outcome, "")
 
 
 def test_a_plan_over_one_node_goes_to_the_cluster_launcher(training_job) -> None:
