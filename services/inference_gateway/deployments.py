@@ -4,9 +4,9 @@ The `lmforge_deployments` key-value bucket is what the replicas of the gateway
 share across scale-ups and restarts (`DeploymentBook`):
 
 - `<model>`: the `model.exported` event of the model's current version, which
-  every replica serves. A restarted or new replica loads these before it joins
-  the shared ports (SO_REUSEPORT), so a client that reaches it never hears
-  NOT_FOUND for a served model;
+  every replica serves. A restarted or new replica expects these first (a
+  request for one is "loading", never NOT_FOUND) and loads them while it
+  consumes;
 - `deployed/<model>/<digest>`: `model.deployed` was published for one run's
   version of the model. Each replica has its own durable consumer of
   `model.exported`, so a replica added later replays every export of the
@@ -17,6 +17,8 @@ share across scale-ups and restarts (`DeploymentBook`):
 
 `ModelLoader` loads exported models into the registry: one load at a time per
 model version (a restore and a `model.exported` of the same version share it),
+installed only if that version is still the one expected (a restore that ends
+after a newer `model.exported` does not take the model back),
 a failed load retried with backoff (1, 2, 4 … 60 s) while the model is
 deployed, every failure logged once with its reason and counted in
 `lmforge_gateway_model_load_failures_total`, and the models deployed but not
@@ -115,29 +117,33 @@ class ModelLoader:
         self.registry = registry
         self.build = build
         """Builds the engine of an export (blocking: it is run in a worker thread)."""
-        self._loading: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Task[bool]] = {}
 
-    async def load(self, event: ev.ModelExported) -> None:
-        """Load and install `event`'s version unless it is loaded; raises what the load
-        raised (after recording the failure for the retries of `catch_up`)."""
+    async def load(self, event: ev.ModelExported) -> bool:
+        """Load and install `event`'s version unless it is loaded (the caller expected it
+        in the registry first); raises what the load raised (after recording the failure
+        for the retries of `catch_up`). False: it loaded, but a newer version of the model
+        was expected meanwhile, so it was not installed (and was closed)."""
         key = (event.model_name, event.version)
         if self.registry.loaded(*key):
-            return
+            return True
         task = self._loading.get(key)
         if task is None:
             task = asyncio.create_task(self._load(event), name=f"load {key[0]} {key[1]}")
             self._loading[key] = task
             task.add_done_callback(lambda _: self._loading.pop(key, None))
-        await asyncio.shield(task)  # a waiter that goes away does not cancel the load
+        return await asyncio.shield(task)  # a waiter that goes away does not cancel it
 
-    async def _load(self, event: ev.ModelExported) -> None:
+    async def _load(self, event: ev.ModelExported) -> bool:
         name, version = event.model_name, event.version
         try:
             engine = await asyncio.to_thread(self.build, event)
         except Exception as exc:
-            pending = self.registry.expect(name, version)
+            # Counted against this version only while it is still the one expected: a
+            # failed restore of the version a newer model.exported replaced is not retried.
+            pending = self.registry.pending().get(name)
             LOAD_FAILURES.labels(name).inc()
-            if pending is not None:
+            if pending is not None and pending.version == version:
                 pending.attempts += 1
                 pending.last_error = f"{type(exc).__name__}: {exc}"
                 delay = retry_after_s(pending.attempts)
@@ -147,9 +153,24 @@ class ModelLoader:
                             event.run_id, pending.attempts, pending.last_error, delay)
             self._count_pending()
             raise
-        self.registry.install(name, engine)
+        if not self.registry.install_expected(name, engine):
+            engine.close()
+            pending = self.registry.pending().get(name)
+            log.info("loaded model %s version %s (run %s), but not installed: version %s "
+                     "was deployed while it loaded", name, version, event.run_id,
+                     pending.version if pending else self.registry.version(name))
+            return False
         self._count_pending()
         log.info("serving %s version %s (run %s)", name, version, event.run_id)
+        return True
+
+    def expect(self, deployed: list[ev.ModelExported]) -> None:
+        """Record every deployed version as expected here, before any is loaded: a request
+        for one is answered `ModelLoading` (retry) until it is, never NOT_FOUND."""
+        for event in deployed:
+            self.registry.assign_tenant(event.model_name, event.tenant)
+            self.registry.expect(event.model_name, event.version)
+        self._count_pending()
 
     async def catch_up(self, deployed: list[ev.ModelExported], *,
                        read_at: int | None = None) -> None:
@@ -158,11 +179,19 @@ class ModelLoader:
 
         `read_at` is `registry.installs` from before `deployed` was read: a model installed
         since (a newer version deployed here meanwhile) is not taken back to what was read.
+        Nor is a model whose other version is loading now (a `model.exported` handled
+        meanwhile): the bucket read may predate it, and the next read shows what it became.
+        The bucket says whose a model is, so a model still loading is hidden from other
+        tenants (NOT_FOUND, not "loading") as a loaded one is.
         """
         now = time.monotonic()
         for event in deployed:
             if read_at is not None and self.registry.installed_since(event.model_name, read_at):
                 continue
+            if any(name == event.model_name and version != event.version
+                   for name, version in self._loading):
+                continue
+            self.registry.assign_tenant(event.model_name, event.tenant)
             pending = self.registry.expect(event.model_name, event.version)
             if pending is None or pending.retry_at > now:
                 continue

@@ -5,12 +5,19 @@ model.exported -> load the exported hf/ directory -> swap it in -> model.deploye
 What is deployed is recorded in the `lmforge_deployments` key-value bucket
 (deployments.py), which makes the replicas of the gateway agree:
 
-- start-up: a replica loads every deployed model, then binds the shared ports
-  (SO_REUSEPORT) and says SERVING on health, then consumes; until it has bound
-  it gets no connections, so a client never hears NOT_FOUND for a served model
-  from a replica that is still loading. A model that failed to load is retried
-  with backoff (a few times before binding, then in the background) and is
-  answered UNAVAILABLE with Retry-After meanwhile;
+- start-up: a replica reads what is deployed, marks it "loading", consumes at
+  once, and loads the models in the background, one at a time: how soon a
+  restarted replica consumes does not grow with the number of models (it
+  waited for every load before: over 120 s with 15-18 models in the chaos
+  run). Until a model is loaded its requests are UNAVAILABLE / 503 with
+  Retry-After, never NOT_FOUND; gRPC health says NOT_SERVING until every
+  deployed model was tried once, while /readyz (the supervisor's "running")
+  means "consumes". A replica that finds another one listening on the shared
+  ports (SO_REUSEPORT) binds them only once it has restored, so it takes no
+  share of their clients while loading; alone, it binds at once. A restore
+  never takes a model back: a newer version deployed meanwhile wins, and one
+  load is shared by a restore and a `model.exported` of the same version. A
+  model that failed to load is retried with backoff in the background;
 - model.exported: every replica loads every model (a durable consumer per
   replica), but `model.deployed` is published once per run and version: a
   replica added later replays the stream on its new durable, and what the
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import torch
 
@@ -39,7 +47,7 @@ from lmforge.service import Service
 from services.inference_gateway.access import TLS_ON, AccessControl
 from services.inference_gateway.api.guard import RequireApiKey, http_guard
 from services.inference_gateway.api.openai import OpenAIServer
-from services.inference_gateway.api.server import GatewayServer
+from services.inference_gateway.api.server import GatewayServer, another_replica_listens
 from services.inference_gateway.api.tls import grpc_credentials, http_ssl_context
 from services.inference_gateway.deployments import DeploymentBook, ModelLoader
 from services.inference_gateway.engines import (
@@ -56,9 +64,6 @@ from services.inference_gateway.settings import GatewaySettings
 
 log = logging.getLogger("lmforge.gateway")
 
-RESTORE_ATTEMPTS = 3
-"""Loads of a deployed model tried at start-up before the replica binds its ports anyway
-(1 + 2 s of backoff); later ones are retried in the background."""
 FOLLOW_S = 2.0
 """Seconds between reads of the deployments bucket while serving."""
 READ_TIMEOUT_S = 10.0
@@ -97,6 +102,10 @@ class GatewayService(Service[GatewaySettings]):
         self.book = DeploymentBook(bus.key_value(Bucket.DEPLOYMENTS))
         self.loader = ModelLoader(self.registry, self._build)
         self._deployments_changed = asyncio.Event()
+        self._restore: asyncio.Task[None] | None = None
+        """Loading what the bucket said was deployed at start-up (None: not started)."""
+        self.restoring = True
+        """Whether the start-up restore has not tried every deployed model yet."""
 
     @property
     def endpoint(self) -> str:
@@ -122,7 +131,10 @@ class GatewayService(Service[GatewaySettings]):
         return engine
 
     async def _say_serving(self) -> None:
-        await self.server.set_serving(bool(self.registry.names()))
+        """gRPC health (the Kubernetes readiness probe): SERVING once the start-up restore
+        is over and some model is loaded; per model, KServe ModelReady and RepositoryIndex
+        (LOADING) say which are loaded while it runs."""
+        await self.server.set_serving(not self.restoring and bool(self.registry.names()))
 
     # -- model.exported -------------------------------------------------------------
 
@@ -133,12 +145,17 @@ class GatewayService(Service[GatewaySettings]):
             return
         self.registry.expect(event.model_name, event.version)
         try:
-            await self.loader.load(event)
+            installed = await self.loader.load(event)
         except Exception:
             current = await self.book.current_of(event.model_name)
             if current is None or current.version != event.version:
                 self.registry.forget(event.model_name, event.version)  # not deployed
             raise  # retried, then dead-lettered with a stage.failed (dispatch.py)
+        if not installed:  # the follower saw a newer version, deployed by another replica
+            log.info("model.exported of run %s (%s version %s) was replaced while it "
+                     "loaded: not served, not announced", event.run_id, event.model_name,
+                     event.version)
+            return
         await self._say_serving()
         await self.book.record_current(event)
         # Published here so that it is recorded as announced only once it is out: a
@@ -164,19 +181,26 @@ class GatewayService(Service[GatewaySettings]):
 
     # -- deployed models ------------------------------------------------------------
 
-    async def _restore_deployments(self) -> None:
-        """Load what the bucket says is deployed, trying a failed load RESTORE_ATTEMPTS
-        times; what still fails is retried by `_follow_deployments`."""
-        deployed = await self.book.current()
-        for attempt in range(1, RESTORE_ATTEMPTS + 1):
-            await self.loader.catch_up(deployed)
-            wait = self.loader.next_retry_s()
-            if wait is None or attempt == RESTORE_ATTEMPTS:
-                break
-            await asyncio.sleep(wait)
-        for name, pending in self.registry.pending().items():
-            log.warning("joining the shared ports without model %s: %s", name,
-                        pending.describe())
+    async def _restore_deployments(self, deployed: list[ev.ModelExported],
+                                   read_at: int, join_after: bool) -> None:
+        """Load what the bucket said was deployed at start-up, one model at a time, while
+        the replica consumes; a failed load is retried by `_follow_deployments`. A replica
+        that found another one on the shared ports joins them only now (`join_after`)."""
+        started = time.monotonic()
+        log.info("restoring %d deployed model(s) while consuming: %s", len(deployed),
+                 [e.model_name for e in deployed])
+        await self.loader.catch_up(deployed, read_at=read_at)
+        pending = self.registry.pending()
+        for name, model in pending.items():
+            log.warning("restored without model %s: %s", name, model.describe())
+        log.info("restored %d of %d deployed model(s) in %.1f s",
+                 sum(e.model_name not in pending for e in deployed), len(deployed),
+                 time.monotonic() - started)
+        self.restoring = False
+        if join_after:
+            await self._join_ports()
+        await self._say_serving()
+        self._deployments_changed.set()  # the follower retries what failed
 
     async def _follow_deployments(self, stop: asyncio.Event) -> None:
         """Keep what is loaded here in step with the bucket: models another replica
@@ -189,6 +213,8 @@ class GatewayService(Service[GatewaySettings]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._deployments_changed.wait(), wait)
             self._deployments_changed.clear()
+            if self.restoring:  # it loads what the bucket said; a retry waits for it
+                continue
             mark = self.registry.installs
             try:
                 deployed = await asyncio.wait_for(self.book.current(), READ_TIMEOUT_S)
@@ -214,18 +240,44 @@ class GatewayService(Service[GatewaySettings]):
     # -- life cycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the deployed models, then bind the shared ports, then consume."""
+        """Read what is deployed, consume, and load it in the background: how soon a
+        restarted replica consumes does not grow with the number of deployed models.
+
+        Until a deployed model is loaded its requests are `ModelLoading` (UNAVAILABLE, 503
+        with Retry-After). A replica that finds another one serving on the shared ports
+        joins them only once it has restored (the kernel would hand it a share of their
+        clients); one that finds the ports free binds now, so its clients hear "loading"
+        and not "connection refused".
+        """
         await self.access.refresh()
         self._refuse_unprotected_exposure()
         TLS_ON.set(1 if self.settings.tls else 0)
         self._install_remote_models()
-        await self._restore_deployments()
-        await self.server.start(serving=bool(self.registry.names()))
-        log.info("gRPC gateway on %s serving %s", self.endpoint, self.registry.names())
+        deployed = await self.book.current()
+        self.loader.expect(deployed)
+        mark = self.registry.installs
+        s = self.settings
+        join_after = bool(deployed) and await another_replica_listens(s.gateway_host,
+                                                                      s.gateway_port)
+        if join_after:
+            log.info("another replica serves on port %d: joining it once the %d deployed "
+                     "model(s) are restored", s.gateway_port, len(deployed))
+        else:
+            await self._join_ports()
+        await super().start()
+        self._restore = asyncio.create_task(
+            self._restore_deployments(deployed, mark, join_after), name="restore")
+
+    async def _join_ports(self) -> None:
+        """Bind the shared gRPC and HTTP ports and serve."""
+        await self.server.start()
+        await self._say_serving()
+        log.info("gRPC gateway on %s serving %s%s", self.endpoint, self.registry.names(),
+                 f"; loading {sorted(self.registry.pending())}" if self.registry.pending()
+                 else "")
         if self.http is not None:
             port = await self.http.start()
             log.info("OpenAI-compatible HTTP on %s:%d/v1", self.settings.gateway_http_host, port)
-        await super().start()
 
     def _refuse_unprotected_exposure(self) -> None:
         """Past loopback, serve only with TLS and API keys, unless told --insecure."""
@@ -250,7 +302,9 @@ class GatewayService(Service[GatewaySettings]):
         try:
             await stop.wait()
         finally:
-            for task in (follower, keys):
+            for task in (follower, keys, self._restore):
+                if task is None:
+                    continue
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -80,21 +80,40 @@ class ModelRegistry:
     def install(self, name: str, engine: Engine) -> None:
         """Make `engine` (whose `.version` names it) the current version of `name`."""
         with self._lock:
-            versions = self._versions.setdefault(name, {})
-            replaced = versions.pop(engine.version, None)
-            versions[engine.version] = engine  # insertion order = age
-            self._current[name] = engine.version
-            self._installs += 1
-            self._installed_at[name] = self._installs
-            if (pending := self._pending.get(name)) is not None and \
-                    pending.version == engine.version:
-                del self._pending[name]
-            evicted = [replaced] if replaced is not None and replaced is not engine else []
-            while len(versions) > self.keep:
-                oldest = next(iter(versions))
-                evicted.append(versions.pop(oldest))
+            evicted = self._install_locked(name, engine)
         for old in evicted:
             old.retire()
+
+    def install_expected(self, name: str, engine: Engine) -> bool:
+        """Install `engine` if its version is still the one `name` is expected at; False
+        (nothing installed) when a newer deployment replaced that expectation while it
+        loaded: a restore that finishes after a newer `model.exported` does not take the
+        model back to the version the bucket held when the restore read it."""
+        with self._lock:
+            pending = self._pending.get(name)
+            if pending is None or pending.version != engine.version:
+                return False
+            evicted = self._install_locked(name, engine)
+        for old in evicted:
+            old.retire()
+        return True
+
+    def _install_locked(self, name: str, engine: Engine) -> list[Engine]:
+        """Install under the lock; returns the engines pushed out (to retire after it)."""
+        versions = self._versions.setdefault(name, {})
+        replaced = versions.pop(engine.version, None)
+        versions[engine.version] = engine  # insertion order = age
+        self._current[name] = engine.version
+        self._installs += 1
+        self._installed_at[name] = self._installs
+        if (pending := self._pending.get(name)) is not None and \
+                pending.version == engine.version:
+            del self._pending[name]
+        evicted = [replaced] if replaced is not None and replaced is not engine else []
+        while len(versions) > self.keep:
+            oldest = next(iter(versions))
+            evicted.append(versions.pop(oldest))
+        return evicted
 
     def get(self, name: str, version: str = "") -> Engine:
         with self._lock:

@@ -7,7 +7,8 @@ answered deliberately with RESOURCE_EXHAUSTED.
 
 The port is bound in `start()`, not before: replicas share it (SO_REUSEPORT),
 and the kernel hands a listening socket its share of new connections even
-before the server accepts them, so a replica binds only once it can serve.
+before the server accepts them, so a replica that finds another one listening
+(`another_replica_listens`) binds only once it has restored its models.
 A request that does not parse as its message (a string field that is not
 UTF-8, truncated bytes) is INVALID_ARGUMENT, not grpcio's UNKNOWN (api/parsing.py).
 
@@ -32,6 +33,23 @@ from services.inference_gateway.api.kserve import KSERVE_SERVICE, KServeServicer
 from services.inference_gateway.api.native import GENERATOR_SERVICE, GeneratorServicer
 from services.inference_gateway.api.parsing import OVERSIZE_CEILING, RefuseUnparsedRequests
 from services.inference_gateway.frontend import GenerationFrontend
+
+
+async def another_replica_listens(host: str, port: int, *, timeout_s: float = 1.0) -> bool:
+    """Whether something already accepts connections on the shared port (another replica:
+    the port is SO_REUSEPORT). Port 0 asks for a port of its own: nobody shares it."""
+    if port == 0:
+        return False
+    address = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(
+        host, host)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 class GatewayServer:

@@ -1,0 +1,149 @@
+"""A restarted gateway consumes at once and restores its deployed models behind it.
+
+The deployments bucket says N models are deployed; the gateway starts on a real
+nats-server (a restart, as far as it can tell). It must consume, and answer for
+the models it has loaded, long before all N are loaded: a request for one still
+loading is UNAVAILABLE / 503 "model_loading" with Retry-After, a new version
+deployed meanwhile wins over the one the restore read, and in the end all N serve.
+It used to load all N before consuming: the chaos run saw over 120 s with 15-18.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as kserve_pb
+from tritonclient.grpc import service_pb2_grpc as kserve_grpc
+
+from lmforge.artifacts import ArtifactStore
+from lmforge.bus import EventBus
+from lmforge.contracts import subjects
+from lmforge.contracts.names import Bucket
+from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
+from services.inference_gateway.handlers import GatewayService
+from tests.helpers import in_process_service, publish, wait_for_events
+from tests.services.inference_gateway.gateway_replicas import store_export
+
+MODELS = [f"fortune-{i}" for i in range(6)]
+LAST = MODELS[-1]  # restored last (the restore goes in name order)
+GATEWAY = dict(gateway_port=0, gateway_http_port=0, gateway_threads=1, gateway_max_batch=4)
+"""The default engine (continuous batching in a child process per model version): what
+makes a restore take seconds per model."""
+
+
+def _exported(model: str, run_id: str, version: str, export) -> ev.ModelExported:
+    return ev.ModelExported(run_id=run_id, model_name=model, version=version,
+                            export=ev.ArtifactRef(digest=export.digest,
+                                                  size_bytes=export.size_bytes))
+
+
+async def _generate(port: int, model: str) -> tuple[grpc.StatusCode, str]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+        try:
+            async for _ in stub.Generate(generate_pb2.GenerateRequest(
+                    model=model, prompt="The", max_new_tokens=2), timeout=60):
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def _health(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""))
+    return answer.status
+
+
+async def _model_ready(port: int, model: str) -> bool:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = await kserve_grpc.GRPCInferenceServiceStub(channel).ModelReady(
+            kserve_pb.ModelReadyRequest(name=model))
+    return answer.ready
+
+
+def test_a_restart_consumes_before_its_models_are_restored(nats_server, tmp_path,
+                                                          trained_model):
+    home = tmp_path / "home"
+    export = store_export(ArtifactStore(home / "artifacts"), trained_model.path)
+
+    async def scenario():
+        writer = EventBus("test-writer")
+        await writer.connect(nats_server.url)
+        bucket = writer.key_value(Bucket.DEPLOYMENTS)
+        for i, model in enumerate(MODELS):
+            await bucket.put(model, _exported(model, f"run-{i}", "v1",
+                                              export).SerializeToString())
+        await writer.close()
+
+        started = time.monotonic()
+        async with in_process_service(GatewayService, nats_server.url, home=str(home),
+                                      **GATEWAY) as gateway:
+            consuming_s = time.monotonic() - started
+            print(f"restart with {len(MODELS)} deployed models: consuming after "
+                  f"{consuming_s:.2f} s")
+            loading = sorted(gateway.registry.pending())
+            assert loading, "every model was loaded before the gateway consumed"
+            found: dict[str, object] = {"loading_at_start": loading}
+            port = gateway.server.port
+            found["grpc_loading"] = await _generate(port, LAST)
+            async with aiohttp.ClientSession() as session, session.post(
+                    f"http://127.0.0.1:{gateway.http.port}/v1/completions",
+                    json={"model": LAST, "prompt": "The"}) as response:
+                found["http_loading"] = (response.status, response.headers.get("Retry-After"),
+                                         (await response.json())["error"]["code"])
+            found["health_while_restoring"] = await _health(port)
+
+            # A new version of the model restored last, deployed while the restore runs.
+            await publish(nats_server.url, _exported(LAST, "run-new", "v2", export),
+                          "run-new:exported")
+            await wait_for_events(nats_server.url, subjects.MODEL_DEPLOYED, 1,
+                                  run_id="run-new", timeout=120)
+            found["deployed_s"] = time.monotonic() - started
+            found["loading_when_deployed"] = sorted(gateway.registry.pending())
+            first = MODELS[0]
+            deadline = time.monotonic() + 60
+            while not await _model_ready(port, first):
+                assert time.monotonic() < deadline, f"{first} never became ready"
+                await asyncio.sleep(0.1)
+            found["first_ready_s"] = time.monotonic() - started
+            found["first_served"] = await _generate(port, first)
+
+            deadline = time.monotonic() + 180
+            while gateway.registry.pending() or gateway.restoring:
+                assert time.monotonic() < deadline, gateway.registry.pending()
+                await asyncio.sleep(0.2)
+            found["restored_s"] = time.monotonic() - started
+            await asyncio.sleep(1.0)  # a late load of the replaced version would show now
+            found["served"] = {m: (await _generate(port, m))[0] for m in MODELS}
+            found["last_versions"] = gateway.registry.versions(LAST)
+            found["health_after"] = await _health(port)
+        print("restore figures:", {k: v for k, v in found.items() if k.endswith("_s")})
+        found["consuming_s"] = consuming_s
+        return found
+
+    found = asyncio.run(scenario())
+    # The models not loaded yet say so.
+    assert found["grpc_loading"][0] == grpc.StatusCode.UNAVAILABLE, found
+    assert "deployed but not loaded" in found["grpc_loading"][1], found
+    assert found["http_loading"] == (503, "2", "model_loading"), found
+    assert found["health_while_restoring"] == health_pb2.HealthCheckResponse.NOT_SERVING
+    # A deploy event consumed, and a restored model served, while others still load.
+    assert found["loading_when_deployed"], found
+    assert found["first_served"] == (grpc.StatusCode.OK, ""), found
+    assert found["first_ready_s"] < found["restored_s"], found
+    # In the end all serve; the newer version won, and the restore never loaded v1 of it.
+    assert found["served"] == {m: grpc.StatusCode.OK for m in MODELS}, found
+    assert found["last_versions"] == ["v2"], found
+    assert found["health_after"] == health_pb2.HealthCheckResponse.SERVING
+
+
+# Loads models into the gateway (transformers in-process): not in `make unit`.
+pytestmark = pytest.mark.processes
