@@ -36,6 +36,7 @@ import logging
 import time
 
 import torch
+from prometheus_client import Gauge
 
 from lmforge.contracts import subjects
 from lmforge.contracts.names import Bucket, ServiceName
@@ -64,6 +65,10 @@ from services.inference_gateway.settings import GatewaySettings
 
 log = logging.getLogger("lmforge.gateway")
 
+RESTORING = Gauge("lmforge_gateway_restoring",
+                  "1 while a starting replica loads the models deployed before it started "
+                  "(it consumes meanwhile; one that found another replica on the shared "
+                  "ports joins them after).")
 FOLLOW_S = 2.0
 """Seconds between reads of the deployments bucket while serving."""
 READ_TIMEOUT_S = 10.0
@@ -200,6 +205,7 @@ class GatewayService(Service[GatewaySettings]):
         if join_after:
             await self._join_ports()
         await self._say_serving()
+        RESTORING.set(0)
         self._deployments_changed.set()  # the follower retries what failed
 
     async def _follow_deployments(self, stop: asyncio.Event) -> None:
@@ -255,6 +261,7 @@ class GatewayService(Service[GatewaySettings]):
         self._install_remote_models()
         deployed = await self.book.current()
         self.loader.expect(deployed)
+        RESTORING.set(1)
         mark = self.registry.installs
         s = self.settings
         join_after = bool(deployed) and await another_replica_listens(s.gateway_host,
@@ -299,10 +306,18 @@ class GatewayService(Service[GatewaySettings]):
     async def serve(self, stop: asyncio.Event) -> None:
         follower = asyncio.create_task(self._follow_deployments(stop))
         keys = asyncio.create_task(self.access.follow(stop))
+        stopped = asyncio.create_task(stop.wait())
         try:
-            await stop.wait()
+            if self._restore is not None:
+                await asyncio.wait({stopped, self._restore},
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if self._restore.done() and (failed := self._restore.exception()):
+                    raise failed  # the ports could not be bound: stop, to be restarted
+            await stopped
         finally:
-            for task in (follower, keys, self._restore):
+            stopped.cancel()
+            restoring = self._restore if self._restore and not self._restore.done() else None
+            for task in (follower, keys, restoring):
                 if task is None:
                     continue
                 task.cancel()

@@ -115,6 +115,17 @@ class GatewayReplica:
                 raise TimeoutError(f"gateway {self.index} not ready:\n{self.log()[-3000:]}")
             await asyncio.sleep(0.1)
 
+    async def wait_serving(self, timeout: float = 180.0) -> None:
+        """Until the replica consumes and has restored the deployed models (a replica that
+        found another on the shared ports joins them only then)."""
+        deadline = time.monotonic() + timeout
+        await self.wait_ready(timeout)
+        while self.metric("lmforge_gateway_restoring") != 0.0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway {self.index} still restoring:\n"
+                                   f"{self.log()[-3000:]}")
+            await asyncio.sleep(0.1)
+
     def kill(self) -> None:
         assert self.process is not None
         self.process.kill()
@@ -135,15 +146,25 @@ class GatewayReplica:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def requests_ok(self) -> float:
-        """OK requests this replica counted (its /metrics), 0 when it does not answer."""
+    def _metrics(self) -> str:
+        """This replica's /metrics ("" when it does not answer)."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
                                         timeout=5) as response:
-                text = response.read().decode()
+                return str(response.read().decode())
         except OSError:
-            return 0.0
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            return ""
+
+    def metric(self, name: str) -> float | None:
+        """The value of an unlabelled metric of this replica; None when not shown."""
+        for line in self._metrics().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def requests_ok(self) -> float:
+        """OK requests this replica counted (its /metrics), 0 when it does not answer."""
+        return sum(float(line.rsplit(" ", 1)[1]) for line in self._metrics().splitlines()
                    if line.startswith("lmforge_gateway_requests_total{")
                    and 'code="OK"' in line)
 
@@ -275,6 +296,8 @@ async def scale_up_and_kill(home: Path, nats_url: str, export: StoredArtifact, *
         second.start()
         await second.wait_ready()
         scale_up_ready_s = time.monotonic() - started
+        await second.wait_serving()
+        scale_up_serving_s = time.monotonic() - started
         await asyncio.sleep(settle_s)
         after_scale_up = loop.phase()
         second_ok = second.requests_ok()
@@ -285,6 +308,8 @@ async def scale_up_and_kill(home: Path, nats_url: str, export: StoredArtifact, *
         first.start()
         await first.wait_ready()
         restart_ready_s = time.monotonic() - killed_at
+        await first.wait_serving()
+        restart_serving_s = time.monotonic() - killed_at
         await asyncio.sleep(settle_s)
         first_ok_after_restart = first.requests_ok()
         await loop.stop()
@@ -297,7 +322,9 @@ async def scale_up_and_kill(home: Path, nats_url: str, export: StoredArtifact, *
             "ok_served_by_new_replica": second_ok,
             "ok_served_by_restarted_replica": first_ok_after_restart,
             "scale_up_ready_s": round(scale_up_ready_s, 1),
+            "scale_up_serving_s": round(scale_up_serving_s, 1),
             "restart_ready_s": round(restart_ready_s, 1),
+            "restart_serving_s": round(restart_serving_s, 1),
         }
     finally:
         for replica in replicas:
@@ -308,7 +335,8 @@ async def kill_the_only_replica(home: Path, nats_url: str, export: StoredArtifac
                                 settle_s: float = 2.0) -> dict[str, object]:
     """One replica serving under a request loop is killed with SIGKILL and started again:
     while none is up, clients can only hear UNAVAILABLE (nothing listens); once it is
-    back it must serve, not answer NOT_FOUND while it reloads the model."""
+    back it must serve, not answer NOT_FOUND while it reloads the model (it answers
+    UNAVAILABLE, "loading", until then)."""
     grpc_port, http_port = free_port(), free_port()
     only = GatewayReplica(0, home, nats_url, grpc_port, http_port).start()
     try:
@@ -323,11 +351,14 @@ async def kill_the_only_replica(home: Path, nats_url: str, export: StoredArtifac
         only.start()
         await only.wait_ready()
         restart_ready_s = time.monotonic() - killed_at
+        await only.wait_serving()
+        restart_serving_s = time.monotonic() - killed_at
         await asyncio.sleep(settle_s)
         await loop.stop()
         return {"before": difference(before, collections.Counter()),
                 "kill_and_restart": difference(loop.outcomes, before),
-                "details": loop.details, "restart_ready_s": round(restart_ready_s, 1)}
+                "details": loop.details, "restart_ready_s": round(restart_ready_s, 1),
+                "restart_serving_s": round(restart_serving_s, 1)}
     finally:
         only.stop()
 

@@ -11,6 +11,7 @@ It used to load all N before consuming: the chaos run saw over 120 s with 15-18.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import aiohttp
@@ -143,6 +144,47 @@ def test_a_restart_consumes_before_its_models_are_restored(nats_server, tmp_path
     assert found["served"] == {m: grpc.StatusCode.OK for m in MODELS}, found
     assert found["last_versions"] == ["v2"], found
     assert found["health_after"] == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_restore_that_loads_after_a_newer_version_does_not_take_the_model_back(
+        trained_model):
+    """The restore's load of v1 is still running when a model.exported of v2 is handled
+    and v2 is served: v1, loaded last, is closed instead of replacing v2. A failed
+    restore of v1 then is not retried either (it is not what is deployed any more)."""
+    from services.inference_gateway.deployments import ModelLoader
+    from services.inference_gateway.engines.torch import TorchEngine
+    from services.inference_gateway.registry import ModelRegistry
+
+    release_v1 = threading.Event()
+    closed: list[str] = []
+
+    class Recorded(TorchEngine):
+        def close(self) -> None:
+            closed.append(self.version)
+            super().close()
+
+    def build(event: ev.ModelExported) -> Recorded:
+        if event.version == "v1":  # the restore's load, held until v2 is served
+            assert release_v1.wait(60)
+        return Recorded(trained_model.path, version=event.version)
+
+    async def scenario():
+        registry = ModelRegistry()
+        loader = ModelLoader(registry, build)
+        old, new = (ev.ModelExported(run_id=f"run-{v}", model_name="m", version=v)
+                    for v in ("v1", "v2"))
+        loader.expect([old])  # start-up: the bucket says v1
+        restore = asyncio.create_task(loader.catch_up([old], read_at=registry.installs))
+        await asyncio.sleep(0.2)  # the restore is loading v1
+        registry.expect("m", "v2")  # on_exported(v2)
+        assert await loader.load(new) is True
+        release_v1.set()
+        await restore
+        return registry.version("m"), registry.versions("m"), registry.pending()
+
+    current, versions, pending = asyncio.run(scenario())
+    assert (current, versions, pending) == ("v2", ["v2"], {})
+    assert closed == ["v1"]
 
 
 # Loads models into the gateway (transformers in-process): not in `make unit`.
