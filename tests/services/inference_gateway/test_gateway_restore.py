@@ -146,11 +146,12 @@ def test_a_restart_consumes_before_its_models_are_restored(nats_server, tmp_path
     assert found["health_after"] == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_a_restore_that_loads_after_a_newer_version_does_not_take_the_model_back(
-        trained_model):
+@pytest.mark.parametrize("restore_of_v1", ["loads", "fails"])
+def test_a_restore_that_ends_after_a_newer_version_does_not_take_the_model_back(
+        trained_model, restore_of_v1):
     """The restore's load of v1 is still running when a model.exported of v2 is handled
-    and v2 is served: v1, loaded last, is closed instead of replacing v2. A failed
-    restore of v1 then is not retried either (it is not what is deployed any more)."""
+    and v2 is served: v1, loaded last, is closed instead of replacing v2; or, if its load
+    fails, it is not expected and retried (it is not what is deployed any more)."""
     from services.inference_gateway.deployments import ModelLoader
     from services.inference_gateway.engines.torch import TorchEngine
     from services.inference_gateway.registry import ModelRegistry
@@ -166,6 +167,8 @@ def test_a_restore_that_loads_after_a_newer_version_does_not_take_the_model_back
     def build(event: ev.ModelExported) -> Recorded:
         if event.version == "v1":  # the restore's load, held until v2 is served
             assert release_v1.wait(60)
+            if restore_of_v1 == "fails":
+                raise FileNotFoundError("v1's export is not in the store")
         return Recorded(trained_model.path, version=event.version)
 
     async def scenario():
@@ -184,7 +187,7 @@ def test_a_restore_that_loads_after_a_newer_version_does_not_take_the_model_back
 
     current, versions, pending = asyncio.run(scenario())
     assert (current, versions, pending) == ("v2", ["v2"], {})
-    assert closed == ["v1"]
+    assert closed == (["v1"] if restore_of_v1 == "loads" else [])
 
 
 # Loads models into the gateway (transformers in-process): not in `make unit`.
