@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from lmforge.contracts import subjects
 from lmforge.contracts.names import CONSUMES, durable_name
 from lmforge.runtime.supervisor import SERVICE_MODULES
 from services.cost_autoscaler.settings import default_workloads
+from services.trainer.kubernetes_launcher import OBJECT_STORE_SECRET, ClusterConfig, pod_template
 from tests.conftest import REPO_ROOT
 
 _spec = importlib.util.spec_from_file_location("k8s_check", REPO_ROOT / "deploy/k8s/check.py")
@@ -22,6 +25,9 @@ check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check)
 
 OVERLAYS = ("cpu", "gpu")
+NATS_SECRET = "lmforge-nats-{}"
+"""The Secret holding one service's NATS credential and the CA (deploy/k8s/README.md)."""
+NATS_MOUNT = "/etc/lmforge/nats"
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +190,103 @@ def test_strict_validation_refuses_an_unknown_field_in_a_built_in_kind(rendered,
     path.write_text(yaml.safe_dump(deployment))
     problems = check.check_built_in(path, check.KUBERNETES_VERSION)
     assert any("replica" in p for p in problems), problems
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Workload name -> its pod spec, for every kind that runs pods."""
+    pods = {}
+    for doc in docs:
+        if doc["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+            pods[doc["metadata"]["name"]] = doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "CronJob":
+            pods[doc["metadata"]["name"]] = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return pods
+
+
+def _secrets_read(pod: dict[str, Any]) -> set[str]:
+    """Every Secret a pod can read: a volume (secret, projected), envFrom or env."""
+    names = set()
+    for volume in pod.get("volumes", []):
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+        names |= {s["secret"]["name"] for s in volume.get("projected", {}).get("sources", [])
+                  if "secret" in s}
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        names |= {r["secretRef"]["name"] for r in container.get("envFrom", [])
+                  if "secretRef" in r}
+        names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+                  if "secretKeyRef" in e.get("valueFrom", {})}
+    return names
+
+
+def _secret_from_dirs(*dirs: Path) -> dict[str, bytes]:
+    """`kubectl create secret generic NAME --from-file=DIR ...`: a key per regular file
+    directly in each DIR, named as the file; kubectl refuses a key given twice."""
+    data: dict[str, bytes] = {}
+    for directory in dirs:
+        for path in sorted(p for p in directory.iterdir() if p.is_file()):
+            assert path.name not in data, f"{path.name} twice: kubectl would refuse it"
+            data[path.name] = path.read_bytes()
+    return data
+
+
+def test_each_pod_reads_only_its_own_nats_credential(rendered, tmp_path):
+    """The Secrets made as deploy/k8s/README.md says, from the directory `lmforge secrets`
+    writes per container (`--from-file=mounts/<service>/nats --from-file=.../tls`): each
+    service's pod reads only its own, at /etc/lmforge/nats, read-only, holding its
+    credential and the CA (the gateway also its TLS certificate and key) and no other
+    service's password; NATS reads none. Beside it, only the object store's Secret."""
+    from lmforge.cli.main import main as lmforge_main
+
+    assert lmforge_main(["secrets", str(tmp_path), "--host", "nats",
+                         "--gateway-host", "inference-gateway"]) == 0
+    made = {NATS_SECRET.format(service): _secret_from_dirs(
+        tmp_path / "mounts" / service / "nats", tmp_path / "mounts" / service / "tls")
+        for service in SERVICE_MODULES}
+    passwords = {c["user"]: c["password"] for c in
+                 (json.loads(p.read_text()) for p in (tmp_path / "nats").glob("*.json"))}
+    for overlay, docs in rendered.items():
+        pods = _pod_specs(docs)
+        assert set(pods) == {*SERVICE_MODULES, "nats"}, overlay
+        for name, pod in pods.items():
+            own = {NATS_SECRET.format(name)} if name in SERVICE_MODULES else set()
+            assert _secrets_read(pod) - {OBJECT_STORE_SECRET} == own, (overlay, name)
+            for secret in own:
+                (volume,) = [v["name"] for v in pod["volumes"]
+                             if v.get("secret", {}).get("secretName") == secret]
+                mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", [])
+                          if m["name"] == volume]
+                assert mounts == [{"name": volume, "mountPath": NATS_MOUNT,
+                                   "readOnly": True}], (overlay, name)
+                keys = {f"{name}.json", "ca.pem"}
+                if name == "inference-gateway":
+                    keys |= {"gateway.pem", "gateway-key.pem"}
+                assert set(made[secret]) == keys, name
+                readable = {user for user, password in passwords.items()
+                            if any(password.encode() in v for v in made[secret].values())}
+                assert readable == {name}, name
+
+
+def test_the_training_pods_read_no_nats_credential():
+    """The Job (and PyTorchJob) pods the trainer's launchers render publish nothing: the
+    trainer relays rank 0's log, so they read the object store's Secret and no other."""
+    config = ClusterConfig(namespace="lmforge", image="lmforge/trainer:0.1.0")
+    for device in ("cpu", "cuda"):
+        pod = pod_template(name="lmforge-train-r-abc123", run_id="r", config=config,
+                           document={"device": device}, per_node=2, command=["true"])
+        assert _secrets_read(pod["spec"]) == {OBJECT_STORE_SECRET}
+
+
+def test_no_role_reads_secrets_it_does_not_name(rendered):
+    """A Role that may get/list/watch secrets reads every service's credential unless
+    it names the ones it may (resourceNames)."""
+    for overlay, docs in rendered.items():
+        for role in (d for d in docs if d["kind"] in {"Role", "ClusterRole"}):
+            for rule in role.get("rules", []):
+                core = {"", "*"} & set(rule.get("apiGroups", []))
+                secrets = {"secrets", "*"} & set(rule.get("resources", []))
+                reads = {"get", "list", "watch", "*"} & set(rule.get("verbs", []))
+                if core and secrets and reads:
+                    assert rule.get("resourceNames"), (overlay, role["metadata"]["name"])
+                    assert not {"list", "watch", "*"} & reads, (
+                        overlay, role["metadata"]["name"], "list/watch ignore resourceNames")
