@@ -192,7 +192,7 @@ _VERSION_WORDS = _keywords(
     r"version", r"\bver\b", r"release", r"build", r"firmware", r"\bupgrade", r"\bupdate",
     r"install", r"patch", r"固件", r"版本", r"升级", r"更新", r"section", r"chapter", r"clause",
     r"§", r"章", r"节", r"条款", r"发布", r"\boid\b", r"\bsdk\b", r"\bapi level\b",
-    r"\bscore", r"\brating", r"\bpoints\b", r"\btally\b", r"比分", r"得分", r"评分")
+    r"\bscores?\b", r"\bratings?\b", r"\bpoints\b", r"\btally\b", r"比分", r"得分", r"评分")
 """Words after which a dotted number is a version, section number or score, not an address."""
 _ADDRESS_WORDS = _keywords(
     r"\bip\b", r"\bips\b", r"address", r"\baddr\b", r"host", r"server", r"from", r"client",

@@ -117,6 +117,8 @@ def test_a_dotted_quad_is_an_address_unless_its_context_says_version():
     assert find_pii("connect to version 10.1.2.3 now") == []
     # The nearest keyword decides: "server" comes after "upgrade" here.
     assert [s.type for s in find_pii("after the upgrade the server at 10.0.0.5 failed")] == ["IP"]
+    # Score words are whole words: a scoreboard host is still an address.
+    assert [s.type for s in find_pii("the scoreboard runs on 10.0.0.5")] == ["IP"]
 
 
 def test_scrubbing_replaces_only_the_spans_and_keeps_the_text_around_them():
