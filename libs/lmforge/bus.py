@@ -408,6 +408,10 @@ def _raw(msg: Msg) -> RawMessage:
                       stream_seq=msg.metadata.sequence.stream, keep_alive=msg.in_progress)
 
 
+class StreamSetupError(RuntimeError):
+    """The event streams are not there as wanted and this process could not make them."""
+
+
 async def ensure_streams(js: JetStreamContext, *, replicas: int | None = 1) -> None:
     """Create (or update) the file-backed streams, `replicas` copies each (R3 on a
     three-node cluster); safe for every process to call. `replicas=None`: keep the copies
@@ -445,9 +449,21 @@ async def ensure_streams(js: JetStreamContext, *, replicas: int | None = 1) -> N
                 config.subjects or ()) and replicas in (None, info.config.num_replicas or 1):
             continue
         try:
-            await js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await js.update_stream(config)
+            try:
+                await js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await js.update_stream(config)
+        except nats.errors.TimeoutError as exc:
+            # With NATS security on, a credential that may not create streams gets no
+            # answer at all (the server drops the request and logs a permissions
+            # violation), so the bare timeout would say nothing useful.
+            state = "missing" if info is None else "different (subjects or replicas)"
+            raise StreamSetupError(
+                f"stream {config.name} is {state} and nothing created it within the "
+                "request timeout: with NATS security on only the admin credential may "
+                "create streams; run `lmforge nats-init` (the supervisor, compose's "
+                "nats-init service and the Kubernetes nats-init Job do) before the "
+                "services") from exc
 
 
 async def ensure_kv(js: JetStreamContext, bucket: str, *, history: int = 1,

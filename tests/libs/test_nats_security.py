@@ -16,7 +16,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 
-from lmforge.bus import EventBus, ensure_kv, ensure_streams
+from lmforge.bus import EventBus, StreamSetupError, ensure_kv, ensure_streams
 from lmforge.contracts import subjects
 from lmforge.contracts.names import Bucket, ServiceName, durable_name
 from lmforge.contracts.v1 import events_pb2 as ev
@@ -379,6 +379,16 @@ def test_the_server_config_never_lets_services_create_streams(secured) -> None:
     _, found = secured
     text = found.server_config.read_text()
     assert "STREAM.CREATE" not in text and "STREAM.DELETE" not in text
+
+
+@synced
+async def test_a_service_that_may_not_make_the_streams_says_to_run_nats_init(secured) -> None:
+    """The server drops a forbidden stream update without an answer: the bare request
+    timeout used to be all a service said when it started before `nats-init`."""
+    server, found = secured
+    async with connected(server, found, "scheduler") as (nc, _):
+        with pytest.raises(StreamSetupError, match="nats-init"):
+            await ensure_streams(nc.jetstream(timeout=1.0), replicas=3)
 
 
 def test_credentials_never_print_their_password(secured) -> None:
