@@ -193,7 +193,9 @@ class EventBus:
                       ) -> None:
         """Connect (retrying until `connect_timeout_s`) and make sure the streams exist,
         with `stream_replicas` copies each (LMFORGE_STREAM_REPLICAS); None (the CLI, a
-        client that cannot know): streams already there are used as they are.
+        client that cannot know): streams already there are used as they are. A tenant's
+        client credential (`auth.reads_by_query`) may not even read the event stream's
+        info (`nats_roles`): it only publishes, on the streams the supervisor made.
 
         `auth`: the credential and CA (LMFORGE_NATS_CREDS/_CA). A server that refuses
         them is retried like an absent one (the supervisor may be rotating them); the
@@ -227,7 +229,8 @@ class EventBus:
                         f"{exc or self.connection_log.last_error}") from exc
                 await asyncio.sleep(0.5)
         self._js = self.nc.jetstream()
-        await ensure_streams(self._js, replicas=stream_replicas)
+        if auth is None or not auth.reads_by_query:
+            await ensure_streams(self._js, replicas=stream_replicas)
 
     async def close(self, *, grace_s: float = 60.0) -> None:
         """Stop fetching, let in-flight handlers finish (up to `grace_s`), disconnect."""

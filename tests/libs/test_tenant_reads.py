@@ -76,7 +76,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServ
     in it, and cost-autoscaler (its own credential) pricing them and answering queries."""
     root = tmp_path_factory.mktemp("tenant-reads")
     found = ensure_nats_secrets(root / "secrets")
-    for tenant in (*RUNS, "initech"):
+    for tenant in (*RUNS, "initech", "hooli"):
         add_tenant_client(found, tenant)
     server = NatsServer(store_dir=root / "nats", log_file=root / "nats.log",
                         config_file=found.server_config, tls=True).start()
@@ -335,3 +335,33 @@ def test_a_long_history_comes_in_pages_under_the_servers_payload_limit(nats_serv
     steps, pages, max_payload = asyncio.run(scenario())
     assert max_payload == 1 << 20 and pages >= 2
     assert sorted(steps) == list(range(1, count, 2))
+
+
+def test_a_tenants_credential_is_refused_the_event_streams_info_yet_runs_and_reads(
+        secured, monkeypatch, capsys, tmp_path) -> None:
+    """The stream's info counts messages per subject, `dataset.ready.<tenant>` among them:
+    every tenant and how many runs it started. A tenant's credential is refused it; it still
+    starts a run and reads it back (the CLI), and reads the dead-letter counts (the page)."""
+    from lmforge.ui.feed import dead_letter_counts
+
+    server, found = secured
+
+    async def attempt() -> list[str]:
+        async with _raw(server, found, "acme") as (nc, errors):
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.Error)):
+                await nc.jetstream(timeout=1).stream_info(subjects.STREAM, subjects_filter=">")
+            await nc.flush()
+            return errors
+
+    errors = asyncio.run(attempt())
+    assert any("permissions violation" in e and f"stream.info.{subjects.STREAM.lower()}" in e
+               for e in errors), errors
+    assert isinstance(asyncio.run(dead_letter_counts(server.url, _auth(found, tenant="acme"))),
+                      dict)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    code, out = _cli(monkeypatch, capsys, tmp_path, found, server, "hooli", "run", str(data),
+                     "--model-name", "hooli-model", "--run-id", "h1", "--json")
+    assert code == 0 and json.loads(out) == {"run_id": "h1"}
+    code, out = _cli(monkeypatch, capsys, tmp_path, found, server, "hooli", "runs", "--json")
+    assert code == 0 and [r["run_id"] for r in json.loads(out)] == ["h1"]

@@ -15,9 +15,12 @@ as tenant B; data-prep takes the tenant from the token and refuses an event
 whose body names another), and ask for its tenant's runs and costs on
 `lmforge.query.<events|cost>.<its tenant>` (cost-autoscaler answers,
 `contracts.tenant_queries`), and nothing else: not the event stream nor the cost
-ledger, which hold every tenant's runs; no artifact-bearing bucket, no durable
-consumer, no other subject. `admin` (the supervisor, `lmforge scale`, `lmforge
-keys`) may do anything.
+ledger, which hold every tenant's runs, not even the event stream's info (its
+count per subject names every tenant's `dataset.ready.<tenant>` and how many runs
+each started: a client does not `ensure_streams`, the supervisor made them); no
+artifact-bearing bucket, no durable consumer, no other subject. The dead-letter
+stream's info it may read: the status page's count per stage (no tenant in it).
+`admin` (the supervisor, `lmforge scale`, `lmforge keys`) may do anything.
 
 Replies: every user gets its own inbox prefix (`_INBOX_<user>`), and may
 subscribe only below it, so no one can listen to the answers the server sends
@@ -161,7 +164,8 @@ def client_user(tenant: str) -> str:
 def client_permissions(tenant: str) -> Permissions:
     """A client of `tenant`: dataset.ready and the queries on its own tenant's subjects
     only (`lmforge up`'s own `client` is the default tenant's)."""
-    publish = [subjects.DATASET_READY.for_tenant(tenant), *_stream_info(),
+    publish = [subjects.DATASET_READY.for_tenant(tenant),
+               _js("STREAM", "INFO", subjects.DEAD_LETTER_STREAM),  # the status page
                *(query_subject(kind, tenant) for kind in KINDS)]
     return Permissions(tuple(publish), (f"{inbox_prefix(client_user(tenant))}.>",))
 
