@@ -219,8 +219,12 @@ class AutoscalerService(Service[AutoscalerSettings]):
             log.error("%s", exc)
             raise SystemExit(2) from None
         loop = ScalingLoop(self, stop, actuator)
-        await loop.start()
-        await loop.run(s.autoscaler_interval_s)
+        try:
+            await loop.start()
+            await loop.run(s.autoscaler_interval_s)
+        finally:  # before the bus closes: the answers in hand still go out
+            if self.queries is not None:
+                await self.queries.stop()
 
 
 class ScalingLoop:

@@ -21,12 +21,24 @@ from lmforge.cli.main import main as lmforge_main
 from lmforge.cli.runs import model_dataset
 from lmforge.contracts import subjects
 from lmforge.contracts.names import Bucket, Header, ServiceName
-from lmforge.contracts.tenant_queries import EVENTS, query_subject
+from lmforge.contracts.tenant_queries import (
+    BUSY,
+    COST,
+    EVENTS,
+    MAX_REQUEST_BYTES,
+    PAGE_BYTES,
+    CostPage,
+    EventsPage,
+    EventsRequest,
+    QueriedEvent,
+    query_subject,
+)
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.runtime.nats_server import NatsServer
 from lmforge.security.nats_connect import NatsAuth
 from lmforge.security.nats_secrets import NatsSecrets, add_tenant_client, ensure_nats_secrets
 from services.cost_autoscaler.handlers import AutoscalerService
+from services.cost_autoscaler.ledger import SERVING_KEY
 from tests.helpers import in_process_service
 
 pytestmark = pytest.mark.connected
@@ -34,6 +46,8 @@ pytestmark = pytest.mark.connected
 T0 = 1_700_000_000 * 10**9
 RUNS = {"acme": "a1", "globex": "g1"}
 """One run per tenant; acme also forges a run whose header names globex ("forged")."""
+TOKENS = {"acme-model": 100.0, "globex-model": 200.0}
+"""What the gateway generated per model (the serving entry), each tenant's model."""
 
 
 def _auth(found: NatsSecrets, role: str = "", tenant: str = "") -> NatsAuth:
@@ -89,6 +103,11 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServ
         await ensure_streams(nc.jetstream())
         for bucket in Bucket:
             await ensure_kv(nc.jetstream(), bucket)
+        # served tokens so far (the autoscaler carries them on from here)
+        ledger = await nc.jetstream().key_value(Bucket.COST_LEDGER)
+        await ledger.put(SERVING_KEY, json.dumps({
+            "hardware": "cpu", "usd_per_hour": 3600.0, "replica_seconds": 1.0,
+            "cost_usd": 1.0, "tokens_by_model": TOKENS, "unknown_seconds": 0.0}).encode())
         await nc.close()
 
     async def autoscaler() -> None:
@@ -337,6 +356,23 @@ def test_a_long_history_comes_in_pages_under_the_servers_payload_limit(nats_serv
     assert sorted(steps) == list(range(1, count, 2))
 
 
+def test_a_tenants_cost_answer_names_only_its_own_models(secured, monkeypatch, capsys,
+                                                         tmp_path) -> None:
+    """Serving is one deployment's: its totals are every tenant's, but its tokens per model
+    name each tenant's models; acme's answer names acme's only, globex's globex's."""
+    server, found = secured
+    for tenant in RUNS:
+        code, out = _cli(monkeypatch, capsys, tmp_path, found, server, tenant, "cost",
+                         "--json")
+        assert code == 0
+        serving = json.loads(out)["serving"]
+        assert serving["tokens_by_model"] == {f"{tenant}-model": TOKENS[f"{tenant}-model"]}
+        assert serving["tokens"] == sum(TOKENS.values())  # the deployment's total
+        code, out = _cli(monkeypatch, capsys, tmp_path, found, server, tenant, "cost")
+        assert code == 0 and "tokens generated" in out
+        assert "globex" not in out if tenant == "acme" else "acme" not in out
+
+
 def test_a_tenants_credential_is_refused_the_event_streams_info_yet_runs_and_reads(
         secured, monkeypatch, capsys, tmp_path) -> None:
     """The stream's info counts messages per subject, `dataset.ready.<tenant>` among them:
@@ -365,3 +401,208 @@ def test_a_tenants_credential_is_refused_the_event_streams_info_yet_runs_and_rea
     assert code == 0 and json.loads(out) == {"run_id": "h1"}
     code, out = _cli(monkeypatch, capsys, tmp_path, found, server, "hooli", "runs", "--json")
     assert code == 0 and [r["run_id"] for r in json.loads(out)] == ["h1"]
+
+
+@pytest.mark.parametrize("kind", [EVENTS, COST])
+def test_a_malformed_query_is_answered_with_its_error_at_once(secured, kind) -> None:
+    """Not a 10 s wait for nothing: each body the responder cannot read gets an error that
+    says why, and the responder goes on answering."""
+    server, found = secured
+    bodies = [b"[]", b'"x"', b"7", b"{", b"\xff", b"x" * (MAX_REQUEST_BYTES + 1)]
+    bodies += ([b'{"from_seq": null}', b'{"from_seq": "3"}', b'{"from_seq": true}',
+                b'{"run_id": 5}'] if kind == EVENTS else [b'{"after": 5}'])
+
+    async def ask() -> list[str]:
+        async with _raw(server, found, "acme") as (nc, _errors):
+            errors = []
+            for body in bodies:
+                reply = await nc.request(query_subject(kind, "acme"), body, timeout=3)
+                errors.append(json.loads(reply.data)["error"])
+            reply = await nc.request(query_subject(kind, "acme"), b"{}", timeout=10)
+            assert not json.loads(reply.data)["error"]
+            return errors
+
+    errors = asyncio.run(ask())
+    assert all(errors) and not any(e.startswith(BUSY) for e in errors), errors
+
+
+def test_a_burst_of_one_tenants_queries_is_answered_busy_while_another_tenant_is_served(
+        secured) -> None:
+    """A tenant has a couple of queries in hand at most: the rest of a burst is answered
+    `busy` at once, globex's query in the middle of it is answered, and the CLI's reader
+    (asking again after `busy`) gets every answer of a burst of its own."""
+    from lmforge.cli.tenant_reads import events_page
+
+    server, found = secured
+    burst = 12
+
+    async def scenario() -> tuple[list[str], EventsPage, list[EventsPage]]:
+        async with _raw(server, found, "acme") as (acme, _), \
+                _raw(server, found, "globex") as (globex, _):
+            asks = [asyncio.ensure_future(acme.request(
+                query_subject(EVENTS, "acme"), EventsRequest(1).encode(), timeout=10))
+                for _ in range(burst)]
+            globex_page = await events_page(globex, "globex", from_seq=1)
+            errors = [EventsPage.decode(r.data).error for r in await asyncio.gather(*asks)]
+            pages = await asyncio.gather(*(events_page(acme, "acme", from_seq=1)
+                                           for _ in range(burst // 2)))
+            return errors, globex_page, pages
+
+    errors, globex_page, pages = asyncio.run(scenario())
+    busy = [e for e in errors if e.startswith(BUSY)]
+    assert busy and len(busy) < burst and len(busy) + errors.count("") == burst, errors
+    assert {e.subject for e in globex_page.events} >= {"lmforge.dataset.ready.globex"}
+    assert all(p.events and not p.error for p in pages)
+
+
+def _acme(n: int) -> dict[str, str]:
+    return {Header.TENANT: "acme", Header.MSG_ID: f"e{n}"}
+
+
+def test_a_page_never_exceeds_its_budget_and_an_oversize_event_does_not_stall_the_feed(
+        nats_server, tmp_path, caplog) -> None:
+    """100 kB events fill a page to its budget and not past it (half an open server's 1 MiB
+    max_payload); a 900 kB event, which no reply can hold once encoded, comes without its
+    data, saying how large it was, and the events after it still come (the CLI's reader
+    says it left one out)."""
+    from lmforge.cli.runs import _queried_events
+    from tests.buses import NatsHarness
+
+    harness = NatsHarness(nats_server.url)
+    sizes = [100_000] * 12 + [900_000] + [10] * 3
+    subject = subjects.TRAINING_PROGRESS.name
+
+    async def scenario() -> tuple[list[int], list[QueriedEvent], int, list[bytes]]:
+        async with harness.service(AutoscalerService, home=tmp_path):
+            for n, size in enumerate(sizes):
+                await harness.publish_raw(subject, bytes([n]) * size, _acme(n))
+            nc = await nats.connect(nats_server.url)
+            try:
+                replies, events, seq = [], [], 1
+                while True:
+                    reply = await nc.request(query_subject(EVENTS, "acme"),
+                                             EventsRequest(seq).encode(), timeout=10)
+                    replies.append(len(reply.data))
+                    page = EventsPage.decode(reply.data)
+                    events += page.events
+                    seq = page.next_seq
+                    if page.end:
+                        break
+                shown = [data async for _s, data, _t, _h in _queried_events(
+                    nc, "acme", [1], run_id="", follow=False, idle_timeout_s=0.1,
+                    on_connection=None)]
+                return replies, events, nc.max_payload, shown
+            finally:
+                await nc.close()
+
+    replies, events, max_payload, shown = asyncio.run(scenario())
+    assert max(replies) <= min(PAGE_BYTES, max_payload // 2) < max_payload, replies
+    assert [e.omitted_bytes or len(e.data) for e in events] == sizes
+    assert [e.omitted_bytes for e in events if e.omitted_bytes] == [900_000]
+    assert [len(d) for d in shown] == [s for s in sizes if s != 900_000]
+    assert "900000 bytes, more than one answer of cost-autoscaler holds" in caplog.text
+
+
+def test_a_slow_read_of_the_stream_is_not_the_end_of_it(nats_server) -> None:
+    """A page is sent as it is when the stream's next event is slow to come (here: the
+    responder waits no time at all, so every page is cut at once); it says it is not the
+    end unless it reached the last event, and once reads are quick again the pages asked
+    for from there bring every event."""
+    from lmforge.bus import EventBus
+    from services.cost_autoscaler.tenant_queries import TenantQueries
+
+    count = 3000
+
+    async def scenario() -> tuple[list[EventsPage], int, list[int]]:
+        bus = EventBus(ServiceName.COST_AUTOSCALER)
+        await bus.connect(nats_server.url)
+        try:
+            await asyncio.gather(*(bus.js.publish(subjects.TRAINING_PROGRESS.name,
+                                                  str(n).encode(), headers=_acme(n))
+                                   for n in range(count)))
+            last = (await bus.js.stream_info(subjects.STREAM)).state.last_seq
+            assert bus.nc is not None
+            slow = TenantQueries(bus.nc, bus.js, bus.key_value(Bucket.COST_LEDGER),
+                                 read_timeout_s=1e-6)
+            pages, seen, seq = [], [], 1
+            for n in range(2000):
+                if n == 20:
+                    slow.read_timeout_s = 0.05
+                page = await slow.events_page("acme", EventsRequest(seq))
+                pages.append(page)
+                seen += [int(e.data) for e in page.events]
+                seq = page.next_seq
+                if page.end:
+                    break
+            return pages, last, seen
+        finally:
+            await bus.close()
+
+    pages, last, seen = asyncio.run(scenario())
+    cut = [p for p in pages if p.next_seq <= last]
+    assert cut, "no read was slow: the test shows nothing"
+    assert not any(p.end for p in cut)
+    assert pages[-1].end and sorted(seen) == list(range(count))
+
+
+def test_the_cost_of_many_runs_comes_in_pages(nats_server, tmp_path) -> None:
+    """1.6 MB of a tenant's ledger entries, more than an open server's 1 MiB max_payload:
+    pages under half of it, together every entry of the tenant (and no one else's)."""
+    from lmforge.cli.tenant_reads import tenant_costs
+    from tests.buses import NatsHarness
+
+    harness = NatsHarness(nats_server.url)
+    runs: dict[str, dict[str, object]] = {
+        f"r{n:04d}": {"run_id": f"r{n:04d}", "tenant": "acme" if n % 4 else "globex",
+                      "model_name": "m", "charges": {}, "note": "x" * 2000,
+                      "total_usd": float(n)} for n in range(1000)}
+
+    async def scenario() -> tuple[dict[str, dict[str, object]], int]:
+        async with harness.service(AutoscalerService, home=tmp_path):
+            ledger = (await harness.client()).key_value(Bucket.COST_LEDGER)
+            await asyncio.gather(*(ledger.put(run_id, json.dumps(entry).encode())
+                                   for run_id, entry in runs.items()))
+            nc = await nats.connect(nats_server.url)
+            try:
+                first = await nc.request(query_subject(COST, "acme"), b"", timeout=10)
+                assert not CostPage.decode(first.data).end
+                costs, _serving = await tenant_costs(nc, "acme")
+                return costs, len(first.data)
+            finally:
+                await nc.close()
+
+    costs, first_page = asyncio.run(scenario())
+    assert first_page <= (1 << 20) // 2
+    assert costs == {r: e for r, e in runs.items() if e["tenant"] == "acme"}
+
+
+def test_stopping_the_autoscaler_sends_the_answers_in_hand(nats_server, tmp_path) -> None:
+    """A query being answered when the service stops gets its answer before the connection
+    closes (not a wait for an answer that never comes)."""
+    from tests.buses import NatsHarness
+
+    harness = NatsHarness(nats_server.url)
+
+    async def scenario() -> EventsPage:
+        async with harness.service(AutoscalerService, home=tmp_path) as service:
+            assert isinstance(service, AutoscalerService) and service.queries is not None
+            queries = service.queries
+            bus = await harness.client()
+            await asyncio.gather(*(bus.js.publish(subjects.TRAINING_PROGRESS.name,
+                                                  b"x" * 200, headers=_acme(n))
+                                   for n in range(10000)))
+            nc = await nats.connect(nats_server.url)
+            asked = asyncio.ensure_future(nc.request(
+                query_subject(EVENTS, "acme"), EventsRequest(1).encode(), timeout=10))
+            for _ in range(500):
+                if queries.admission.in_hand("acme"):
+                    break
+                await asyncio.sleep(0.01)
+            assert queries.admission.in_hand("acme")
+        try:
+            return EventsPage.decode((await asked).data)
+        finally:
+            await nc.close()
+
+    page = asyncio.run(scenario())
+    assert page.events and not page.error

@@ -323,7 +323,8 @@ async def _queried_events(nc: Client, tenant: str, position: list[int], *, run_i
     """`tenant`'s events from `position[0]` on, page by page; following, asking again
     every `idle_timeout_s` once the pages reach the end of the stream. Without
     cost-autoscaler, a QueryUnanswered (a ConnectionError), or, following, a wait for
-    it, said once."""
+    it, said once. An event too large for one answer comes without its data: a
+    warning says so and the events after it follow."""
     from lmforge.cli.tenant_reads import QueryUnanswered, events_page
 
     waiting = False
@@ -342,6 +343,11 @@ async def _queried_events(nc: Client, tenant: str, position: list[int], *, run_i
             on_connection("cost-autoscaler answers again")
         waiting = False
         for queried in page.events:
+            if queried.omitted_bytes:
+                log.warning("event %d (%s) is %d bytes, more than one answer of "
+                            "cost-autoscaler holds: not shown", queried.seq, queried.subject,
+                            queried.omitted_bytes)
+                continue
             yield (queried.subject, queried.data, queried.time,
                    {Header.CACHED_FROM: queried.cached_from} if queried.cached_from else {})
         position[0] = page.next_seq
