@@ -86,19 +86,26 @@ class RemoteArtifacts:
 
     def upload(self, digest: str, directory: Path) -> Transfer:
         """Upload a stored artifact's files, the manifest last (idempotent)."""
+        names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                       if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST)
+        transfer = self.upload_files(digest, directory, names)
+        self.complete(digest, json.loads((directory / MANIFEST).read_text()))
+        return transfer
+
+    def upload_files(self, digest: str, directory: Path, names: list[str]) -> Transfer:
+        """Upload files of `directory` under the address `digest`, without a manifest:
+        the artifact is not complete (not `has`) until `complete` writes it. Several
+        machines may each upload their part of one artifact this way, straight from
+        their own disks (node_checkpoints.py)."""
         started = time.perf_counter()
         base = self._key("sha256", self._hex(digest))
-        files = sorted(p for p in directory.rglob("*")
-                       if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST)
-        size = sum(path.stat().st_size for path in files)
+        size = sum((directory / name).stat().st_size for name in names)
         try:
             # One call for every file: s3fs (and other async file systems) move them
-            # concurrently; the manifest goes alone, last, when the rest is there.
-            if files:
-                self.fs.put([str(path) for path in files],
-                            [f"{base}/{path.relative_to(directory).as_posix()}"
-                             for path in files])
-            self.fs.put_file(str(directory / MANIFEST), f"{base}/{MANIFEST}")
+            # concurrently, each streamed from its file, none held whole in memory.
+            if names:
+                self.fs.put([str(directory / name) for name in names],
+                            [f"{base}/{name}" for name in names])
         except OSError as exc:
             raise ObjectStoreError(f"{self.url}: upload of {digest} failed: {exc}") from exc
         transfer = Transfer(digest, size, time.perf_counter() - started)
@@ -106,6 +113,15 @@ class RemoteArtifacts:
         log.info("uploaded %s to %s: %.1f MB in %.2f s (%.1f MB/s)", digest[:19], self.url,
                  size / 1e6, transfer.seconds, transfer.mb_per_s)
         return transfer
+
+    def complete(self, digest: str, manifest: dict[str, Any]) -> None:
+        """Write the manifest of an artifact whose files are all uploaded: last, as it
+        is what makes the artifact there (`has`) for every reader."""
+        try:
+            self.fs.pipe_file(self._key("sha256", self._hex(digest), MANIFEST),
+                              json.dumps(manifest, sort_keys=True, indent=1).encode())
+        except OSError as exc:
+            raise ObjectStoreError(f"{self.url}: upload of {digest} failed: {exc}") from exc
 
     def download(self, digest: str, into: Path) -> Transfer:
         """Download an artifact into the empty directory `into` (the caller verifies it)."""
