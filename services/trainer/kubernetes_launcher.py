@@ -20,14 +20,15 @@ What crosses from the pods to the trainer, and why this way:
 
 - Durable facts go through the object store (LMFORGE_ARTIFACT_URL), which the
   trainer already needs to resume anywhere: the pods fetch the dataset by digest;
-  the ranks of pods other than 0 send their checkpoint files to rank 0, which
-  stores and uploads them with their index as checkpoints.py always does, and on a
-  resume each pod fetches the checkpoint by digest (node_checkpoints.py); rank 0
-  stores the model as an artifact and writes its result as the document
-  `runs/<run>/result-<job>.json`; the trainer asks for a stop by writing
-  `runs/<run>/stop-<job>.json`, which rank 0 polls. (An annotation on the Job
-  would need API access from every pod, and a pod sees its own annotations only
-  after the kubelet's sync, a minute late.)
+  each pod uploads its own ranks' checkpoint files under the checkpoint's address
+  and sends rank 0 only their names and digests; rank 0 completes the checkpoint
+  and its index as checkpoints.py always does, and on a resume each pod fetches the
+  checkpoint by digest (node_checkpoints.py); rank 0 stores the model as an
+  artifact and writes its result as the document `runs/<run>/result-<job>.json`;
+  the trainer asks for a stop by writing `runs/<run>/stop-<job>.json`, which
+  rank 0 polls. (An annotation on the Job would need API access from every pod,
+  and a pod sees its own annotations only after the kubelet's sync, a minute
+  late.)
 - Progress and checkpoint events are rank 0's `LMFORGE_EVENT` lines, as with
   local torchrun, read by following pod 0's log through the API (pods/log, which
   the trainer's Role grants). The pods do not publish to NATS themselves: the

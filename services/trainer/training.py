@@ -22,8 +22,9 @@ checkpoint's measured cost re-plans the interval by Young/Daly.
 
 With several ranks (torchrun), every rank runs this loop; checkpoints are
 written by all ranks into one directory that rank 0 then stores and indexes (on
-nodes that share no disk, the other nodes' files are sent to rank 0 first, see
-node_checkpoints.py);
+nodes that share no disk, each node uploads its own files under the checkpoint's
+address and only their names and digests go to rank 0, see node_checkpoints.py;
+a failure on any rank while checkpointing stops every rank at once, with its reason);
 evaluation and export happen on rank 0 after the weights are consolidated.
 """
 
@@ -70,8 +71,9 @@ from services.trainer.conversations import (
 from services.trainer.engines import Engine, build_engine
 from services.trainer.node_checkpoints import (
     checkpoint_on_this_node,
-    gather_on_rank0,
     make_checkpoint_dir,
+    store_checkpoint,
+    together,
 )
 
 if TYPE_CHECKING:  # transformers is imported where a model is built, not here
@@ -444,28 +446,30 @@ class Trainer:
 
     def save_checkpoint(self) -> CheckpointRef:
         work = self.store.root / "tmp" / f"ckpt-{self.index.run_id}-{self.step}"
-        on_rank0_disk = make_checkpoint_dir(work, self.rank, self.world_size)
-        self.engine.save(work)
-        torch.save({"torch_rng": torch.get_rng_state()}, work / f"rng-rank{self.rank}.pt")
-        self._barrier()
-        gather_on_rank0(work, rank=self.rank, world_size=self.world_size,
-                        on_rank0_disk=on_rank0_disk)
+        directory = make_checkpoint_dir(work, self.rank, self.world_size)
+        with together(f"writing the checkpoint of step {self.step}", self.world_size):
+            self.engine.save(work)
+            torch.save({"torch_rng": torch.get_rng_state()}, work / f"rng-rank{self.rank}.pt")
+            if self.rank == 0:
+                (work / "trainer_state.json").write_text(json.dumps(
+                    {"step": self.step, "world_size": self.world_size,
+                     "engine": self.config.engine.kind}))
+        stored = store_checkpoint(self.store, directory, self.rank, self.world_size)
         ref = None
-        if self.rank == 0:
-            (work / "trainer_state.json").write_text(json.dumps(
-                {"step": self.step, "world_size": self.world_size,
-                 "engine": self.config.engine.kind}))
-            stored = self.store.put_dir(work, move=True)
-            ref = CheckpointRef(self.step, stored.digest, size_bytes=stored.size_bytes)
-            self.index.add(ref)
+        with together(f"indexing the checkpoint of step {self.step}", self.world_size):
+            if self.rank == 0:
+                assert stored is not None  # rank 0 stored it
+                ref = CheckpointRef(self.step, stored.digest, size_bytes=stored.size_bytes)
+                self.index.add(ref)
         return self._broadcast(ref)
 
     def try_resume(self) -> int:
         found = None
-        if self.rank == 0:
-            latest = self.index.latest_good()
-            if latest is not None:
-                found = (latest[0].step, latest[0].digest)
+        with together("finding the latest checkpoint", self.world_size):
+            if self.rank == 0:
+                latest = self.index.latest_good()
+                if latest is not None:
+                    found = (latest[0].step, latest[0].digest)
         found = self._broadcast(found)
         if found is None:
             return 0
