@@ -516,7 +516,11 @@ class KubernetesJobLauncher:
                 tail_lines=LOG_TAIL_LINES, _preload_content=False)
         except ApiException as exc:
             return f"  (log unreadable: {exc.status} {exc.reason})"
-        tail = response.data.decode("utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        try:
+            body = response.data
+        finally:  # an unpreloaded response holds its pooled connection until released
+            response.release_conn()
+        tail = body.decode("utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
         return "\n".join(f"  | {line}" for line in tail)
 
     container = CONTAINER

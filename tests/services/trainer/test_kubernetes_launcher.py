@@ -508,3 +508,18 @@ def test_a_cluster_launcher_without_an_object_store_is_refused_at_start(tmp_path
         build_cluster_launcher(settings, ArtifactStore(tmp_path / "artifacts"))
     local = TrainerSettings(home=tmp_path)
     assert build_cluster_launcher(local, ArtifactStore(tmp_path / "artifacts")) is None
+
+
+def test_a_log_tail_hands_its_connection_back_to_the_pool(cluster) -> None:
+    """log_tail reads the body unpreloaded (as bytes); the pooled connection must go back
+    (urllib3 2.8 already releases a fully read body: this guards the explicit release)."""
+    state, api = cluster
+    state.put("pods", NS, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p-0"},
+                           "spec": {"containers": [{"name": "trainer"}]},
+                           "status": {"phase": "Failed"}})
+    state.append_log(NS, "p-0", "step 1\nboom\n")
+    launcher = _launcher(api)
+    for _ in range(3):
+        assert launcher.log_tail("p-0") == "  | step 1\n  | boom"
+    pools = list(api.rest_client.pool_manager.pools._container.values())
+    assert pools and all(p.pool.qsize() == p.pool.maxsize for p in pools)  # none held
