@@ -56,6 +56,10 @@ ANNOUNCED_PREFIX = "deployed/"
 MAX_RETRY_S = 60.0
 
 
+class ModelLoaderClosed(RuntimeError):
+    """A load asked for once the gateway is stopping."""
+
+
 def retry_after_s(failures: int) -> float:
     """Seconds before the next load of a model that failed to load `failures` times."""
     return min(2.0 ** (failures - 1), MAX_RETRY_S)
@@ -118,15 +122,21 @@ class ModelLoader:
         self.build = build
         """Builds the engine of an export (blocking: it is run in a worker thread)."""
         self._loading: dict[tuple[str, str], asyncio.Task[bool]] = {}
+        self._closed = False
+        """The gateway is stopping: no load starts, and what one builds is closed."""
 
     async def load(self, event: ev.ModelExported) -> bool:
         """Load and install `event`'s version unless it is loaded (the caller expected it
         in the registry first); raises what the load raised (after recording the failure
         for the retries of `catch_up`). False: it loaded, but a newer version of the model
-        was expected meanwhile, so it was not installed (and was closed)."""
+        was expected meanwhile, so it was not installed (and was closed).
+        `ModelLoaderClosed`: the gateway is stopping (the export is not acknowledged)."""
         key = (event.model_name, event.version)
         if self.registry.loaded(*key):
             return True
+        if self._closed:
+            raise ModelLoaderClosed(f"not loading {key[0]} version {key[1]}: the gateway "
+                                    f"is stopping")
         task = self._loading.get(key)
         if task is None:
             task = asyncio.create_task(self._load(event), name=f"load {key[0]} {key[1]}")
@@ -153,6 +163,12 @@ class ModelLoader:
                             event.run_id, pending.attempts, pending.last_error, delay)
             self._count_pending()
             raise
+        if self._closed:  # stopped while it built: nothing else would close it
+            await asyncio.to_thread(engine.close)
+            log.info("loaded model %s version %s (run %s) while the gateway stopped: "
+                     "closed, not served", name, version, event.run_id)
+            raise ModelLoaderClosed(f"{name} version {version} loaded while the gateway "
+                                    f"stopped: closed, not served")
         if not self.registry.install_expected(name, engine):
             engine.close()
             pending = self.registry.pending().get(name)
@@ -163,6 +179,19 @@ class ModelLoader:
         self._count_pending()
         log.info("serving %s version %s (run %s)", name, version, event.run_id)
         return True
+
+    async def close(self) -> None:
+        """The gateway is stopping: start no load, and wait for those in flight, closing
+        what they build. A build runs in a thread that cannot be cancelled; cancelling
+        only its waiter (the restore) used to leave its engine, a process once built,
+        to nobody. Call before `ModelRegistry.close`, which closes what is installed."""
+        self._closed = True
+        loading = list(self._loading.values())
+        if not loading:
+            return
+        log.info("waiting for %d model load(s) in flight to finish, to close what they "
+                 "build: %s", len(loading), sorted(f"{n} {v}" for n, v in self._loading))
+        await asyncio.gather(*(asyncio.shield(t) for t in loading), return_exceptions=True)
 
     def expect(self, deployed: list[ev.ModelExported]) -> None:
         """Record every deployed version as expected here, before any is loaded: a request

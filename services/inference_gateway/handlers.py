@@ -24,8 +24,9 @@ What is deployed is recorded in the `lmforge_deployments` key-value bucket
   bucket records as announced is loaded if current, never announced again;
 - while serving, the bucket is read every few seconds, so a model deployed by
   another replica first is UNAVAILABLE here (not NOT_FOUND) until it is loaded;
-- shutdown: the servers stop, then every engine process is stopped and reaped,
-  and none is restarted.
+- shutdown: the servers stop, a load in flight is waited for (its build cannot
+  be interrupted) and what it built closed, then every engine process is
+  stopped and reaped, and none is restarted.
 """
 
 from __future__ import annotations
@@ -327,6 +328,9 @@ class GatewayService(Service[GatewaySettings]):
                 await self.http.stop()
             await self.server.stop()
             # Stopped and reaped here, before the interpreter exits: nothing of ours is
-            # left to take a stopping engine process for a crashed one.
+            # left to take a stopping engine process for a crashed one. A load still
+            # building (the restore's, cancelled above, or a model.exported's) is waited
+            # for and what it builds closed: its thread cannot be stopped.
+            await self.loader.close()
             await asyncio.to_thread(self.registry.close)
             log.info("engines stopped")

@@ -11,8 +11,11 @@ It used to load all N before consuming: the chaos run saw over 120 s with 15-18.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -29,7 +32,13 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 from services.inference_gateway.handlers import GatewayService
 from tests.helpers import in_process_service, publish, wait_for_events
-from tests.services.inference_gateway.gateway_replicas import store_export
+from tests.services.inference_gateway.gateway_replicas import (
+    GatewayReplica,
+    engine_processes,
+    free_port,
+    processes_with_home,
+    store_export,
+)
 
 MODELS = [f"fortune-{i}" for i in range(6)]
 LAST = MODELS[-1]  # restored last (the restore goes in name order)
@@ -188,6 +197,95 @@ def test_a_restore_that_ends_after_a_newer_version_does_not_take_the_model_back(
     current, versions, pending = asyncio.run(scenario())
     assert (current, versions, pending) == ("v2", ["v2"], {})
     assert closed == (["v1"] if restore_of_v1 == "loads" else [])
+
+
+def _deploy(nats_url: str, models: list[str], export) -> None:
+    """Record `models` as deployed (v1), as a gateway that ran before would have."""
+    async def put():
+        writer = EventBus("test-writer")
+        await writer.connect(nats_url)
+        bucket = writer.key_value(Bucket.DEPLOYMENTS)
+        for i, model in enumerate(models):
+            await bucket.put(model, _exported(model, f"run-{i}", "v1",
+                                              export).SerializeToString())
+        await writer.close()
+
+    asyncio.run(put())
+
+
+def _spawned(pid: int) -> list[tuple[int, str]]:
+    """The engine processes of `pid` (multiprocessing spawn children: not the test's
+    nats-server, another child of pytest)."""
+    return [(child, state) for child, state in engine_processes(pid)
+            if b"spawn_main" in _cmdline(child)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+async def _engine_starting(pid: int, timeout: float = 120.0) -> None:
+    """Until `pid` has an engine process: a load of the restore is in flight (the build
+    waits for that child to load the model, seconds)."""
+    deadline = time.monotonic() + timeout
+    while not _spawned(pid):
+        assert time.monotonic() < deadline, "no engine process was started"
+        await asyncio.sleep(0.01)
+
+
+def test_stopping_a_gateway_during_a_restore_closes_the_engine_being_built(
+        nats_server, tmp_path, trained_model):
+    """The gateway is stopped while its restore builds an engine (its child process is
+    loading the model): once the gateway has stopped, no engine process of it is left,
+    the one being built included. Cancelling the restore used to cancel only the waiter:
+    the build carried on in its thread and its engine was closed by nobody."""
+    home = tmp_path / "home"
+    export = store_export(ArtifactStore(home / "artifacts"), trained_model.path)
+    _deploy(nats_server.url, MODELS[:2], export)
+
+    async def scenario():
+        async with in_process_service(GatewayService, nats_server.url, home=str(home),
+                                      **GATEWAY) as gateway:
+            await _engine_starting(os.getpid())
+            loading = sorted(gateway.registry.pending())
+        return loading, _spawned(os.getpid())
+
+    loading, left = asyncio.run(scenario())
+    assert loading, "the restore was over before the gateway stopped"
+    assert left == [], f"engine processes outlived the gateway's stop: {left}"
+
+
+def test_a_gateway_process_stopped_during_a_restore_leaves_no_engine_process(
+        nats_server, tmp_path, trained_model):
+    """`python -m services.inference_gateway` gets SIGTERM while its restore builds an
+    engine: it exits 0, says it waited for the load, and leaves no process behind. (The
+    process did not leak it before either: engines/process.py closes the engines still
+    open at interpreter exit; but it said "engines stopped" while one was being built.)"""
+    home = tmp_path / "home"
+    export = store_export(ArtifactStore(home / "artifacts"), trained_model.path)
+    _deploy(nats_server.url, MODELS[:2], export)
+
+    async def scenario():
+        replica = GatewayReplica(0, home, nats_server.url, free_port(), free_port()).start()
+        try:
+            await replica.wait_ready()
+            assert replica.process is not None
+            await _engine_starting(replica.process.pid)
+            replica.process.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(replica.process.wait, 120)
+            return code, processes_with_home(home), replica.log()
+        finally:
+            replica.stop()
+
+    code, survivors, log = asyncio.run(scenario())
+    assert code == 0, log[-3000:]
+    assert survivors == [], f"still running after the gateway stopped: {survivors}"
+    assert "waiting for 1 model load(s)" in log, log[-3000:]
+    # The build that was running is over before the gateway says its engines stopped.
+    assert log.rindex("engines stopped") > log.rindex("is served at"), log[-3000:]
 
 
 # Loads models into the gateway (transformers in-process): not in `make unit`.
