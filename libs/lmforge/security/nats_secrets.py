@@ -13,7 +13,10 @@ the server (and `lmforge secrets DIR` for docker-compose):
 
 Credentials and certificates already there (an earlier `up`, or the
 operator's own) are kept; the server configuration is rendered again on every
-call, so a newer build's permissions apply at the next start. Passwords are
+call, so a newer build's permissions apply at the next start, and written only
+when it differs: a user's hash that still verifies its password is kept, so
+running `up` or `lmforge secrets` again with nothing new leaves it byte for
+byte as it was. Passwords are
 256-bit random tokens; they never appear on a command line, in the environment
 (services read their credential file, named by LMFORGE_NATS_CREDS) or in the
 server configuration: it holds only their bcrypt hashes (nats-server takes a
@@ -25,6 +28,7 @@ hashed at the next `up` (or `tenants create`), and one log line says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -45,7 +49,7 @@ from lmforge.security.nats_roles import (
     inbox_prefix,
     role_permissions,
 )
-from lmforge.security.secret_files import secure_dir, write_secret
+from lmforge.security.secret_files import owner_of, secure_dir, update_secret, write_secret
 from lmforge.security.tls_certs import ServerTls, ensure_server_tls
 
 TLS_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
@@ -137,12 +141,18 @@ def is_bcrypt(password: str) -> bool:
     return re.match(r"^\$2[abxy]\$\d{2}\$", password) is not None
 
 
-def hash_password(cred: NatsCredential) -> str:
-    """The bcrypt hash of `cred`'s password, for the server configuration."""
+def hash_password(cred: NatsCredential, *, kept: str = "") -> str:
+    """The bcrypt hash of `cred`'s password, for the server configuration: `kept` (the
+    hash the configuration holds now) when it still verifies the password, else a new one.
+    A new salt each time would change the configuration on every `up` with nothing new."""
     secret = cred.password.encode()
     if len(secret) > BCRYPT_MAX_BYTES or not secret:
         raise ValueError(f"the NATS password of {cred.user!r} is {len(secret)} bytes: it must "
                          f"be 1-{BCRYPT_MAX_BYTES} (bcrypt reads no further)")
+    if is_bcrypt(kept):
+        with contextlib.suppress(ValueError):  # not a hash bcrypt can read: a new one
+            if bcrypt.checkpw(secret, kept.encode()):
+                return kept
     return bcrypt.hashpw(secret, bcrypt.gensalt(BCRYPT_COST)).decode()
 
 
@@ -153,9 +163,11 @@ def render_server_config(secrets_: NatsSecrets, *, paths_root: Path | None = Non
     is here."""
     root = paths_root or secrets_.root
     tls = secrets_.tls
+    kept = configured_passwords(secrets_.server_config)
     users = []
     for cred in secrets_.credentials():
-        users.append({"user": cred.user, "password": hash_password(cred),
+        users.append({"user": cred.user,
+                      "password": hash_password(cred, kept=kept.get(cred.user, "")),
                       "permissions": role_permissions(cred.role,
                                                       tenant=cred.tenant).as_config()})
     config = {
@@ -170,23 +182,32 @@ def render_server_config(secrets_: NatsSecrets, *, paths_root: Path | None = Non
     return json.dumps(config, indent=1)
 
 
+def configured_passwords(config: Path) -> dict[str, str]:
+    """user -> the `password` (a hash, or plaintext an older lmforge wrote) an existing
+    server configuration holds; {} if there is none or it is not lmforge's JSON."""
+    try:
+        users = json.loads(config.read_text())["authorization"]["users"]
+        return {str(u["user"]): str(u.get("password", "")) for u in users}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def plaintext_users(config: Path) -> list[str]:
     """The users of an existing server configuration whose password is not a hash (one an
     older lmforge wrote); none if there is no configuration or it is not lmforge's JSON."""
-    try:
-        users = json.loads(config.read_text())["authorization"]["users"]
-        return [str(u["user"]) for u in users if not is_bcrypt(str(u.get("password", "")))]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+    return [user for user, password in configured_passwords(config).items()
+            if not is_bcrypt(password)]
 
 
 def write_server_config(secrets_: NatsSecrets, *, paths_root: Path | None = None) -> None:
-    """Render the server configuration and write it (0600). Credentials stay as they are,
-    so a configuration that held plaintext passwords is replaced by hashes without any
-    service, tenant or running server noticing; the log says it happened."""
-    plaintext = plaintext_users(secrets_.server_config)
-    write_secret(secrets_.server_config,
-                 render_server_config(secrets_, paths_root=paths_root).encode())
+    """Render the server configuration and write it (0600) if it differs from the file
+    there, keeping that file's owner. Credentials stay as they are, so a configuration
+    that held plaintext passwords is replaced by hashes without any service, tenant or
+    running server noticing; the log says it happened."""
+    config = secrets_.server_config
+    plaintext = plaintext_users(config)
+    update_secret(config, render_server_config(secrets_, paths_root=paths_root).encode(),
+                  owner=owner_of(config) if config.exists() else None)
     if plaintext:
         log.warning("migrated %s: it held the plaintext passwords of %d NATS users (an older "
                     "lmforge); now only their bcrypt hashes, credential files unchanged",

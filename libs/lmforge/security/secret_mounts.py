@@ -13,21 +13,30 @@ directory per container, and each container mounts only its own (a volume
 
 Paths inside a mount are those of the secrets directory itself, so the server
 configuration's file paths (rendered for `--paths-root`) and every
-LMFORGE_NATS_CREDS / _CA path stay what they were. The copies are made again on
-every run, and a file that no longer belongs in a mount is removed from it.
+LMFORGE_NATS_CREDS / _CA path stay what they were. Each copy (and directory)
+has the mode and owner of its source: run as root (`docker compose run --rm
+secrets …`), the copies of files the services' user owns stay that user's, and
+readable by it. A copy is rewritten only when its source changed, a file that no
+longer belongs in a mount is removed from it, and a mount no container gets any
+more is removed.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+import stat
 from pathlib import Path
 
 from lmforge.contracts.names import ServiceName
 from lmforge.security.nats_roles import ADMIN
 from lmforge.security.nats_secrets import NatsSecrets
-from lmforge.security.secret_files import secure_dir, write_secret
+from lmforge.security.secret_files import owner_of, secure_dir, take_owner, update_secret
 
 SERVER_MOUNT = "nats-server"
 GATEWAY_TLS = ("tls/gateway.pem", "tls/gateway-key.pem")
+
+log = logging.getLogger("lmforge.security.secret_mounts")
 
 
 def mount_files(found: NatsSecrets, *, gateway_tls: bool) -> dict[str, tuple[str, ...]]:
@@ -45,17 +54,39 @@ def mount_files(found: NatsSecrets, *, gateway_tls: bool) -> dict[str, tuple[str
 
 
 def write_mounts(found: NatsSecrets, *, gateway_tls: bool) -> dict[str, Path]:
-    """Copy each container's files into its mount (modes kept: 0600 secrets, 0644 CA);
-    remove whatever else a mount holds. Returns mount name -> directory."""
+    """Copy each container's files into its mount, each with the mode and owner of its
+    source (0600 secrets, 0644 CA; a directory that of its source directory), writing only
+    what changed; remove whatever else a mount holds, and the mounts no longer made.
+    Returns mount name -> directory."""
+    mounts_dir = secure_dir(found.root / "mounts")
     written: dict[str, Path] = {}
-    for name, files in mount_files(found, gateway_tls=gateway_tls).items():
-        mount = secure_dir(found.root / "mounts" / name)
+    wanted = mount_files(found, gateway_tls=gateway_tls)
+    for name, files in wanted.items():
+        mount = _mirror_dir(found.root, mounts_dir / name)
         for relative in files:
             source = found.root / relative
-            write_secret(mount / relative, source.read_bytes(),
-                         mode=source.stat().st_mode & 0o777)
+            _mirror_dir(source.parent, (mount / relative).parent)
+            update_secret(mount / relative, source.read_bytes(),
+                          mode=stat.S_IMODE(source.stat().st_mode), owner=owner_of(source))
         for stale in [p for p in mount.rglob("*") if p.is_file()]:
             if str(stale.relative_to(mount)) not in files:
                 stale.unlink()
+        for empty in sorted((p for p in mount.rglob("*") if p.is_dir()), reverse=True):
+            if not any(empty.iterdir()):
+                empty.rmdir()
         written[name] = mount
+    for gone in [p for p in mounts_dir.iterdir() if p.name not in wanted]:
+        log.info("removing %s: no container mounts it any more", gone)
+        if gone.is_dir() and not gone.is_symlink():
+            shutil.rmtree(gone)
+        else:
+            gone.unlink()
     return written
+
+
+def _mirror_dir(source: Path, target: Path) -> Path:
+    """`target`, a directory (0700) owned as `source` is: the services' user must be able
+    to enter its own mount when `lmforge secrets` ran as root."""
+    secure_dir(target)
+    take_owner(target, owner_of(source))
+    return target
