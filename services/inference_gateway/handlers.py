@@ -14,10 +14,12 @@ What is deployed is recorded in the `lmforge_deployments` key-value bucket
   deployed model was tried once, while /readyz (the supervisor's "running")
   means "consumes". A replica that finds another one listening on the shared
   ports (SO_REUSEPORT) binds them only once it has restored, so it takes no
-  share of their clients while loading; alone, it binds at once. A restore
-  never takes a model back: a newer version deployed meanwhile wins, and one
-  load is shared by a restore and a `model.exported` of the same version. A
-  model that failed to load is retried with backoff in the background;
+  share of their clients while loading; alone, it binds at once; finding
+  something that is not a replica there (no gateway health answer, or not this
+  gateway's TLS certificate), it fails at once. A restore never takes a model
+  back: a newer version deployed meanwhile wins, and one load is shared by a
+  restore and a `model.exported` of the same version. A model that failed to
+  load is retried with backoff in the background;
 - model.exported: every replica loads every model (a durable consumer per
   replica), but `model.deployed` is published once per run and version: a
   replica added later replays the stream on its new durable, and what the
@@ -49,7 +51,7 @@ from lmforge.service import Service
 from services.inference_gateway.access import TLS_ON, AccessControl
 from services.inference_gateway.api.guard import RequireApiKey, http_guard
 from services.inference_gateway.api.openai import OpenAIServer
-from services.inference_gateway.api.server import GatewayServer, another_replica_listens
+from services.inference_gateway.api.server import GatewayServer, PortHolder, who_listens
 from services.inference_gateway.api.tls import grpc_credentials, http_ssl_context
 from services.inference_gateway.deployments import DeploymentBook, ModelLoader
 from services.inference_gateway.engines import (
@@ -265,8 +267,14 @@ class GatewayService(Service[GatewaySettings]):
         RESTORING.set(1)
         mark = self.registry.installs
         s = self.settings
-        join_after = bool(deployed) and await another_replica_listens(s.gateway_host,
-                                                                      s.gateway_port)
+        found = await who_listens(s.gateway_host, s.gateway_port, tls_cert=s.gateway_tls_cert,
+                                  tls_key=s.gateway_tls_key)
+        if found.holder is PortHolder.OTHER:
+            log.error("port %d (%s) is taken by something that is not an lmforge gateway "
+                      "(%s): stop it or choose another LMFORGE_GATEWAY_PORT", s.gateway_port,
+                      s.gateway_host, found.detail)
+            raise SystemExit(2)
+        join_after = bool(deployed) and found.holder is PortHolder.REPLICA
         if join_after:
             log.info("another replica serves on port %d: joining it once the %d deployed "
                      "model(s) are restored", s.gateway_port, len(deployed))

@@ -8,7 +8,8 @@ answered deliberately with RESOURCE_EXHAUSTED.
 The port is bound in `start()`, not before: replicas share it (SO_REUSEPORT),
 and the kernel hands a listening socket its share of new connections even
 before the server accepts them, so a replica that finds another one listening
-(`another_replica_listens`) binds only once it has restored its models.
+(`who_listens`) binds only once it has restored its models; one that finds
+something else there fails at once.
 A request that does not parse as its message (a string field that is not
 UTF-8, truncated bytes) is INVALID_ARGUMENT, not grpcio's UNKNOWN (api/parsing.py).
 
@@ -21,7 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,21 +40,92 @@ from services.inference_gateway.api.parsing import OVERSIZE_CEILING, RefuseUnpar
 from services.inference_gateway.frontend import GenerationFrontend
 
 
-async def another_replica_listens(host: str, port: int, *, timeout_s: float = 1.0) -> bool:
-    """Whether something already accepts connections on the shared port (another replica:
-    the port is SO_REUSEPORT). Port 0 asks for a port of its own: nobody shares it."""
+class PortHolder(enum.Enum):
+    """What listens on the gateway's port before this replica binds it."""
+
+    NOBODY = "nobody"
+    REPLICA = "replica"
+    """Another replica of this gateway (shares the port through SO_REUSEPORT)."""
+    OTHER = "other"
+    """Something that is not a replica: binding would fail, or share it with a stranger."""
+
+
+@dataclass(frozen=True)
+class PortProbe:
+    holder: PortHolder
+    detail: str = ""
+    """What was seen (said when the port is taken by something else)."""
+
+
+async def who_listens(host: str, port: int, *, tls_cert: Path | None = None,
+                      tls_key: Path | None = None, timeout_s: float = 2.0) -> PortProbe:
+    """Who accepts connections on the shared port. A replica answers gRPC health for the
+    Generator service (plaintext), or presents this gateway's own certificate (TLS: only
+    a replica holds its key); anything else is OTHER, so that start-up fails at once and
+    not after a restore of minutes. Port 0 asks for a port of its own: nobody shares it."""
     if port == 0:
-        return False
+        return PortProbe(PortHolder.NOBODY)
     address = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(
         host, host)
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout_s)
     except (OSError, TimeoutError):
-        return False
+        return PortProbe(PortHolder.NOBODY)
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
-    return True
+    if tls_cert is not None:
+        return await _presents_our_certificate(address, port, tls_cert, tls_key, timeout_s)
+    return await _answers_gateway_health(address, port, timeout_s)
+
+
+async def _answers_gateway_health(address: str, port: int, timeout_s: float) -> PortProbe:
+    target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        try:
+            answer = await check(health_pb2.HealthCheckRequest(service=GENERATOR_SERVICE),
+                                 timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            return PortProbe(PortHolder.OTHER, f"gRPC health for {GENERATOR_SERVICE} answered "
+                                               f"{exc.code().name}: {exc.details()}")
+    return PortProbe(PortHolder.REPLICA, health_pb2.HealthCheckResponse.ServingStatus.Name(
+        answer.status))
+
+
+async def _presents_our_certificate(address: str, port: int, cert: Path, key: Path | None,
+                                    timeout_s: float) -> PortProbe:
+    ours = ssl.PEM_cert_to_DER_cert(_first_pem_certificate(cert.read_text()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # not trusting it: comparing it with ours
+    context.set_alpn_protocols(["h2"])
+    if key is not None:  # a replica that asks for client certificates may verify ours
+        context.load_cert_chain(str(cert), str(key))
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(address, port, ssl=context), timeout_s)
+    except (OSError, TimeoutError) as exc:
+        return PortProbe(PortHolder.OTHER, f"no TLS handshake: {type(exc).__name__}: {exc}")
+    try:
+        tls = writer.get_extra_info("ssl_object")
+        theirs = tls.getpeercert(binary_form=True) if tls is not None else None
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    if theirs == ours:
+        return PortProbe(PortHolder.REPLICA, "presents this gateway's certificate")
+    return PortProbe(PortHolder.OTHER, "its TLS certificate is not this gateway's")
+
+
+def _first_pem_certificate(text: str) -> str:
+    end = "-----END CERTIFICATE-----"
+    begin = text.index("-----BEGIN CERTIFICATE-----")
+    return text[begin:text.index(end, begin) + len(end)]
 
 
 class GatewayServer:

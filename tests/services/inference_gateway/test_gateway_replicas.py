@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 
 import aiohttp
+import aiohttp.web
 import grpc
 import nats
 import pytest
@@ -27,7 +29,11 @@ from lmforge.bus import EventBus
 from lmforge.contracts import subjects
 from lmforge.contracts.names import Bucket, ServiceName, durable_name
 from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
+from lmforge.security.tls_certs import ensure_server_tls
+from services.inference_gateway.api.server import GatewayServer, PortHolder, who_listens
+from services.inference_gateway.frontend import GenerationFrontend, Limits
 from services.inference_gateway.handlers import GatewayService
+from services.inference_gateway.registry import ModelRegistry
 from tests.helpers import in_process_service, publish, wait_for_events
 from tests.services.inference_gateway.gateway_replicas import (
     MODEL,
@@ -253,6 +259,92 @@ def test_shutdown_stops_every_engine_process_and_restarts_none(nats_server, home
     assert code == 0, log[-3000:]
     assert survivors == [], f"still running after the gateway stopped: {survivors}"
     assert "restarting" not in log, log[-3000:]
+
+
+def test_a_port_taken_by_something_else_fails_start_up_at_once(nats_server, home, export,
+                                                               caplog):
+    """A listener on the gateway's port that is not a replica (here a bare TCP socket):
+    with a model deployed, start-up used to take it for a replica, consume and restore
+    (minutes with many models), and only then fail to bind. It fails at once, saying so."""
+    caplog.set_level(logging.ERROR, logger="lmforge.gateway")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+
+    async def scenario() -> float:
+        writer = EventBus("test-writer")
+        await writer.connect(nats_server.url)
+        await writer.key_value(Bucket.DEPLOYMENTS).put(
+            MODEL, exported("run-a", "v1", export).SerializeToString())
+        await writer.close()
+        settings = GatewayService.Settings(nats_url=nats_server.url, home=str(home),
+                                           **{**IN_PROCESS, "gateway_port": port})
+        bus = EventBus(GatewayService.name)
+        await bus.connect(nats_server.url)
+        started = time.monotonic()
+        try:
+            with pytest.raises(SystemExit):
+                await GatewayService(settings, bus).start()
+            return time.monotonic() - started
+        finally:
+            await bus.close()
+
+    try:
+        failed_after_s = asyncio.run(scenario())
+    finally:
+        taken.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"port {port} (127.0.0.1) is taken by something that is not an lmforge "
+               "gateway" in m for m in said), said
+    assert failed_after_s < 10, failed_after_s
+
+
+def _frontend() -> GenerationFrontend:
+    return GenerationFrontend(ModelRegistry(), Limits(max_new_tokens=4, max_concurrency=1,
+                                                      max_queue=1, max_prompt_chars=100))
+
+
+def test_only_a_gateway_listening_on_the_port_counts_as_a_replica(tmp_path):
+    """Plaintext: a replica answers gRPC health for the Generator service; an HTTP server
+    does not. TLS: a replica presents this gateway's own certificate; a TLS server with
+    another one (even from the same CA) is not a replica."""
+    ours = ensure_server_tls(tmp_path / "tls", ["127.0.0.1"], stem="gateway")
+    theirs = ensure_server_tls(tmp_path / "tls", ["127.0.0.1"], stem="other")
+
+    async def serve_tls(tls) -> GatewayServer:
+        server = GatewayServer(_frontend(), host="127.0.0.1", port=0, max_message_bytes=1024,
+                               credentials=grpc.ssl_server_credentials(
+                                   [(tls.key.read_bytes(), tls.cert.read_bytes())]))
+        await server.start()
+        return server
+
+    async def scenario() -> dict[str, PortHolder]:
+        found = {}
+        replica = GatewayServer(_frontend(), host="127.0.0.1", port=0, max_message_bytes=1024)
+        await replica.start()
+        found["plaintext replica"] = (await who_listens("127.0.0.1", replica.port)).holder
+        await replica.stop(0)
+        found["nothing"] = (await who_listens("127.0.0.1", replica.port)).holder
+        app = aiohttp.web.Application()
+        runner = aiohttp.web.AppRunner(app)
+        await runner.setup()
+        site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        http_port = runner.addresses[0][1]
+        found["http server"] = (await who_listens("127.0.0.1", http_port)).holder
+        await runner.cleanup()
+        for name, tls in (("tls replica", ours), ("tls stranger", theirs)):
+            server = await serve_tls(tls)
+            found[name] = (await who_listens("127.0.0.1", server.port, tls_cert=ours.cert,
+                                             tls_key=ours.key)).holder
+            await server.stop(0)
+        return found
+
+    assert asyncio.run(scenario()) == {
+        "plaintext replica": PortHolder.REPLICA, "nothing": PortHolder.NOBODY,
+        "http server": PortHolder.OTHER, "tls replica": PortHolder.REPLICA,
+        "tls stranger": PortHolder.OTHER}
 
 
 # Starts child processes (engine processes, the CLI, model exports): not in `make unit`.
