@@ -71,7 +71,8 @@ log = logging.getLogger("lmforge.gateway")
 RESTORING = Gauge("lmforge_gateway_restoring",
                   "1 while a starting replica loads the models deployed before it started "
                   "(it consumes meanwhile; one that found another replica on the shared "
-                  "ports joins them after).")
+                  "ports joins them after). Labelled by replica index: replicas in one "
+                  "process (tests) each have their own.", ["replica"])
 FOLLOW_S = 2.0
 """Seconds between reads of the deployments bucket while serving."""
 READ_TIMEOUT_S = 10.0
@@ -114,6 +115,7 @@ class GatewayService(Service[GatewaySettings]):
         """Loading what the bucket said was deployed at start-up (None: not started)."""
         self.restoring = True
         """Whether the start-up restore has not tried every deployed model yet."""
+        self._restoring_gauge = RESTORING.labels(str(s.replica))
 
     @property
     def endpoint(self) -> str:
@@ -208,7 +210,7 @@ class GatewayService(Service[GatewaySettings]):
         if join_after:
             await self._join_ports()
         await self._say_serving()
-        RESTORING.set(0)
+        self._restoring_gauge.set(0)
         self._deployments_changed.set()  # the follower retries what failed
 
     async def _follow_deployments(self, stop: asyncio.Event) -> None:
@@ -264,7 +266,7 @@ class GatewayService(Service[GatewaySettings]):
         self._install_remote_models()
         deployed = await self.book.current()
         self.loader.expect(deployed)
-        RESTORING.set(1)
+        self._restoring_gauge.set(1)
         mark = self.registry.installs
         s = self.settings
         found = await who_listens(s.gateway_host, s.gateway_port, tls_cert=s.gateway_tls_cert,

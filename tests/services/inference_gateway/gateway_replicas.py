@@ -156,9 +156,10 @@ class GatewayReplica:
             return ""
 
     def metric(self, name: str) -> float | None:
-        """The value of an unlabelled metric of this replica; None when not shown."""
+        """The value of a metric of this replica, unlabelled or with one series (a label
+        naming the replica); None when not shown."""
         for line in self._metrics().splitlines():
-            if line.startswith(f"{name} "):
+            if line.startswith((f"{name} ", f"{name}{{")):
                 return float(line.rsplit(" ", 1)[1])
         return None
 

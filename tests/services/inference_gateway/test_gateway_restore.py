@@ -21,6 +21,7 @@ import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 from tritonclient.grpc import service_pb2 as kserve_pb
 from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 
@@ -286,6 +287,42 @@ def test_a_gateway_process_stopped_during_a_restore_leaves_no_engine_process(
     assert "waiting for 1 model load(s)" in log, log[-3000:]
     # The build that was running is over before the gateway says its engines stopped.
     assert log.rindex("engines stopped") > log.rindex("is served at"), log[-3000:]
+
+
+def test_each_replica_in_a_process_has_its_own_restoring_gauge(nats_server, tmp_path,
+                                                                trained_model):
+    """Replica 0 has restored when replica 1 starts restoring, in the same process:
+    lmforge_gateway_restoring says 0 for the one and 1 for the other (one process-wide
+    gauge said 1 for both, then 0 for both)."""
+    home = tmp_path / "home"
+    export = store_export(ArtifactStore(home / "artifacts"), trained_model.path)
+    _deploy(nats_server.url, MODELS[:1], export)
+    fast = dict(gateway_port=0, gateway_http=False, gateway_batching=False, gateway_threads=1)
+
+    def restoring(replica: int) -> float | None:
+        return REGISTRY.get_sample_value("lmforge_gateway_restoring",
+                                         {"replica": str(replica)})
+
+    async def scenario():
+        async with in_process_service(GatewayService, nats_server.url, home=str(home),
+                                      replica=0, **fast) as first:
+            deadline = time.monotonic() + 120
+            while first.restoring:
+                assert time.monotonic() < deadline, "replica 0 never restored"
+                await asyncio.sleep(0.05)
+            async with in_process_service(GatewayService, nats_server.url, home=str(home),
+                                          replica=1, **fast) as second:
+                assert second.restoring
+                during = restoring(0), restoring(1)
+                while second.restoring:
+                    assert time.monotonic() < deadline, "replica 1 never restored"
+                    await asyncio.sleep(0.05)
+                after = restoring(0), restoring(1)
+        return during, after
+
+    during, after = asyncio.run(scenario())
+    assert during == (0.0, 1.0)
+    assert after == (0.0, 0.0)
 
 
 # Loads models into the gateway (transformers in-process): not in `make unit`.
