@@ -58,11 +58,12 @@ class PortProbe:
 
 
 async def who_listens(host: str, port: int, *, tls_cert: Path | None = None,
-                      tls_key: Path | None = None, timeout_s: float = 2.0) -> PortProbe:
+                      tls_key: Path | None = None, timeout_s: float = 5.0) -> PortProbe:
     """Who accepts connections on the shared port. A replica answers gRPC health for the
     Generator service (plaintext), or presents this gateway's own certificate (TLS: only
-    a replica holds its key); anything else is OTHER, so that start-up fails at once and
-    not after a restore of minutes. Port 0 asks for a port of its own: nobody shares it."""
+    a replica holds its key) within `timeout_s`; anything else is OTHER, so that start-up
+    fails at once and not after a restore of minutes. Port 0 asks for a port of its own:
+    nobody shares it."""
     if port == 0:
         return PortProbe(PortHolder.NOBODY)
     address = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(
