@@ -112,6 +112,28 @@ class NatsKeyValue:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    async def put_if_absent(self, key: str, value: bytes, *, retry_for_s: float = 30.0
+                            ) -> bytes:
+        """Store `value` unless `key` holds one (the server's create-if-absent, so of two
+        racing writers one wins); the value `key` holds now, retried as `put` is."""
+        delay, deadline = 0.05, time.monotonic() + retry_for_s
+        while True:
+            try:
+                kv = await self._open()
+                try:
+                    await kv.create(key, value)
+                    return value
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    held = await self.get(key)
+                    if held is not None:
+                        return held
+                    # deleted between the two calls: create again
+            except TRANSIENT_NATS_ERRORS:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     async def delete(self, key: str) -> None:
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
             await (await self._open()).delete(key)

@@ -7,7 +7,10 @@ code that runs in production. The steps, each a short method:
 1. decode — a message we cannot read (bad protobuf, a newer schema) is
    dead-lettered at once with the reason;
 2. already done? — the same payload handled before by this durable consumer
-   (a redelivery or a republish) is acknowledged without work;
+   (a redelivery or a republish) is acknowledged without work; whose? — the
+   event that starts a run (dataset.ready) is its tenant's by the subject the
+   server let it publish on, and claims its run id for that tenant: a run id
+   another tenant used first fails the run once, with the reason;
 3. cached? — a stage whose inputs (artifact digests, file contents) and config
    are unchanged replays the outputs it stored for an earlier run, whatever the
    run id, and says so in a header and a log line;
@@ -43,6 +46,7 @@ from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.failures import BadInput
 from lmforge.run_context import current_run_id
 from lmforge.run_ids import MAX_RUN_ID_CHARS, run_id_problem
+from lmforge.run_owners import claim_run_id, run_id_taken
 from lmforge.telemetry import (
     EVENTS_CONSUMED,
     HANDLER_SECONDS,
@@ -65,6 +69,9 @@ class KeyValue(Protocol):
     async def put(self, key: str, value: bytes) -> None: ...
     async def delete(self, key: str) -> None: ...
     async def keys(self) -> list[str]: ...
+    async def put_if_absent(self, key: str, value: bytes) -> bytes:
+        """Store `value` unless `key` holds one, atomically; the value `key` holds now."""
+        ...
 
 
 class Transport(Protocol):
@@ -340,6 +347,8 @@ class Dispatcher:
             return Outcome.DUPLICATE
         if not await self._tenant_checked(ctx, event):
             return Outcome.FAILED
+        if not await self._run_id_owned(ctx):
+            return Outcome.FAILED
         cache_key = await self._cache_key(ctx, event)
         if cache_key is None:
             return Outcome.FAILED
@@ -406,6 +415,23 @@ class Dispatcher:
                       f"{vouched or '(none)'!r} may publish; publish with that tenant's "
                       f"credential")
         await self._fail(ctx, reason, dead_lettered=False)
+        await self._record_done(ctx)
+        return False
+
+    async def _run_id_owned(self, ctx: HandlingContext) -> bool:
+        """The event that starts a run (on a tenant-scoped subject) claims its run id for
+        the run's tenant; a run id first used by another tenant fails the run once, before
+        any work or stage-cache replay (`lmforge.run_owners`)."""
+        if not ctx.subscription.subject.tenant_scoped:
+            return True
+        tenant = ctx.message.headers.get(Header.TENANT, "")  # vouched: `_tenant_checked`
+        owner = await claim_run_id(self.transport.key_value(Bucket.RUN_OWNERS), ctx.run_id,
+                                   tenant)
+        if owner == tenant:
+            return True
+        log.warning("run id %r of tenant %r refused: it belongs to tenant %r", ctx.run_id,
+                    tenant, owner)
+        await self._fail(ctx, run_id_taken(ctx.run_id), dead_lettered=False)
         await self._record_done(ctx)
         return False
 
@@ -514,9 +540,23 @@ class Dispatcher:
                     deliveries, sub.max_deliver, reason, exc_info=exc)
         return Outcome.RETRIED
 
+    def _run_tenant(self, ctx: HandlingContext) -> str:
+        """The tenant of the run a message belongs to, as far as it is vouched for: the
+        subject's token on a tenant-scoped subject (a header there is the publisher's
+        word), else the header services carry on from dataset.ready."""
+        subject = ctx.subscription.subject
+        if subject.tenant_scoped:
+            return subject.tenant_of(ctx.message.subject)
+        return ctx.message.headers.get(Header.TENANT, "")
+
     async def _fail(self, ctx: HandlingContext, reason: str, *, dead_lettered: bool) -> None:
+        """Publish stage.failed with the run's tenant, so the tenant reads it (`lmforge run`
+        shows why) and the id of one tenant's failure never dedups another's."""
         sub = ctx.subscription
-        key = hashlib.sha256(f"{sub.durable}|{ctx.run_id}|{reason}".encode()).hexdigest()[:24]
+        tenant = self._run_tenant(ctx)
+        scope = f"{tenant}|" if tenant else ""
+        key = hashlib.sha256(f"{scope}{sub.durable}|{ctx.run_id}|{reason}".encode()
+                             ).hexdigest()[:24]
         reason = bounded(reason, MAX_REASON_CHARS)
         run_id = bounded(ctx.run_id, MAX_RUN_ID_CHARS)
         ctx.failure = reason
@@ -525,7 +565,8 @@ class Dispatcher:
         failed = ev.StageFailed(run_id=run_id, stage=self.transport.service,
                                 subject=sub.subject.name, reason=reason,
                                 deliveries=ctx.message.deliveries, dead_lettered=dead_lettered)
-        await self.transport.publish(failed, msg_id=f"{run_id}:stage.failed:{key}")
+        await self.transport.publish(failed, msg_id=f"{run_id}:stage.failed:{key}",
+                                     headers={Header.TENANT: tenant} if tenant else None)
 
     async def _dead_letter(self, ctx: HandlingContext, reason: str) -> None:
         sub = ctx.subscription

@@ -56,6 +56,9 @@ class MemoryKeyValue:
     async def delete(self, key: str) -> None:
         self.entries.pop(key, None)
 
+    async def put_if_absent(self, key: str, value: bytes) -> bytes:
+        return self.entries.setdefault(key, bytes(value))
+
     async def keys(self) -> list[str]:
         return list(self.entries)
 

@@ -51,6 +51,8 @@ class Bucket(StrEnum):
     """Measured training FLOP/s per instance type and precision (lmforge.calibration)."""
     API_KEYS = "lmforge_api_keys"
     """Gateway API keys by key id: tenant, salt and salted hash, never the key itself."""
+    RUN_OWNERS = "lmforge_run_owners"
+    """The tenant each run id belongs to: the first to use it (`lmforge.run_owners`)."""
 
 
 class Header(StrEnum):

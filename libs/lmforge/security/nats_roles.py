@@ -51,7 +51,7 @@ PER_REPLICA: frozenset[ServiceName] = frozenset({ServiceName.INFERENCE_GATEWAY})
 
 _EVERY_SERVICE = (Bucket.STAGE_RECORDS, Bucket.STAGE_CACHE)
 BUCKETS: dict[ServiceName, tuple[tuple[Bucket, ...], tuple[Bucket, ...]]] = {
-    ServiceName.DATA_PREP: ((*_EVERY_SERVICE, Bucket.MODEL_DATASETS), ()),
+    ServiceName.DATA_PREP: ((*_EVERY_SERVICE, Bucket.MODEL_DATASETS, Bucket.RUN_OWNERS), ()),
     ServiceName.SCHEDULER: (_EVERY_SERVICE, (Bucket.THROUGHPUT,)),
     ServiceName.TRAINER: ((*_EVERY_SERVICE, Bucket.THROUGHPUT), ()),
     ServiceName.QUANTIZER: (_EVERY_SERVICE, ()),
