@@ -104,14 +104,21 @@ class AutoscalerService(Service[AutoscalerSettings]):
                       wall_seconds: float | None = None, attempt: int = 0,
                       plan: ev.ResourcePlan | None = None, device: str = "",
                       count: int = 0, note: str = "") -> None:
-        """Add the charge of one stage to its run's ledger entry (read, change, write)."""
+        """Add the charge of one stage to its run's ledger entry (read, change, write); a
+        charge of another tenant than the entry's is refused (`RunLedger.foreign_tenant`)."""
         run_id = str(getattr(event, "run_id", ""))
         kv = self.bus.key_value(Bucket.COST_LEDGER)
         async with self._ledger_lock:
             raw = await kv.get(run_id)
-            ledger = RunLedger.from_json(raw) if raw else RunLedger(run_id)
+            ledger = RunLedger.from_json(raw) if raw else RunLedger(run_id,
+                                                                    tenant=delivery.tenant)
+            if ledger.foreign_tenant(delivery.tenant):
+                log.error("%s charge of run %s refused: its ledger entry is tenant %r's and "
+                          "the event is tenant %r's; the entry keeps its tenant and this "
+                          "charge is not recorded", stage, run_id, ledger.tenant or "(none)",
+                          delivery.tenant)
+                return
             ledger.model_name = str(getattr(event, "model_name", "")) or ledger.model_name
-            ledger.tenant = delivery.tenant or ledger.tenant
             if isinstance(event, ev.TrainingScheduled):
                 p = event.plan
                 ledger.plans[event.attempt] = PlannedHardware(

@@ -89,6 +89,13 @@ class RunLedger:
     def add(self, key: str, charge: StageCharge) -> None:
         self.charges[key] = charge
 
+    def foreign_tenant(self, tenant: str) -> bool:
+        """Whether a charge of `tenant` would hand this entry to another tenant. An entry's
+        tenant is set when it is made and never changes: the run id is its first tenant's
+        (`lmforge.run_owners`), and whoever the entry names reads its whole history. A
+        charge that names no tenant leaves the entry's as it is."""
+        return bool(tenant) and tenant != self.tenant
+
     def latest_plan(self) -> tuple[int, PlannedHardware | None]:
         if not self.plans:
             return 0, None

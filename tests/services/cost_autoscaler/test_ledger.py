@@ -141,3 +141,35 @@ def test_a_spot_attempt_without_a_plan_price_is_priced_from_the_catalog(tmp_path
     (charge,) = asyncio.run(scenario())["charges"].values()
     assert charge["cost_usd"] == pytest.approx(2 * gpu.spot_usd_per_hour)
     assert charge["on_demand_cost_usd"] == pytest.approx(2 * gpu.on_demand_usd_per_hour)
+
+
+def test_a_ledger_entry_never_changes_tenant(tmp_path, caplog):
+    """A run's entry is its first tenant's: a charge of another tenant under the same run
+    id is refused and logged (the entry would hand globex's history to acme); a charge
+    naming no tenant is the entry's, as before."""
+    harness = MemoryHarness()
+
+    def prepared(tenant: str, msg_id: str) -> tuple[ev.DatasetPrepared, str, dict[str, str]]:
+        headers = _timed(3600)
+        if tenant:
+            headers[Header.TENANT] = tenant
+        model_name = "acme-model" if tenant == "acme" else "globex-model"
+        return (ev.DatasetPrepared(run_id="g1", model_name=model_name, vocab_size=len(msg_id)),
+                msg_id, headers)
+
+    async def scenario():
+        async with harness.service(AutoscalerService, home=tmp_path,
+                                   autoscaler_price_per_hour={"cpu": 1.0}):
+            for event, msg_id, headers in (prepared("globex", "g1:prepared"),
+                                           prepared("acme", "acme:g1:prepared"),
+                                           prepared("", "g1:prepared-again")):
+                await harness.broker.publish(event, msg_id=msg_id, headers=headers)
+                await harness.broker.settled()
+            return await _ledger_entry(harness, "g1", charges=2)
+
+    entry = asyncio.run(scenario())
+    assert entry["tenant"] == "globex" and entry["model_name"] == "globex-model"
+    assert len(entry["charges"]) == 2 and entry["total_usd"] == pytest.approx(2.0)
+    assert not any("acme" in key for key in entry["charges"])
+    assert ("data-prep charge of run g1 refused: its ledger entry is tenant 'globex''s and "
+            "the event is tenant 'acme''s") in caplog.text
