@@ -187,11 +187,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- run ------------------------------------------------------------------------------
 
-def default_run_id(spec: str, model_name: str) -> str:
-    """Same data, same name -> same run id, so re-running unchanged data is a no-op (a
+def default_run_id(spec: str, model_name: str, tenant: str = "") -> str:
+    """Same tenant, data and name -> same run id, so re-running unchanged data is a no-op (a
     single file: by its size and mtime; anything else: by the spec; the stage cache
-    still reuses every stage whose inputs' bytes are unchanged)."""
-    key = f"{spec}|{model_name}"
+    still reuses every stage whose inputs' bytes are unchanged). Two tenants training the
+    same URL under the same model name get two run ids: a run id is the tenant's that
+    used it first (`lmforge.run_owners`), so one would fail. No tenant: as before."""
+    key = f"{spec}|{model_name}" + (f"|tenant={tenant}" if tenant else "")
     if "://" not in spec:
         # Local files: their sizes and mtimes, so a changed file (or a file added to a
         # directory) makes a new run instead of being taken for the same event again.
@@ -203,6 +205,13 @@ def default_run_id(spec: str, model_name: str) -> str:
             stat = file.stat()
             key += f"|{file}|{stat.st_size}|{stat.st_mtime_ns}"
     return f"{model_name[:40]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}".replace(".", "-")
+
+
+def dataset_ready_msg_id(run_id: str, tenant: str) -> str:
+    """The `Nats-Msg-Id` of a run's dataset.ready: the stream drops a repeat of the same
+    tenant's (running the same command twice is a no-op), never another tenant's event
+    under the same run id, which data-prep then refuses with the reason instead."""
+    return f"{tenant}:{run_id}:dataset.ready" if tenant else f"{run_id}:dataset.ready"
 
 
 def dataset_spec(data: str) -> str:
@@ -278,7 +287,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "://" not in spec and not any(c in spec for c in "*?[") and not Path(spec).exists():
         console.print(f"[red]dataset {spec} does not exist[/]")
         return EXIT_USAGE
-    run_id = args.run_id or default_run_id(spec, args.model_name)
+    nats_url = _nats_url(settings)
+    auth = _nats_auth(settings)
+    run_id = args.run_id or default_run_id(spec, args.model_name, auth.tenant)
     problem = run_id_problem(run_id)
     if problem:
         console.print(f"[red]--run-id:[/] {problem}", soft_wrap=True)
@@ -293,8 +304,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                             text_field=args.text_field, model_name=args.model_name,
                             schema_version=1, time_budget_s=args.time_budget or 0.0,
                             training=training)
-    nats_url = _nats_url(settings)
-    auth = _nats_auth(settings)
     event.tenant = auth.tenant  # the credential's tenant: its runs, models and costs
 
     async def publish() -> None:
@@ -306,8 +315,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             await asyncio.wait_for(bus.connect(nats_url, connect_timeout_s=CONNECT_TIMEOUT_S,
                                                auth=auth), CONNECT_TIMEOUT_S)
-            await asyncio.wait_for(bus.publish(event, msg_id=f"{run_id}:dataset.ready"),
-                                   PUBLISH_TIMEOUT_S)
+            msg_id = dataset_ready_msg_id(run_id, auth.tenant)
+            await asyncio.wait_for(bus.publish(event, msg_id=msg_id), PUBLISH_TIMEOUT_S)
         except TimeoutError as exc:
             raise ConnectionError(f"NATS at {nats_url} did not store dataset.ready within "
                                   f"{PUBLISH_TIMEOUT_S:.0f}s; run the same command again "
