@@ -113,10 +113,10 @@ class AutoscalerService(Service[AutoscalerSettings]):
             ledger = RunLedger.from_json(raw) if raw else RunLedger(run_id,
                                                                     tenant=delivery.tenant)
             if ledger.foreign_tenant(delivery.tenant):
-                log.error("%s charge of run %s refused: its ledger entry is tenant %r's and "
-                          "the event is tenant %r's; the entry keeps its tenant and this "
-                          "charge is not recorded", stage, run_id, ledger.tenant or "(none)",
-                          delivery.tenant)
+                log.error("%s charge of run %s refused: its ledger entry belongs to tenant "
+                          "%r and the event to tenant %r; the entry keeps its tenant and "
+                          "this charge is not recorded", stage, run_id,
+                          ledger.tenant or "(none)", delivery.tenant)
                 return
             ledger.model_name = str(getattr(event, "model_name", "")) or ledger.model_name
             if isinstance(event, ev.TrainingScheduled):

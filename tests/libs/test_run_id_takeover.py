@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 
 from lmforge.bus import EventBus, ensure_kv, ensure_streams
@@ -82,14 +83,14 @@ class Secured:
         finally:
             await nc.close()
 
-    async def wait_prepared(self, run_id: str, timeout_s: float = 120.0) -> list[str]:
-        """The tenants of `run_id`'s ledger entry once dataset.prepared is charged."""
+    async def wait_prepared(self, run_id: str, timeout_s: float = 120.0) -> str:
+        """The tenant of `run_id`'s ledger entry, once its dataset.prepared is charged."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             raw = await self.ledger(run_id)
             if raw is not None:
-                return [json.loads(raw)["tenant"]]
+                return str(json.loads(raw)["tenant"])
             await asyncio.sleep(0.2)
         raise TimeoutError(f"run {run_id} was not prepared within {timeout_s:.0f}s")
 
@@ -159,7 +160,7 @@ def test_acme_under_globexs_run_id_fails_with_the_reason_and_globexs_run_is_unto
     code, out = secured.cli(monkeypatch, capsys, "globex", "run", str(secured.data("globex")),
                             "--model-name", "globex-model", "--run-id", "g1", "--json")
     assert code == 0, out
-    assert asyncio.run(secured.wait_prepared("g1")) == ["globex"]
+    assert asyncio.run(secured.wait_prepared("g1")) == "globex"
     globex_entry = asyncio.run(secured.ledger("g1"))
 
     async def publish_by_hand() -> None:
@@ -218,6 +219,6 @@ def test_two_tenants_running_the_same_data_under_one_model_name_get_a_run_each(
         run_ids[tenant] = json.loads(out.splitlines()[0])["run_id"]
     assert run_ids["acme"] != run_ids["globex"]
     for tenant, run_id in run_ids.items():
-        assert asyncio.run(secured.wait_prepared(run_id)) == [tenant]
+        assert asyncio.run(secured.wait_prepared(run_id)) == tenant
         code, out = secured.cli(monkeypatch, capsys, tenant, "runs", "--json")
         assert run_id in {r["run_id"] for r in json.loads(out.splitlines()[0])}

@@ -171,5 +171,5 @@ def test_a_ledger_entry_never_changes_tenant(tmp_path, caplog):
     assert entry["tenant"] == "globex" and entry["model_name"] == "globex-model"
     assert len(entry["charges"]) == 2 and entry["total_usd"] == pytest.approx(2.0)
     assert not any("acme" in key for key in entry["charges"])
-    assert ("data-prep charge of run g1 refused: its ledger entry is tenant 'globex''s and "
-            "the event is tenant 'acme''s") in caplog.text
+    assert ("data-prep charge of run g1 refused: its ledger entry belongs to tenant "
+            "'globex' and the event to tenant 'acme'") in caplog.text
