@@ -27,6 +27,13 @@ STOP_DOCUMENT_POLL_S = 2.0
 the seconds a spot notice leaves."""
 
 
+def process_group_backend(device_type: str) -> str:
+    """gloo on CPU; on CUDA NCCL for CUDA tensors and gloo for CPU ones. The trainer
+    all-reduces a small CPU tensor every step (mean loss, stop and budget flags), which
+    a group with NCCL alone refuses ("no backend for device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
 def main(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     if job["device"] == "cpu":
@@ -47,7 +54,7 @@ def main(job_path: str) -> int:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend=process_group_backend(device.type))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 

@@ -63,3 +63,16 @@ def test_zero_with_two_ranks_resumes_exactly(tmp_path, artifact_store, prepared_
     assert rest.heldout_perplexity == pytest.approx(whole.heldout_perplexity, rel=1e-5)
     index = CheckpointIndex(tmp_path / "ckpt", "ds-split", artifact_store)
     assert index.latest_good() is not None
+
+
+def test_a_cuda_group_also_reduces_the_trainers_cpu_tensors():
+    """NCCL alone has no CPU backend; the trainer all-reduces a CPU tensor each step. The
+    mixed backend string is what torch's init_process_group takes (no GPU here to run it)."""
+    from services.trainer.worker import process_group_backend
+
+    assert process_group_backend("cuda") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("cpu") == "gloo"
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    assert BackendConfig(process_group_backend("cuda")).get_device_backend_map() == {
+        "cpu": "gloo", "cuda": "nccl"}
