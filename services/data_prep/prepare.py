@@ -279,7 +279,7 @@ def prepare_dataset(source: str | Path | Sequence[str | Path], fmt: str, text_fi
                     _write(train_f, doc)
                     stats.train_documents += 1
         if config.near_dup.enabled:
-            near_dup.updated_index().save(out_dir / "near_dup_index")
+            near_dup.save_updated_index(out_dir / "near_dup_index")
         clock.lap("curate")
         stats.records_read = log.tallies[("read", "records")]
         stats.dropped = {reason: n for (_, reason), n in sorted(log.counts.items())}
@@ -408,11 +408,11 @@ def _semantic(config: SemanticConfig, train_spool: Path, heldout_spool: Path, ou
     kept training document's embedding cluster, in spool order (the packer weights the
     long tail by them).
 
-    The spools are streamed (embedding, then the index's chunk texts, then the rewrite):
-    memory is the vectors (4 x dim bytes per chunk) and the ids, not the texts.
+    The spools are streamed (embedding, then the index's chunk texts, then the rewrite);
+    the vectors are spooled beside them (`semantic.curate` says what stays in memory).
     """
     result = semantic_curate(lambda: _spool(train_spool), lambda: _spool(heldout_spool),
-                             config, log)
+                             config, log, work_dir=train_spool.parent)
     if result.index is not None:
         result.index.save(out_dir / "semantic_index")
     if not result.keep.all():

@@ -66,6 +66,7 @@ import json
 import math
 import os
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import numpy as np
 
 from services.data_prep.documents import DecisionLog, Document
+from services.data_prep.vector_spool import (
+    BATCH_ROWS,
+    VectorRows,
+    VectorSpool,
+    as_rows,
+    batches,
+)
 
 if TYPE_CHECKING:
     import faiss
@@ -327,54 +335,82 @@ def iterate(docs: Documents) -> Iterable[Document]:
 class ChunkEmbeddings:
     """One vector per chunk of a list of documents, with the chunk -> document map.
 
+    The vectors are on disk (a `VectorSpool`, read a slice at a time), not in memory.
     The chunks' texts are not kept: `chunk_text` is deterministic, so whoever needs
     them (the index's `chunks.jsonl`) re-chunks the documents, streamed again.
+    In memory per document: its id (a str, ~60-80 bytes) and length (8 bytes); per
+    chunk: its document ordinal (8 bytes).
     """
 
     doc_ids: list[str]
     """Document ids, by ordinal."""
     chunk_doc: np.ndarray
-    """The document ordinal of each chunk (int64)."""
-    vectors: np.ndarray
+    """The document ordinal of each chunk (int64, non-decreasing)."""
+    vectors: VectorRows
     """float32 [chunks, dim], L2-normalised."""
     doc_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     """Characters per document (the natural share's unit before tokenizing)."""
+    work_dir: Path | None = None
+    """Where the spools of derived vectors (document vectors, subsets) go."""
 
     @property
     def count(self) -> int:
         """Chunks."""
         return len(self.chunk_doc)
 
-    def document_vectors(self) -> np.ndarray:
-        """One vector per document: the normalised mean of its chunks' vectors (a
-        document without chunks gets a zero vector)."""
-        sums = np.zeros((len(self.doc_ids), self.vectors.shape[1]), dtype=np.float32)
-        np.add.at(sums, self.chunk_doc, self.vectors)
-        return normalize_rows(sums)
+    @property
+    def dim(self) -> int:
+        return self.vectors.dim
+
+    def vectors_close(self) -> None:
+        """Free the spooled vectors' file (nothing for vectors in memory)."""
+        if isinstance(self.vectors, VectorSpool):
+            self.vectors.close()
+
+    def document_vectors(self, docs_per_batch: int = 8192) -> VectorSpool:
+        """One vector per document, spooled: the normalised mean of its chunks' vectors
+        (a document without chunks gets a zero vector). Streamed over ranges of
+        documents, whose chunks are contiguous."""
+        out = VectorSpool(self.dim, self.work_dir)
+        for first in range(0, len(self.doc_ids), docs_per_batch):
+            last = min(first + docs_per_batch, len(self.doc_ids))
+            lo, hi = np.searchsorted(self.chunk_doc, [first, last])
+            sums = np.zeros((last - first, self.dim), dtype=np.float32)
+            np.add.at(sums, self.chunk_doc[lo:hi] - first, self.vectors.rows(int(lo), int(hi)))
+            out.append(normalize_rows(sums))
+        return out
 
     def subset(self, keep_docs: np.ndarray) -> ChunkEmbeddings:
-        """Only the documents whose ordinals are in `keep_docs` (renumbered in order)."""
+        """Only the documents whose ordinals are in `keep_docs` (renumbered in order);
+        itself when that is all of them."""
         keep_docs = np.asarray(keep_docs, dtype=np.int64)
+        if len(keep_docs) == len(self.doc_ids):
+            return self
         renumber = np.full(len(self.doc_ids), -1, dtype=np.int64)
         renumber[keep_docs] = np.arange(len(keep_docs))
-        rows = np.flatnonzero(renumber[self.chunk_doc] >= 0)
+        kept = renumber[self.chunk_doc] >= 0
+        vectors = VectorSpool(self.dim, self.work_dir)
+        for start, rows in batches(self.vectors):
+            vectors.append(rows[kept[start : start + len(rows)]])
         return ChunkEmbeddings(
             doc_ids=[self.doc_ids[i] for i in keep_docs],
-            chunk_doc=renumber[self.chunk_doc[rows]],
-            vectors=np.ascontiguousarray(self.vectors[rows]),
+            chunk_doc=renumber[self.chunk_doc[kept]],
+            vectors=vectors,
             doc_lengths=self.doc_lengths[keep_docs] if len(self.doc_lengths) else
-            self.doc_lengths)
+            self.doc_lengths, work_dir=self.work_dir)
 
 
 def embed_documents(docs: Iterable[Document], embedder: Embedder, *, chunk_words: int = 128,
-                    chunk_overlap: int = 16, batch_chunks: int = 4096) -> ChunkEmbeddings:
+                    chunk_overlap: int = 16, batch_chunks: int = 4096,
+                    work_dir: Path | None = None) -> ChunkEmbeddings:
     """Chunk and embed `docs` as they stream by: only `batch_chunks` chunk texts are
-    held at a time; the vectors (4 x dim bytes per chunk) are kept."""
+    held at a time, and the vectors (4 x dim bytes per chunk) go to a `VectorSpool`
+    in `work_dir` (the system's temporary directory when None)."""
     doc_ids: list[str] = []
-    lengths: list[int] = []
-    chunk_doc: list[int] = []
+    lengths = array("q")
+    chunk_doc = array("q")
     pending: list[str] = []
-    parts: list[np.ndarray] = []
+    vectors = VectorSpool(embedder.dim, work_dir)
     for doc in docs:
         ordinal = len(doc_ids)
         doc_ids.append(doc.id)
@@ -383,14 +419,12 @@ def embed_documents(docs: Iterable[Document], embedder: Embedder, *, chunk_words
             chunk_doc.append(ordinal)
             pending.append(chunk)
         if len(pending) >= batch_chunks:
-            parts.append(embedder.encode(pending))
+            vectors.append(embedder.encode(pending))
             pending = []
     if pending:
-        parts.append(embedder.encode(pending))
-    vectors = (np.concatenate(parts) if parts
-               else np.zeros((0, embedder.dim), dtype=np.float32))
-    return ChunkEmbeddings(doc_ids, np.asarray(chunk_doc, dtype=np.int64), vectors,
-                           np.asarray(lengths, dtype=np.int64))
+        vectors.append(embedder.encode(pending))
+    return ChunkEmbeddings(doc_ids, np.frombuffer(chunk_doc, dtype=np.int64).copy(), vectors,
+                           np.frombuffer(lengths, dtype=np.int64).copy(), work_dir=work_dir)
 
 
 def chunk_texts(docs: Iterable[Document], keep: np.ndarray, config: SemanticConfig
@@ -438,14 +472,16 @@ def new_ivfpq_index(dim: int, count: int, config: SemanticConfig) -> faiss.Index
                                faiss.METRIC_INNER_PRODUCT)
 
 
-def build_index(vectors: np.ndarray, config: SemanticConfig,
+def build_index(vectors: VectorRows | np.ndarray, config: SemanticConfig,
                 kind: str | None = None) -> faiss.Index:
     """An inner-product index over `vectors` (normalised float32), of the kind
-    `index_kind` picks unless `kind` is given."""
+    `index_kind` picks unless `kind` is given. Filled a slice at a time (IVF-PQ
+    trained on a sample), so a spool's vectors are never all in memory; the index
+    itself is (flat: 4 x dim bytes per vector, HNSW ~1.8 KB at 384 dims, IVF-PQ 446)."""
     import faiss
 
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    count, dim = vectors.shape
+    vectors = as_rows(vectors)
+    count, dim = len(vectors), vectors.dim
     kind = kind or index_kind(count, config)
     index: faiss.Index
     if kind == "flat":
@@ -458,12 +494,11 @@ def build_index(vectors: np.ndarray, config: SemanticConfig,
         index = new_ivfpq_index(dim, count, config)
         sample = min(count, 40 * ivf_lists(count))
         rng = np.random.default_rng(config.seed)
-        train = vectors if sample == count else vectors[np.sort(
-            rng.choice(count, sample, replace=False))]
-        index.train(train)
+        index.train(vectors.take(np.sort(rng.choice(count, sample, replace=False))))
     else:
         raise ValueError(f"unknown index kind {kind!r}: flat, hnsw or ivfpq")
-    index.add(vectors)
+    for _, rows in batches(vectors, 4 * BATCH_ROWS):
+        index.add(rows)
     set_search_params(index, config)
     return index
 
@@ -511,7 +546,7 @@ class SemanticIndex:
         kind = index_kind(chunks.count, config)
         index = build_index(chunks.vectors, config, kind)
         meta = {"format": INDEX_FORMAT, "embedder": config.embedder,
-                "dim": int(chunks.vectors.shape[1]), "kind": kind,
+                "dim": chunks.dim, "kind": kind,
                 "chunks": chunks.count, "documents": len(chunks.doc_ids),
                 "chunking": {"chunk_words": config.chunk_words,
                              "chunk_overlap": config.chunk_overlap},
@@ -649,13 +684,14 @@ def find_contamination(train: ChunkEmbeddings, heldout: ChunkEmbeddings,
     if not heldout.count or not train.count:
         return []
     index = build_index(heldout.vectors, config)
-    scores, positions = index.search(train.vectors, 1)
     best_score = np.full(len(train.doc_ids), -np.inf, dtype=np.float32)
     best_chunk = np.full(len(train.doc_ids), -1, dtype=np.int64)
-    for doc, score, position in zip(train.chunk_doc, scores[:, 0], positions[:, 0],
-                                    strict=True):
-        if position >= 0 and score > best_score[doc]:
-            best_score[doc], best_chunk[doc] = score, position
+    for start, rows in batches(train.vectors):
+        scores, positions = index.search(rows, 1)
+        for doc, score, position in zip(train.chunk_doc[start : start + len(rows)],
+                                        scores[:, 0], positions[:, 0], strict=True):
+            if position >= 0 and score > best_score[doc]:
+                best_score[doc], best_chunk[doc] = score, position
     found = np.flatnonzero(best_score >= threshold)
     return [Contamination(int(d), heldout.doc_ids[int(heldout.chunk_doc[best_chunk[d]])],
                           float(best_score[d])) for d in found]
@@ -671,20 +707,21 @@ class NearDuplicate:
     cluster: int
 
 
-def semantic_duplicates(doc_vectors: np.ndarray, labels: np.ndarray, threshold: float,
-                        *, block: int = 4096) -> list[NearDuplicate]:
+def semantic_duplicates(doc_vectors: VectorRows | np.ndarray, labels: np.ndarray,
+                        threshold: float, *, block: int = 4096) -> list[NearDuplicate]:
     """SemDeDup within clusters: each document whose similarity to an earlier document
     of its cluster (in corpus order) is >= threshold, with that earlier document.
 
     The earlier document is compared whether or not it was itself dropped, as
     SemDeDup does: a chain a~b~c keeps only a.
     """
+    source = as_rows(doc_vectors)
     found: list[NearDuplicate] = []
     for cluster in np.unique(labels):
         members = np.flatnonzero(labels == cluster)
         if len(members) < 2:
             continue
-        vectors = doc_vectors[members]
+        vectors = source.take(members)
         for start in range(0, len(members), block):
             rows = vectors[start : start + block]
             sims = rows @ vectors[: start + len(rows)].T
@@ -712,21 +749,34 @@ def choose_cluster_count(documents: int, max_clusters: int = 1024) -> int:
     return int(min(max_clusters, max(2, round(math.sqrt(documents)))))
 
 
-def cluster_documents(doc_vectors: np.ndarray, k: int, *, seed: int = 1234,
-                      iterations: int = 20) -> np.ndarray:
-    """Spherical k-means labels (int64) of each document vector."""
+def cluster_documents(doc_vectors: VectorRows | np.ndarray, k: int, *, seed: int = 1234,
+                      iterations: int = 20, points_per_centroid: int = 256) -> np.ndarray:
+    """Spherical k-means labels (int64) of each document vector.
+
+    Trained on a seeded sample of `points_per_centroid` x k vectors (what faiss would
+    subsample to anyway), then every vector is assigned a slice at a time: memory is
+    the sample (k x 256 x 4 x dim bytes: 384 MiB at k = 1024, 384 dims), whatever the
+    corpus.
+    """
     import faiss
 
-    if k <= 1 or len(doc_vectors) <= k:
-        return np.zeros(len(doc_vectors), dtype=np.int64) if k <= 1 else np.arange(
-            len(doc_vectors), dtype=np.int64)
-    vectors = np.ascontiguousarray(doc_vectors, dtype=np.float32)
-    kmeans = faiss.Kmeans(vectors.shape[1], k, niter=iterations, seed=seed, spherical=True,
-                          verbose=False, max_points_per_centroid=256,
+    vectors = as_rows(doc_vectors)
+    count = len(vectors)
+    if k <= 1 or count <= k:
+        return np.zeros(count, dtype=np.int64) if k <= 1 else np.arange(count, dtype=np.int64)
+    sample = min(count, k * points_per_centroid)
+    rng = np.random.default_rng(seed)
+    picked = (np.arange(count) if sample == count
+              else np.sort(rng.choice(count, sample, replace=False)))
+    kmeans = faiss.Kmeans(vectors.dim, k, niter=iterations, seed=seed, spherical=True,
+                          verbose=False, max_points_per_centroid=points_per_centroid,
                           min_points_per_centroid=1)
-    kmeans.train(vectors)
-    _, labels = kmeans.index.search(vectors, 1)
-    return labels[:, 0].astype(np.int64)
+    kmeans.train(vectors.take(picked))
+    labels = np.empty(count, dtype=np.int64)
+    for start, rows in batches(vectors):
+        _, nearest = kmeans.index.search(rows, 1)
+        labels[start : start + len(rows)] = nearest[:, 0]
+    return labels
 
 
 def long_tail_weights(labels: np.ndarray, lengths: np.ndarray, cap: float = 3.0) -> np.ndarray:
@@ -814,35 +864,43 @@ class SemanticResult:
 
 def curate(train: Documents, heldout: Documents, config: SemanticConfig,
            log: DecisionLog, *, embedder: Embedder | None = None,
-           build_retrieval_index: bool = True) -> SemanticResult:
+           build_retrieval_index: bool = True, work_dir: Path | None = None
+           ) -> SemanticResult:
     """Decontaminate `train` against `heldout`, optionally dedup it semantically,
     weight it for the long tail and index what is kept.
 
     Each part is streamed once to embed it; `train` once more when the index is
-    saved (its chunk texts). In memory: the vectors and the ids, never the texts.
+    saved (its chunk texts). The chunk and document vectors are spooled to unnamed
+    files in `work_dir` (the system's temporary directory when None) and read a
+    slice at a time. What stays in memory grows with the corpus as: per document
+    its id (~60-80 bytes), its length, label, keep flag and weight (~25 bytes);
+    per chunk its document ordinal (8 bytes); and the index being built (HNSW
+    ~1.8 KB per chunk up to `hnsw_max`, IVF-PQ 446 bytes past it). Fixed: the
+    k-means sample (<= 384 MiB) and one slice of vectors. Never the texts.
     Drops are recorded in `log` under stage "semantic"; `log.count` gets the
     clusters found.
     """
     embedder = embedder or build_embedder(config.embedder, batch_size=config.batch_size)
     result = SemanticResult()
     chunks = embed_documents(iterate(train), embedder, chunk_words=config.chunk_words,
-                             chunk_overlap=config.chunk_overlap)
+                             chunk_overlap=config.chunk_overlap, work_dir=work_dir)
     result.doc_ids = chunks.doc_ids
     log.count(STAGE, "chunks_embedded", chunks.count)
     keep = np.ones(len(chunks.doc_ids), dtype=bool)
     if config.decontaminate:
         held = embed_documents(iterate(heldout), embedder, chunk_words=config.chunk_words,
-                               chunk_overlap=config.chunk_overlap)
+                               chunk_overlap=config.chunk_overlap, work_dir=work_dir)
         for hit in find_contamination(chunks, held, config.contamination_threshold, config):
             keep[hit.train_doc] = False
             log.drop(chunks.doc_ids[hit.train_doc], STAGE, CONTAMINATES_HELDOUT,
                      detail=f"held-out {hit.heldout_doc_id} at cosine {hit.score:.3f}")
             result.contaminating += 1
+        held.vectors_close()
     kept = np.flatnonzero(keep)
     chunks = chunks.subset(kept)
-    doc_vectors = chunks.document_vectors()
     labels = np.zeros(len(kept), dtype=np.int64)
     if config.reweight or config.semantic_dedup:
+        doc_vectors = chunks.document_vectors()
         result.cluster_count = choose_cluster_count(len(kept), config.max_clusters)
         labels = cluster_documents(doc_vectors, result.cluster_count, seed=config.seed)
         log.count(STAGE, "clusters", result.cluster_count)
@@ -857,7 +915,8 @@ def curate(train: Documents, heldout: Documents, config: SemanticConfig,
         result.near_duplicates = len(duplicates)
         survivors = np.flatnonzero(~drop)
         chunks, labels = chunks.subset(survivors), labels[survivors]
-    del doc_vectors
+    if config.reweight or config.semantic_dedup:
+        doc_vectors.close()
     result.keep, result.labels = keep, labels
     result.weight_values = (long_tail_weights(labels, chunks.doc_lengths, config.long_tail_cap)
                             if config.reweight else np.ones(len(chunks.doc_ids)))
