@@ -58,9 +58,16 @@ positives of exact verification are chains: A ~ B and B ~ C put A and C in
 one cluster while J(A, C) < threshold. `verify_sigmas` still governs the
 match against an earlier run's index, which holds signatures, not texts.
 
-Memory: the stage holds the signatures (`num_perm` x 4 bytes per document),
-the ids and lengths, never the texts (the exact check holds the shingle hashes
-of a candidate's document until its last partner has been read). It reads its
+Memory: the stage holds the signatures (`num_perm` x 4 bytes per document: 512
+at 128 permutations), the ids (~60-80 bytes each) and lengths (8 bytes), never
+the texts (the exact check holds the shingle hashes of a candidate's document
+until its last partner has been read). While finding candidates, the band keys
+(8 bytes per band and document: 160 at 20 bands) and one band's sort (~24 bytes
+per document) come on top. The signatures are assembled once (each batch goes to
+an unnamed file in `work_dir`, then read back as one array), not concatenated
+from a list of batches, which held them twice; the updated index is written
+from them a slice at a time, not copied, and `save_updated_index` frees them, so
+they do not stay through the later phases of the pipeline. It reads its
 input two or three times — sign; confirm the candidates; decide and yield in
 input order —, so a one-shot iterator is spooled to `work_dir`.
 """
@@ -69,10 +76,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import re
+import tempfile
 import uuid
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -546,11 +556,8 @@ class SignatureIndex:
         return len(self.ids)
 
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "signatures.npy", self.signatures)
-        (directory / "ids.json").write_text(json.dumps(self.ids, ensure_ascii=False))
-        (directory / "meta.json").write_text(json.dumps(
-            {"format": INDEX_FORMAT, "documents": len(self.ids), **self.meta}, indent=1))
+        _write_index(directory, self.meta, [self.signatures], self.ids,
+                     self.signatures.shape[1])
 
     @classmethod
     def load(cls, directory: Path, config: NearDupConfig) -> SignatureIndex:
@@ -617,6 +624,30 @@ class SignatureIndex:
         best[pairs[order, 0]] = pairs[order, 1]
         best_agree[pairs[order, 0]] = agree[order]
         return best, best_agree
+
+
+def _write_index(directory: Path, meta: dict[str, Any], parts: Iterable[Signatures],
+                 ids: Sequence[str], width: int, *, step: int = 65536) -> None:
+    """Write an index directory of `len(ids)` x `width` signatures from `parts` (row
+    slices of that matrix, in order, made as they are written), without joining them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = len(ids)
+    written = 0
+    with (directory / "signatures.npy").open("wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint32)),
+                "fortran_order": False, "shape": (rows, width)})
+        for part in parts:
+            if part.shape[1:] != (width,):
+                raise ValueError(f"signature rows of shape {part.shape} for width {width}")
+            for i in range(0, len(part), step):
+                f.write(np.ascontiguousarray(part[i:i + step], np.uint32).tobytes())
+            written += len(part)
+    if written != rows:
+        raise ValueError(f"{written} signature rows written for {rows} ids")
+    (directory / "ids.json").write_text(json.dumps(list(ids), ensure_ascii=False))
+    (directory / "meta.json").write_text(json.dumps(
+        {"format": INDEX_FORMAT, "documents": len(ids), **meta}, indent=1))
 
 
 # ---------------------------------------------------------------- the stage
@@ -726,21 +757,21 @@ class NearDupStage:
         confirm candidates exactly (verify="exact" and candidates found).
         """
         ids: list[str] = []
-        lengths: list[int] = []
-        chunks: list[Signatures] = []
+        lengths = array("q")
         batch: list[str] = []
-        for doc in read():
-            ids.append(doc.id)
-            lengths.append(len(doc.text))
-            batch.append(doc.text)
-            if len(batch) >= self.config.batch_docs:
-                chunks.append(self.hasher.signatures(batch))
-                batch = []
-        if batch:
-            chunks.append(self.hasher.signatures(batch))
+        with tempfile.TemporaryFile(dir=self.work_dir) as spooled:
+            for doc in read():
+                ids.append(doc.id)
+                lengths.append(len(doc.text))
+                batch.append(doc.text)
+                if len(batch) >= self.config.batch_docs:
+                    spooled.write(self.hasher.signatures(batch).tobytes())
+                    batch = []
+            if batch:
+                spooled.write(self.hasher.signatures(batch).tobytes())
+            spooled.seek(0)
+            sig = np.fromfile(spooled, np.uint32).reshape(-1, self.config.num_perm)
         n = len(ids)
-        sig = (np.concatenate(chunks) if chunks
-               else np.empty((0, self.config.num_perm), np.uint32))
         agreement = np.zeros(n, np.float64)
         if self.seen is not None:
             seen_match, seen_agree = self.seen.match(self.hasher, sig)
@@ -756,7 +787,7 @@ class NearDupStage:
             true = exact_jaccard(self.hasher, read(), ids, pairs)
             pairs = pairs[true >= self.config.threshold]
         roots = _union_find(n, pairs)
-        keeper = self._keepers(roots, np.asarray(lengths, np.int64))
+        keeper = self._keepers(roots, np.frombuffer(lengths, np.int64))
         keeper[seen_match >= 0] = -1
         dup = np.flatnonzero((keeper >= 0) & (keeper != np.arange(n)))
         agreement[dup] = _agreement(sig[dup], sig[keeper[dup]])
@@ -814,6 +845,24 @@ class NearDupStage:
 
     def updated_index(self) -> SignatureIndex:
         """The earlier runs' index plus the documents this run kept (after `run` was consumed)."""
+        base, kept = self._base_and_kept()
+        assert self.result is not None
+        r = self.result
+        return base.extended(r.signatures[kept], [r.ids[i] for i in kept])
+
+    def save_updated_index(self, directory: Path, *, step: int = 65536) -> None:
+        """Write `updated_index()` to `directory` a slice of signatures at a time, then
+        free this run's signatures and ids (the stage has nothing left to decide)."""
+        base, kept = self._base_and_kept()
+        assert self.result is not None
+        r = self.result
+        parts = itertools.chain([base.signatures], (r.signatures[kept[i:i + step]]
+                                                     for i in range(0, len(kept), step)))
+        _write_index(directory, base.meta, parts, [*base.ids, *(r.ids[i] for i in kept)],
+                     self.config.num_perm)
+        self.result = None
+
+    def _base_and_kept(self) -> tuple[SignatureIndex, _I64]:
         if self.result is None:
             raise RuntimeError("near-dup updated_index() needs the signatures of a run: call it "
                                "after run() was consumed, with the stage enabled")
@@ -821,4 +870,4 @@ class NearDupStage:
         r = self.result
         kept = np.flatnonzero((r.keeper == np.arange(len(r.keeper)))
                               & (r.signatures[:, 0] != _EMPTY))
-        return base.extended(r.signatures[kept], [r.ids[i] for i in kept])
+        return base, kept
