@@ -7,7 +7,8 @@
 What runs is `prepare.prepare_dataset` with the service's default settings
 (`DataPrepSettings().prep_config()`: read, clean, quality, PII, near-dup, split,
 semantic, tokenizer, pack), each input in its own child process so its peak RSS
-(`ru_maxrss` from wait4) is the pipeline's alone.
+(`ru_maxrss` from wait4) is the pipeline's alone; the child samples its RSS every
+0.5 s too, for each phase's peak (`phases_peak_rss_mb`).
 
 Inputs:
 
@@ -42,6 +43,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,44 @@ def minilm_rate(corpus: Path, sample: int) -> float:
     return sample / (time.perf_counter() - started)
 
 
+class RssSampler:
+    """The process's resident set every `interval` seconds, in a thread, so each phase's
+    peak can be told apart (`ru_maxrss` is the whole run's)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                resident = int(f.read().split()[1]) * self._page
+            self.samples.append((time.perf_counter(), resident))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def phase_peaks_mb(self, started: float, phases_s: dict[str, float]) -> dict[str, float]:
+        """Peak RSS (MB) in each phase; `phases_s` are the phases' seconds, in order."""
+        peaks: dict[str, float] = {}
+        end = started
+        for phase, seconds in phases_s.items():
+            begin, end = end, end + seconds
+            inside = [rss for t, rss in self.samples if begin <= t < end]
+            if inside:
+                peaks[phase] = round(max(inside) / 2**20, 1)
+        return peaks
+
+
 def child(source: str, out_dir: Path, embedder: str) -> None:
     """Runs in the measured process: the pipeline over `source`, JSON on stdout."""
     from dataclasses import replace
@@ -140,9 +180,12 @@ def child(source: str, out_dir: Path, embedder: str) -> None:
                                   decontaminate=config.semantic.decontaminate and not static)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    stats = prepare_dataset(source, "", "", out_dir, config, roots=["/"], timings=timings)
+    with RssSampler() as sampler:
+        stats = prepare_dataset(source, "", "", out_dir, config, roots=["/"], timings=timings)
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "phases_s": timings, "stats": stats.as_flat_dict()}))
+    print(json.dumps({"seconds": seconds, "phases_s": timings,
+                      "phases_peak_rss_mb": sampler.phase_peaks_mb(started, timings),
+                      "stats": stats.as_flat_dict()}))
 
 
 def measure(source: str, input_bytes: int, out_dir: Path, embedder: str) -> dict[str, Any]:
@@ -168,6 +211,7 @@ def measure(source: str, input_bytes: int, out_dir: Path, embedder: str) -> dict
         "mb_per_s": round(input_bytes / 1e6 / seconds, 2),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "phases_s": result["phases_s"],
+        "phases_peak_rss_mb": result["phases_peak_rss_mb"],
         "train_tokens": stats["train_tokens"],
         "dropped": stats["dropped"],
         "tallies": stats["tallies"],
