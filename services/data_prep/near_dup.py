@@ -58,16 +58,17 @@ positives of exact verification are chains: A ~ B and B ~ C put A and C in
 one cluster while J(A, C) < threshold. `verify_sigmas` still governs the
 match against an earlier run's index, which holds signatures, not texts.
 
-Memory: the stage holds the signatures (`num_perm` x 4 bytes per document: 512
-at 128 permutations), the ids (~60-80 bytes each) and lengths (8 bytes), never
-the texts (the exact check holds the shingle hashes of a candidate's document
-until its last partner has been read). While finding candidates, the band keys
-(8 bytes per band and document: 160 at 20 bands) and one band's sort (~24 bytes
-per document) come on top. The signatures are assembled once (each batch goes to
-an unnamed file in `work_dir`, then read back as one array), not concatenated
-from a list of batches, which held them twice; the updated index is written
-from them a slice at a time, not copied, and `save_updated_index` frees them, so
-they do not stay through the later phases of the pipeline. It reads its
+Memory: the signatures (`num_perm` x 4 bytes per document: 512 at 128
+permutations) go to an unnamed file in `work_dir` (a `VectorSpool`) as each
+batch is signed, and only the candidate pairs' rows are read back; the updated
+index is written from it a slice at a time. In memory, per document: the id
+(~60-80 bytes), the band keys while candidates are found (8 bytes per band: 160
+at 20 bands, plus one band's sort, ~24 bytes), and ~40 bytes of per-document
+arrays (length, keeper, earlier match, agreement, a flag). Never the texts (the
+exact check holds the shingle hashes of a candidate's document until its last
+partner has been read). An earlier runs' index (`seen`) is loaded whole: 512
+bytes per earlier document. `save_updated_index` frees the run's state, so it
+does not stay through the later phases of the pipeline. It reads its
 input two or three times — sign; confirm the candidates; decide and yield in
 input order —, so a one-shot iterator is spooled to `work_dir`.
 """
@@ -92,6 +93,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.data_prep.documents import DecisionLog, Document
+from services.data_prep.vector_spool import ArrayRows, VectorRows, VectorSpool
 
 STAGE = "near_dup"
 DUPLICATE = "near_dup.duplicate"
@@ -461,15 +463,26 @@ def _union_find(n: int, edges: _I64) -> _I64:
     return roots
 
 
-def estimated_pairs(hasher: MinHasher, sig: Signatures, active: npt.NDArray[np.bool_],
+def _agreement_of(a: VectorRows, rows_a: _I64, b: VectorRows, rows_b: _I64, *,
+                  step: int = 65536) -> npt.NDArray[np.float64]:
+    """`_agreement` of rows `rows_a` of `a` with rows `rows_b` of `b`, read a slice of
+    pairs at a time (a million candidate pairs would otherwise be 1 GB of rows)."""
+    out = np.empty(len(rows_a), np.float64)
+    for i in range(0, len(rows_a), step):
+        out[i:i + step] = _agreement(a.take(rows_a[i:i + step]), b.take(rows_b[i:i + step]))
+    return out
+
+
+def estimated_pairs(keys: _U64, sig: VectorRows, active: npt.NDArray[np.bool_],
                     floor: float) -> tuple[_I64, npt.NDArray[np.float64], int]:
     """LSH candidates among the `active` documents whose estimated Jaccard is >= `floor`,
-    their estimates, and how many candidates there were."""
+    their estimates, and how many candidates there were (`keys`: every document's band
+    keys; `sig`: their signatures, of which only the candidates' rows are read)."""
     members = np.flatnonzero(active)
-    pairs = candidate_pairs(hasher.band_keys(sig[members]), members)
+    pairs = candidate_pairs(keys[members], members)
     if len(pairs) == 0:
         return pairs, np.zeros(0, np.float64), 0
-    agree = _agreement(sig[pairs[:, 0]], sig[pairs[:, 1]])
+    agree = _agreement_of(sig, pairs[:, 0], sig, pairs[:, 1])
     ok = agree >= floor
     return pairs[ok], agree[ok], len(pairs)
 
@@ -589,8 +602,10 @@ class SignatureIndex:
         return SignatureIndex(self.meta, np.concatenate([self.signatures, signatures]),
                               [*self.ids, *ids])
 
-    def match(self, hasher: MinHasher, sig: Signatures) -> tuple[_I64, npt.NDArray[np.float64]]:
-        """For each signature, the best verified match in the index (-1: none) and its estimate."""
+    def match(self, hasher: MinHasher, keys: _U64, nonempty: npt.NDArray[np.bool_],
+              sig: VectorRows) -> tuple[_I64, npt.NDArray[np.float64]]:
+        """For each document (its band `keys`, whether it has shingles, its signature
+        in `sig`), the best verified match in the index (-1: none) and its estimate."""
         best = np.full(len(sig), -1, np.int64)
         best_agree = np.zeros(len(sig), np.float64)
         if len(self) == 0 or len(sig) == 0:
@@ -601,8 +616,8 @@ class SignatureIndex:
             for band in range(keys.shape[1]):
                 order = np.argsort(keys[:, band], kind="stable")
                 self._bands.append((keys[order, band], order.astype(np.int64)))
-        nonempty = np.flatnonzero(sig[:, 0] != _EMPTY)
-        query_keys = hasher.band_keys(sig[nonempty])
+        queried = np.flatnonzero(nonempty)
+        query_keys = keys[queried]
         found: list[_I64] = []
         for band, (sorted_keys, order) in enumerate(self._bands):
             q = query_keys[:, band]
@@ -612,11 +627,12 @@ class SignatureIndex:
                 hit = np.flatnonzero(lo + d < hi)
                 if len(hit) == 0:
                     break
-                found.append(np.stack([nonempty[hit], order[lo[hit] + d]], axis=1))
+                found.append(np.stack([queried[hit], order[lo[hit] + d]], axis=1))
         if not found:
             return best, best_agree
         pairs = np.unique(np.concatenate(found), axis=0)
-        agree = _agreement(sig[pairs[:, 0]], self.signatures[pairs[:, 1]])
+        agree = _agreement_of(sig, pairs[:, 0], ArrayRows(self.signatures, np.uint32),
+                              pairs[:, 1])
         ok = agree >= hasher.config.accept_estimate
         pairs, agree = pairs[ok], agree[ok]
         # Highest agreement last, so the fancy assignment keeps it.
@@ -689,7 +705,10 @@ class NearDupResult:
     """What pass 1 found: per document its fate, for pass 2 and for the index."""
 
     ids: list[str]
-    signatures: Signatures
+    signatures: VectorRows
+    """(documents, num_perm) uint32, spooled to disk."""
+    nonempty: npt.NDArray[np.bool_]
+    """Per document: it has shingles (its signature is not all `_EMPTY`)."""
     keeper: _I64
     """Per document: the ordinal of its cluster's keeper (itself when kept), -1 when seen before."""
     seen_match: _I64
@@ -758,31 +777,42 @@ class NearDupStage:
         """
         ids: list[str] = []
         lengths = array("q")
-        batch: list[str] = []
-        with tempfile.TemporaryFile(dir=self.work_dir) as spooled:
+        nonempty = array("b")
+        sig = VectorSpool(self.config.num_perm, self.work_dir, np.uint32)
+        with tempfile.TemporaryFile(dir=self.work_dir) as key_file:
+
+            def sign(texts: list[str]) -> None:
+                rows = self.hasher.signatures(texts)
+                sig.append(rows)
+                key_file.write(self.hasher.band_keys(rows).tobytes())
+                nonempty.extend((rows[:, 0] != _EMPTY).tolist())
+
+            batch: list[str] = []
             for doc in read():
                 ids.append(doc.id)
                 lengths.append(len(doc.text))
                 batch.append(doc.text)
                 if len(batch) >= self.config.batch_docs:
-                    spooled.write(self.hasher.signatures(batch).tobytes())
+                    sign(batch)
                     batch = []
             if batch:
-                spooled.write(self.hasher.signatures(batch).tobytes())
-            spooled.seek(0)
-            sig = np.fromfile(spooled, np.uint32).reshape(-1, self.config.num_perm)
+                sign(batch)
+            key_file.seek(0)
+            keys = np.fromfile(key_file, np.uint64).reshape(-1, self.hasher.bands)
         n = len(ids)
+        has_shingles = np.frombuffer(nonempty, np.int8).astype(bool)
         agreement = np.zeros(n, np.float64)
         if self.seen is not None:
-            seen_match, seen_agree = self.seen.match(self.hasher, sig)
+            seen_match, seen_agree = self.seen.match(self.hasher, keys, has_shingles, sig)
             agreement = np.where(seen_match >= 0, seen_agree, agreement)
         else:
             seen_match = np.full(n, -1, np.int64)
-        active = (sig[:, 0] != _EMPTY) & (seen_match < 0)
+        active = has_shingles & (seen_match < 0)
         exact = self.config.verify == "exact"
         # Exact verification confirms every candidate a wide margin cannot rule out.
         floor = self.config.estimate_floor(3.0) if exact else self.config.accept_estimate
-        pairs, _, candidates = estimated_pairs(self.hasher, sig, active, floor)
+        pairs, _, candidates = estimated_pairs(keys, sig, active, floor)
+        del keys
         if exact and len(pairs):
             true = exact_jaccard(self.hasher, read(), ids, pairs)
             pairs = pairs[true >= self.config.threshold]
@@ -790,10 +820,10 @@ class NearDupStage:
         keeper = self._keepers(roots, np.frombuffer(lengths, np.int64))
         keeper[seen_match >= 0] = -1
         dup = np.flatnonzero((keeper >= 0) & (keeper != np.arange(n)))
-        agreement[dup] = _agreement(sig[dup], sig[keeper[dup]])
+        agreement[dup] = _agreement_of(sig, dup, sig, keeper[dup])
         clusters = len(np.unique(keeper[dup]))
-        self.result = NearDupResult(ids, sig, keeper, seen_match, agreement, clusters,
-                                    candidates, len(pairs))
+        self.result = NearDupResult(ids, sig, has_shingles, keeper, seen_match, agreement,
+                                    clusters, candidates, len(pairs))
         return self.result
 
     def _keepers(self, roots: _I64, lengths: _I64) -> _I64:
@@ -848,7 +878,7 @@ class NearDupStage:
         base, kept = self._base_and_kept()
         assert self.result is not None
         r = self.result
-        return base.extended(r.signatures[kept], [r.ids[i] for i in kept])
+        return base.extended(r.signatures.take(kept), [r.ids[i] for i in kept])
 
     def save_updated_index(self, directory: Path, *, step: int = 65536) -> None:
         """Write `updated_index()` to `directory` a slice of signatures at a time, then
@@ -856,10 +886,12 @@ class NearDupStage:
         base, kept = self._base_and_kept()
         assert self.result is not None
         r = self.result
-        parts = itertools.chain([base.signatures], (r.signatures[kept[i:i + step]]
+        parts = itertools.chain([base.signatures], (r.signatures.take(kept[i:i + step])
                                                      for i in range(0, len(kept), step)))
         _write_index(directory, base.meta, parts, [*base.ids, *(r.ids[i] for i in kept)],
                      self.config.num_perm)
+        if isinstance(r.signatures, VectorSpool):
+            r.signatures.close()
         self.result = None
 
     def _base_and_kept(self) -> tuple[SignatureIndex, _I64]:
@@ -868,6 +900,5 @@ class NearDupStage:
                                "after run() was consumed, with the stage enabled")
         base = self.seen if self.seen is not None else SignatureIndex.empty(self.config)
         r = self.result
-        kept = np.flatnonzero((r.keeper == np.arange(len(r.keeper)))
-                              & (r.signatures[:, 0] != _EMPTY))
+        kept = np.flatnonzero((r.keeper == np.arange(len(r.keeper))) & r.nonempty)
         return base, kept

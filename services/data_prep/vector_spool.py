@@ -1,4 +1,5 @@
-"""Embedding vectors kept on disk, not in memory: appended once, read back in slices.
+"""Embedding vectors (and MinHash signatures) kept on disk, not in memory: appended
+once, read back in slices or by row.
 
 The semantic stage embeds every chunk of the corpus (1.9M chunks for 1 GB of
 text, 1.5 KB each as float32 at 384 dims): held in memory, with the copies that
@@ -15,7 +16,8 @@ reading a k-means sample of 4,096 rows through `np.memmap` put 190 MB of a
 file itself stays in the page cache, which the kernel reclaims as it needs.
 
 `ArrayRows` gives an in-memory array the same interface, for callers (tests,
-benchmarks) that have their vectors already.
+benchmarks) that have their vectors already. Rows are float32 unless a spool is
+made with another dtype (near-dup spools its uint32 signatures the same way).
 """
 
 from __future__ import annotations
@@ -23,39 +25,39 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-Float32 = npt.NDArray[np.float32]
+Rows = npt.NDArray[Any]
 BATCH_ROWS = 16_384
 """Rows per slice when streaming (24 MiB at 384 float32 dims)."""
 
 
 class VectorRows(Protocol):
-    """Rows of float32 vectors, read a slice or a set of rows at a time."""
+    """Rows of vectors, read a slice or a set of rows at a time."""
 
     dim: int
 
     def __len__(self) -> int: ...
 
-    def rows(self, start: int, stop: int) -> Float32: ...
+    def rows(self, start: int, stop: int) -> Rows: ...
 
-    def take(self, indices: npt.NDArray[np.int64]) -> Float32: ...
+    def take(self, indices: npt.NDArray[np.int64]) -> Rows: ...
 
 
-def batches(vectors: VectorRows, size: int = BATCH_ROWS) -> Iterator[tuple[int, Float32]]:
+def batches(vectors: VectorRows, size: int = BATCH_ROWS) -> Iterator[tuple[int, Rows]]:
     """(first row, rows) slices of `vectors`, in order."""
     for start in range(0, len(vectors), size):
         yield start, vectors.rows(start, min(start + size, len(vectors)))
 
 
 class ArrayRows:
-    """An in-memory float32 array as `VectorRows`."""
+    """An in-memory array as `VectorRows` (float32 unless `dtype` says otherwise)."""
 
-    def __init__(self, array: npt.ArrayLike) -> None:
-        self.array: Float32 = np.ascontiguousarray(array, dtype=np.float32)
+    def __init__(self, array: npt.ArrayLike, dtype: npt.DTypeLike = np.float32) -> None:
+        self.array: Rows = np.ascontiguousarray(array, dtype=dtype)
         if self.array.ndim != 2:
             raise ValueError(f"vectors must be 2-D, not of shape {self.array.shape}")
         self.dim = int(self.array.shape[1])
@@ -63,10 +65,10 @@ class ArrayRows:
     def __len__(self) -> int:
         return len(self.array)
 
-    def rows(self, start: int, stop: int) -> Float32:
+    def rows(self, start: int, stop: int) -> Rows:
         return self.array[start:stop]
 
-    def take(self, indices: npt.NDArray[np.int64]) -> Float32:
+    def take(self, indices: npt.NDArray[np.int64]) -> Rows:
         return self.array[np.asarray(indices, dtype=np.int64)]
 
 
@@ -76,42 +78,45 @@ def as_rows(vectors: VectorRows | np.ndarray) -> VectorRows:
 
 
 class VectorSpool:
-    """float32 rows of `dim` in an unnamed temporary file under `directory`."""
+    """Rows of `dim` values (float32 unless `dtype` says otherwise) in an unnamed
+    temporary file under `directory`."""
 
-    def __init__(self, dim: int, directory: Path | None = None) -> None:
+    def __init__(self, dim: int, directory: Path | None = None,
+                 dtype: npt.DTypeLike = np.float32) -> None:
         self.dim = dim
+        self.dtype = np.dtype(dtype)
         # Closed by close(), or with the object: unnamed, it leaves nothing behind.
         self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115
         self._count = 0
-        self._row_bytes = 4 * dim
+        self._row_bytes = self.dtype.itemsize * dim
 
     def __len__(self) -> int:
         return self._count
 
     def append(self, rows: npt.ArrayLike) -> None:
-        array = np.ascontiguousarray(rows, dtype=np.float32)
+        array = np.ascontiguousarray(rows, dtype=self.dtype)
         if array.ndim != 2 or array.shape[1] != self.dim:
             raise ValueError(f"rows of shape {array.shape} for a spool of {self.dim} dims")
         self._file.seek(0, 2)
         self._file.write(array.tobytes())
         self._count += len(array)
 
-    def rows(self, start: int, stop: int) -> Float32:
+    def rows(self, start: int, stop: int) -> Rows:
         """A copy of rows [start, stop)."""
         stop = min(stop, self._count)
         if stop <= start:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = np.empty((stop - start, self.dim), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=self.dtype)
+        out = np.empty((stop - start, self.dim), dtype=self.dtype)
         self._file.seek(start * self._row_bytes)
         read = self._file.readinto(out.data.cast("B"))
         if read != out.nbytes:
             raise OSError(f"vector spool: read {read} of {out.nbytes} bytes")
         return out
 
-    def take(self, indices: npt.NDArray[np.int64]) -> Float32:
+    def take(self, indices: npt.NDArray[np.int64]) -> Rows:
         """A copy of the rows at `indices` (any order, repeats allowed)."""
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), self.dim), dtype=np.float32)
+        out = np.empty((len(indices), self.dim), dtype=self.dtype)
         if not len(indices):
             return out
         if indices.min() < 0 or indices.max() >= self._count:
