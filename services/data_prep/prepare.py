@@ -10,8 +10,17 @@ shards with per-document offsets and weights.
 Every drop is recorded with its stage and reason code in a `DecisionLog`; the
 counts go into dataset.json and the `dataset.prepared` event, and with
 `report_dir` (the `lmforge prep` dry run) the per-document decisions too.
-Kept documents are spooled to disk between the passes, so memory does not grow
-with the dataset.
+Kept documents are spooled to disk between the passes, and so are the semantic
+stage's vectors and near-dup's signatures (unnamed files in `.spool`: 1.5 KB per
+chunk and per document at 384 dims, 512 bytes of signatures per document), so
+the texts and vectors are never all in memory. What memory still grows with the
+dataset, per document: the exact-dedup digest (~100 bytes: a set of 32-byte
+digests, for the whole run), near-dup's id, band keys and per-document arrays
+(~300 bytes while it decides; freed once its index is written), the semantic
+stage's ids and per-document arrays (~100 bytes) plus 8 bytes per chunk, and the
+packer's offsets, weights and clusters (~20 bytes); and the search index while
+it is built and saved (HNSW ~1.8 KB per chunk up to `hnsw_max`, 1M chunks;
+IVF-PQ 446 bytes per chunk past it).
 """
 
 from __future__ import annotations
