@@ -239,6 +239,17 @@ def test_a_run_goes_from_text_to_a_served_model_in_one_trace(system):
     scraped = {t["labels"]["instance"]: t for t in prometheus.targets()}
     assert set(listed) <= set(scraped), (listed, scraped)
     assert all(scraped[i]["health"] == "up" for i in listed), scraped
+    # rate() needs the counter to move between two scrapes of it: on a loaded machine a
+    # scrape can first see the OK series after every request above was answered, and
+    # the error ratio is then 0/0. More requests once Prometheus holds the series.
+    assert_promql_answers(prometheus, {
+        "OK series": 'sum(lmforge_gateway_requests_total{code="OK"})'})
+    with grpc.insecure_channel(status["gateway"]) as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+        for seed in (4, 5):
+            list(stub.Generate(generate_pb2.GenerateRequest(
+                model="fortune", prompt="Hello", max_new_tokens=2, seed=seed), timeout=60))
+            time.sleep(1.5)  # past a scrape interval
     assert_promql_answers(prometheus, {
         "QPS": "sum(rate(lmforge_gateway_requests_total[5m]))",
         "P99 latency": "histogram_quantile(0.99, sum by (le) "
