@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from services.data_prep.documents import DecisionLog, Document
 from services.data_prep.near_dup import NearDupConfig, NearDupStage, SignatureIndex
@@ -74,6 +75,7 @@ def _curate_growth_mb(docs: int, warm_docs: int) -> float:
     return float(result["growth_mb"])
 
 
+@pytest.mark.processes  # measures a child process's peak RSS
 def test_semantic_curate_memory_does_not_hold_the_vectors():
     # 120k chunks of 384 float32 dims are 176 MiB of vectors, and as many again of
     # document vectors: held in memory (and concatenated) they grew the peak by 503 MiB;
