@@ -4,11 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 
 from lmforge.bus import EventBus
 from lmforge.contracts import subjects
 from lmforge.service import Service
+
+
+@contextlib.contextmanager
+def serving_in_a_thread(serve: Callable[[], AbstractAsyncContextManager[object]], *,
+                        timeout_s: float = 60) -> Iterator[None]:
+    """Hold `serve()` open in its own event loop on a thread until the block ends: for
+    fixtures whose tests run the CLI, which runs an event loop of its own. A failure to
+    start is raised here, not lost in the thread."""
+    stop, ready = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    async def hold() -> None:
+        async with serve():
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+
+    def run() -> None:
+        try:
+            asyncio.run(hold())
+        except BaseException as exc:
+            failed.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(timeout_s) and not failed, failed
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout_s)
 
 
 @contextlib.asynccontextmanager

@@ -10,10 +10,10 @@ Two tenants running the same data under the same model name get a run each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
-import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
@@ -32,7 +32,7 @@ from lmforge.security.nats_secrets import NatsSecrets, add_tenant_client, ensure
 from services.cost_autoscaler.handlers import AutoscalerService
 from services.data_prep.handlers import DataPrepService
 from tests.conftest import TEST_DATA
-from tests.helpers import in_process_service
+from tests.helpers import in_process_service, serving_in_a_thread
 
 pytestmark = pytest.mark.connected
 
@@ -110,9 +110,6 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     server = NatsServer(store_dir=root / "nats", log_file=root / "nats.log",
                         config_file=found.server_config, tls=True).start()
     secured = Secured(server, found, root)
-    stop, ready = threading.Event(), threading.Event()
-    failed: list[BaseException] = []
-
     async def prepare() -> None:  # what the supervisor does as admin
         nc = await nats.connect(server.url, **secured.auth("admin").connect_options())
         await ensure_streams(nc.jetstream())
@@ -120,7 +117,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
             await ensure_kv(nc.jetstream(), bucket)
         await nc.close()
 
-    async def services() -> None:
+    @contextlib.asynccontextmanager
+    async def services() -> AsyncIterator[None]:
         def creds(service: ServiceName) -> dict[str, object]:
             return {"nats_creds": found.credential_path(service), "nats_ca": found.tls.ca}
 
@@ -132,26 +130,13 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
                                autoscaler_price_per_hour={"cpu": 3600.0},
                                **creds(ServiceName.COST_AUTOSCALER)),
         ):
-            ready.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.05)
-
-    def serve() -> None:
-        try:
-            asyncio.run(services())
-        except BaseException as exc:  # said by the fixture, not lost in the thread
-            failed.append(exc)
-            ready.set()
+            yield
 
     asyncio.run(prepare())
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     try:
-        assert ready.wait(60) and not failed, failed
-        yield secured
+        with serving_in_a_thread(services):
+            yield secured
     finally:
-        stop.set()
-        thread.join(60)
         server.stop()
 
 

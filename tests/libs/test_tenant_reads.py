@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from lmforge.security.nats_connect import NatsAuth
 from lmforge.security.nats_secrets import NatsSecrets, add_tenant_client, ensure_nats_secrets
 from services.cost_autoscaler.handlers import AutoscalerService
 from services.cost_autoscaler.ledger import SERVING_KEY
-from tests.helpers import in_process_service
+from tests.helpers import in_process_service, serving_in_a_thread
 
 pytestmark = pytest.mark.connected
 
@@ -94,10 +93,6 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServ
         add_tenant_client(found, tenant)
     server = NatsServer(store_dir=root / "nats", log_file=root / "nats.log",
                         config_file=found.server_config, tls=True).start()
-    stop = threading.Event()
-    ready = threading.Event()
-    failed: list[BaseException] = []
-
     async def prepare() -> None:  # what the supervisor does as admin
         nc = await nats.connect(server.url, **_auth(found, "admin").connect_options())
         await ensure_streams(nc.jetstream())
@@ -110,7 +105,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServ
             "cost_usd": 1.0, "tokens_by_model": TOKENS, "unknown_seconds": 0.0}).encode())
         await nc.close()
 
-    async def autoscaler() -> None:
+    @contextlib.asynccontextmanager
+    async def autoscaler() -> AsyncIterator[None]:
         creds = found.credential_path(ServiceName.COST_AUTOSCALER)
         async with in_process_service(AutoscalerService, server.url, home=root / "home",
                                       nats_creds=creds, nats_ca=found.tls.ca,
@@ -121,26 +117,13 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServ
                 if all([await ledger.get(run_id) for run_id in RUNS.values()]):
                     break
                 await asyncio.sleep(0.05)
-            ready.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.05)
-
-    def serve() -> None:
-        try:
-            asyncio.run(autoscaler())
-        except BaseException as exc:  # said by the fixture, not lost in the thread
-            failed.append(exc)
-            ready.set()
+            yield
 
     asyncio.run(prepare())
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     try:
-        assert ready.wait(60) and not failed, failed
-        yield server, found
+        with serving_in_a_thread(autoscaler):
+            yield server, found
     finally:
-        stop.set()
-        thread.join(60)
         server.stop()
 
 
