@@ -242,10 +242,13 @@ def test_two_pods_as_rendered_train_stop_and_resume_as_one_node_would(
                       home=tmp_path / "trainer-home", device="cpu")
 
     stop = threading.Event()
-    stop.set()  # a spot notice: the first Job checkpoints after its first step
+    stop.set()  # a spot notice, read by rank 0 within STOP_DOCUMENT_POLL_S
     part, _, part_checkpoints = cluster.run(job, stop)
     assert part.preempted and 1 <= part.step < 6
-    assert part.checkpoint is not None and part_checkpoints == [part.checkpoint]
+    # On a fast machine the pods pass a periodic checkpoint (every 2 steps) before rank 0
+    # reads the notice: the stop's own checkpoint is then the last one reported.
+    assert part.checkpoint is not None and part_checkpoints[-1] == part.checkpoint
+    assert [c.step for c in part_checkpoints] == sorted({c.step for c in part_checkpoints})
     # the checkpoint holds both nodes' files: a machine with nothing else resumes from it
     elsewhere = ArtifactStore(tmp_path / "elsewhere", remote=RemoteArtifacts(bucket))
     latest = CheckpointIndex(tmp_path / "elsewhere-index", "pods", elsewhere).latest_good()
