@@ -13,10 +13,10 @@ One run, one model, side by side:
    by the quantizer's own `quantize_and_judge` (the figures model.quantized
    carries); AWQ's time per billion parameters.
 4. Serving: the packed directory loaded by the gateway's loader (int4 Linears on
-   torch's CPU int4 kernel) against the fp model in fp32 and bf16: weight bytes
-   held, and decode tokens/s of the gateway's slot decoder (the step its batching
-   loop runs) with 1 and 64 running sequences, on `--threads` threads (the
-   gateway's default on this 2-core machine is 1).
+   torch's CPU int4 kernel, or tinygemm with `--device cuda`) against the fp model in
+   fp32 and bf16: weight bytes held, and decode tokens/s of the gateway's slot
+   decoder (the step its batching loop runs) with 1 and 64 running sequences, on
+   `--threads` threads (the gateway's default on this 2-core machine is 1).
 
     python benchmarks/quantize.py [--preset small] [--train-minutes 10] [--out F]
 
@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--device", default="cpu",
+                        help="where the serving figures are measured: cpu, or cuda "
+                             "(int4 on tinygemm; needs sm_80 or newer)")
     parser.add_argument("--work", type=Path, default=None,
                         help="keep the dataset and model here (reused when present)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/quantize.json")
@@ -162,6 +165,9 @@ def main() -> None:
         trained, report["training"] = train(args.preset, dataset, store, args.train_minutes,
                                             args.seq_len)
         trained.rename(model_dir)
+        (work / "training.json").write_text(json.dumps(report["training"]))
+    elif (work / "training.json").exists():
+        report["training"] = json.loads((work / "training.json").read_text())
 
     quality = {}
     quantized = work / "awq"
@@ -190,10 +196,12 @@ def main() -> None:
 
     # int4 weights with bf16 activations, scales and other weights (the like-for-like
     # comparison with bf16), and with fp32 ones (the gateway's default dtype).
-    models = {"fp32": load_serving_model(model_dir, "fp32", "cpu"),
-              "bf16": load_serving_model(model_dir, "bf16", "cpu"),
-              "int4_bf16": load_serving_model(quantized, "bf16", "cpu"),
-              "int4_fp32": load_serving_model(quantized, "fp32", "cpu")}
+    device = args.device
+    report["device"] = device if device == "cpu" else torch.cuda.get_device_name(device)
+    models = {"fp32": load_serving_model(model_dir, "fp32", device),
+              "bf16": load_serving_model(model_dir, "bf16", device),
+              "int4_bf16": load_serving_model(quantized, "bf16", device),
+              "int4_fp32": load_serving_model(quantized, "fp32", device)}
     memory = {name: {"quantized_layers_bytes": weight_bytes(m, layers_only=True),
                      "model_bytes": weight_bytes(m, layers_only=False)}
               for name, m in models.items()}

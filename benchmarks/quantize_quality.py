@@ -183,6 +183,7 @@ def main() -> None:
         trained, report["training"] = train(args.preset, dataset, store,
                                             args.train_minutes, args.seq_len)
         trained.rename(model_dir)
+        (args.work / "training.json").write_text(json.dumps(report["training"]))
     elif (args.work / "training.json").exists():
         report["training"] = json.loads((args.work / "training.json").read_text())
     report["model"] = str(model_dir)

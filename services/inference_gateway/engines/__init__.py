@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmforge.modeling import is_awq_model
 from services.inference_gateway.engines.base import Engine
+from services.inference_gateway.engines.int4_model import cuda_kernel_available
 from services.inference_gateway.engines.onnx import OnnxEngine
 from services.inference_gateway.engines.process import EngineProcess
 from services.inference_gateway.engines.remote_triton import RemoteTritonConfig, RemoteTritonEngine
@@ -74,9 +75,9 @@ def build_engine(settings: GatewaySettings, export_dir: Path, version: str) -> E
 
 def served_precision(settings: GatewaySettings, export_dir: Path) -> tuple[str, str]:
     """(precision, why it is not the exported one) of what `build_engine` serves from
-    `export_dir`: "int4-awq-g128" on the torch engines on the CPU (int4_model.py),
-    the dtype where the int4 weights are dequantised, the exporter's own precision and
-    reason otherwise."""
+    `export_dir`: "int4-awq-g128" on the torch engines on the CPU or a GPU tinygemm
+    runs on (int4_model.py), the dtype where the int4 weights are dequantised, the
+    exporter's own precision and reason otherwise."""
     export = json.loads((export_dir / "export.json").read_text())
     exported = export.get("served_weights", "fp32")
     reason = export.get("served_reason", "")
@@ -87,9 +88,10 @@ def served_precision(settings: GatewaySettings, export_dir: Path) -> tuple[str, 
         return "fp32", (f"the onnxruntime backend runs the fp32 graph of the {exported} "
                         "weights (LMFORGE_GATEWAY_BACKEND=onnx)")
     if settings.gateway_device.startswith("cuda"):
-        return settings.gateway_dtype, (f"{exported} weights dequantised to "
-                                        f"{settings.gateway_dtype} at load: no int4 CUDA "
-                                        "kernel is wired in the gateway yet")
+        usable, why_not = cuda_kernel_available(settings.gateway_device)
+        if not usable:
+            return settings.gateway_dtype, (f"{exported} weights dequantised to "
+                                            f"{settings.gateway_dtype} at load: {why_not}")
     return exported, ""
 
 

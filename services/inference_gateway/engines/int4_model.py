@@ -20,12 +20,20 @@ kernel's own layout: codes as [out, in] int32 for `_convert_weight_to_int4pack_f
 and per group a (scale, zero) pair where the kernel computes (code - 8) * scale + zero,
 so zero = (8 - awq_zero) * scale makes it AWQ's (code - awq_zero) * scale.
 
-The kernel takes groups of 32, 64, 128 or 256 input columns and output widths that are
-multiples of 16. A layer outside that (a custom model's odd width) is dequantised to a
-plain Linear at load, and `load_int4_model` says which layers did.
+On CUDA the same weights go to tinygemm (`_convert_weight_to_int4pack` /
+`_weight_int4pack_mm`, compute capability 8.0 or newer): its packer takes the codes
+as uint8 pairs [out, in / 2], the even column in the high nibble, and an inner
+k-tile count (2, 4 or 8, with `in` a multiple of 16 tiles); its scales and zeros are
+the same [groups, out, 2] bf16 pairs with the same (code - 8) * scale + zero. That
+path has not run on hardware in this repository's CI (no GPU here), so every
+Int4Linear checks itself when it is built, on either device: a few random rows
+through the kernel against the same rows through the dequantised weight. A layer
+that fails the check is served dequantised, and `load_int4_model` names it.
 
-On CUDA (tinygemm's `_weight_int4pack_mm`) nothing is wired yet: the model is served
-dequantised there, and the precision reported says so (engines.served_precision).
+The kernels take groups of 32, 64, 128 or 256 input columns and output widths that
+are multiples of 16 (CPU) or 8 (CUDA). A layer outside that (a custom model's odd
+width) is dequantised to a plain Linear at load, and `load_int4_model` says which
+layers did.
 """
 
 from __future__ import annotations
@@ -45,49 +53,115 @@ log = logging.getLogger("lmforge.gateway.int4")
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 COMPUTE_DTYPE = torch.bfloat16
-"""What the int4 kernel computes in (see above: its other dtypes are 4-140x slower)."""
-KERNEL_OUT_MULTIPLE = 16
+"""What the int4 kernels compute in (see above: the CPU one's other dtypes are 4-140x
+slower; tinygemm takes bf16 only)."""
+CPU_OUT_MULTIPLE = 16
+CUDA_OUT_MULTIPLE = 8
+CUDA_INNER_K_TILES = (8, 4, 2)
+"""tinygemm's k-tile counts, largest first: each tile is 16 input columns."""
+SELF_CHECK_ROWS = 4
+SELF_CHECK_TOLERANCE = 2e-2
+"""Largest |kernel - reference| allowed, relative to the reference's largest output:
+bf16 rounding of the input and the scales costs well under 1%; a packing mistake
+(nibbles swapped, groups misaligned) costs the order of the output itself."""
 
 
-def kernel_takes(out_features: int, in_features: int, group: int) -> bool:
-    return (group in KERNEL_GROUPS and in_features % group == 0
-            and out_features % KERNEL_OUT_MULTIPLE == 0)
+class Int4KernelError(ValueError):
+    """The int4 kernel cannot take a layer, or took it and computed something else."""
+
+
+def _inner_k_tiles(in_features: int) -> int | None:
+    return next((t for t in CUDA_INNER_K_TILES if in_features % (16 * t) == 0), None)
+
+
+def kernel_takes(out_features: int, in_features: int, group: int, device: str = "cpu"
+                 ) -> bool:
+    if group not in KERNEL_GROUPS or in_features % group:
+        return False
+    if device.startswith("cuda"):
+        return (out_features % CUDA_OUT_MULTIPLE == 0
+                and _inner_k_tiles(in_features) is not None)
+    return out_features % CPU_OUT_MULTIPLE == 0
+
+
+def cuda_kernel_available(device: str) -> tuple[bool, str]:
+    """Whether tinygemm can run on `device`, and why not (it needs sm_80 or newer)."""
+    if not torch.cuda.is_available():
+        return False, f"torch sees no CUDA device for {device!r}"
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if major < 8:
+        return False, (f"{torch.cuda.get_device_name(torch.device(device))} is sm_{major}{minor}; "
+                       "torch's int4 CUDA kernel (tinygemm) needs sm_80 or newer")
+    return True, ""
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W.T (+ bias) with W held as int4 in the CPU kernel's packed layout."""
+    """y = x @ W.T (+ bias) with W held as int4 in the kernel's packed layout, on the
+    CPU (torch's int4 CPU kernel) or CUDA (tinygemm)."""
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
 
     def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, *, device: str = "cpu") -> None:
         super().__init__()
         codes, zeros = awq_gemm.unpack(qweight, qzeros)
         self.out_features, self.in_features = codes.shape
         self.group_size = awq_gemm.group_size_of(qweight, scales)
-        if not kernel_takes(self.out_features, self.in_features, self.group_size):
-            raise ValueError(f"the int4 CPU kernel cannot take a {self.out_features}x"
-                             f"{self.in_features} weight in groups of {self.group_size}")
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            codes.to(torch.int32).contiguous(), 1))
+        self.on_cuda = device.startswith("cuda")
+        if not kernel_takes(self.out_features, self.in_features, self.group_size, device):
+            raise Int4KernelError(
+                f"the int4 {'CUDA' if self.on_cuda else 'CPU'} kernel cannot take a "
+                f"{self.out_features}x{self.in_features} weight in groups of "
+                f"{self.group_size}")
+        if self.on_cuda:
+            pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+            tiles = _inner_k_tiles(self.in_features)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(
+                pairs.to(device).contiguous(), tiles))
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes.to(torch.int32).contiguous(), 1))
         scale = scales.float()                                  # [groups, out]
         zero = (8 - zeros.t().float()) * scale                  # kernel's float zero
         self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1)
-                             .to(COMPUTE_DTYPE).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+                             .to(device=device, dtype=COMPUTE_DTYPE).contiguous())
+        self.bias = (None if bias is None
+                     else nn.Parameter(bias.to(device), requires_grad=False))
+
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.on_cuda:
+            return torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.group_size,
+                                                      self.scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size,
+                                                          self.scales_and_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size,
-                                                       self.scales_and_zeros)
+        y = self._matmul(rows)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    @torch.inference_mode()
+    def check_against(self, weight: torch.Tensor) -> None:
+        """Raise Int4KernelError unless the kernel computes x @ weight.T (the dequantised
+        weight [out, in]) on a few seeded random rows."""
+        generator = torch.Generator().manual_seed(0)
+        rows = torch.randn(SELF_CHECK_ROWS, self.in_features, generator=generator
+                           ).to(COMPUTE_DTYPE)
+        expected = rows.float() @ weight.float().t()
+        got = self._matmul(rows.to(self.packed.device)).float().cpu()
+        error = float((got - expected).abs().max())
+        limit = SELF_CHECK_TOLERANCE * float(expected.abs().max()) + 1e-6
+        if not error <= limit:
+            raise Int4KernelError(
+                f"the int4 {'CUDA' if self.on_cuda else 'CPU'} kernel's output differs from "
+                f"the dequantised weight's by {error:.3g} (allowed {limit:.3g})")
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, int4")
+                f"group_size={self.group_size}, int4, {'cuda' if self.on_cuda else 'cpu'}")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -95,38 +169,44 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def load_int4_model(model_dir: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, list[str]]:
-    """The packed model in `model_dir` on the CPU with Int4Linear layers (computing in
-    bf16) and every other weight in `dtype`; also the layers dequantised instead."""
+def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str = "cpu"
+                    ) -> tuple[PreTrainedModel, list[str]]:
+    """The packed model in `model_dir` on `device` with Int4Linear layers (computing in
+    bf16) and every other weight in `dtype`; also the layers served dequantised
+    instead (a shape the kernel cannot take, or a failed self-check), each logged with
+    its reason."""
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(shard)))
     model = empty_model_of(model_dir)
     dequantised: list[str] = []
+    reasons: dict[str, list[str]] = {}
     for module_name in awq_gemm.packed_modules(state):
         qweight, qzeros, scales = (state.pop(f"{module_name}.{s}") for s in awq_gemm.SUFFIXES)
         bias = state.pop(f"{module_name}.bias", None)
-        group = awq_gemm.group_size_of(qweight, scales)
-        out_features = qweight.shape[1] * awq_gemm.NIBBLES
-        if kernel_takes(out_features, qweight.shape[0], group):
-            _set_module(model, module_name, Int4Linear(qweight, qzeros, scales, bias))
-        else:
-            state[f"{module_name}.weight"] = awq_gemm.dequantize(qweight, qzeros, scales)
+        weight = awq_gemm.dequantize(qweight, qzeros, scales)
+        try:
+            linear = Int4Linear(qweight, qzeros, scales, bias, device=device)
+            linear.check_against(weight)
+        except Int4KernelError as refused:
+            state[f"{module_name}.weight"] = weight
             if bias is not None:
                 state[f"{module_name}.bias"] = bias
             dequantised.append(module_name)
+            reasons.setdefault(str(refused), []).append(module_name)
+            continue
+        _set_module(model, module_name, linear)
     missing, unexpected = model.load_state_dict(state, strict=False)
     left = [k for k in missing if not k.endswith(("packed", "scales_and_zeros"))]
     if left or unexpected:
         raise ValueError(f"{model_dir}: weights missing {left[:5]}, unexpected "
                          f"{unexpected[:5]}")
     as_module: nn.Module = model
-    as_module.to(dtype)
+    as_module.to(device=device, dtype=dtype)
     for module in as_module.modules():  # .to(fp32) must not widen the kernel's scales
         if isinstance(module, Int4Linear):
             module.scales_and_zeros = module.scales_and_zeros.to(COMPUTE_DTYPE)
-    if dequantised:
-        log.warning("%s: %d layer(s) the int4 kernel cannot take are served dequantised: %s",
-                    model_dir, len(dequantised), ", ".join(dequantised))
+    for reason, names in reasons.items():
+        log.warning("%s: %d layer(s) served dequantised (%s): %s", model_dir, len(names),
+                    reason, ", ".join(names))
     return model.eval(), dequantised
-

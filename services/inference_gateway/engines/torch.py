@@ -24,12 +24,13 @@ from services.inference_gateway.engines.base import (
     EncodedPrompt,
 )
 from services.inference_gateway.engines.in_process import InProcessEngine
-from services.inference_gateway.engines.int4_model import load_int4_model
+from services.inference_gateway.engines.int4_model import cuda_kernel_available, load_int4_model
 
 
 def load_serving_model(model_dir: Path, dtype: str, device: str) -> PreTrainedModel:
     """The model in eval mode on `device` ("cpu", "cuda", "cuda:1") with fp32 or bf16
-    weights, or int4 Linears where `model_dir` is AWQ-packed and the device the CPU;
+    weights, or int4 Linears where `model_dir` is AWQ-packed (on the CPU, or a GPU
+    tinygemm runs on);
     a device that is not there is refused here, before anything is served."""
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype {dtype!r} must be fp32 or bf16")
@@ -37,9 +38,9 @@ def load_serving_model(model_dir: Path, dtype: str, device: str) -> PreTrainedMo
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     if is_awq_model(model_dir):
-        if device == "cpu":
-            return load_int4_model(model_dir, torch_dtype)[0]
-        # No int4 CUDA kernel wired yet: served dequantised, as served_precision says.
+        if device == "cpu" or cuda_kernel_available(device)[0]:
+            return load_int4_model(model_dir, torch_dtype, device)[0]
+        # A GPU older than sm_80: served dequantised, as served_precision says.
         model = load_dequantized_model(model_dir)
         as_module: torch.nn.Module = model
         as_module.to(device=device, dtype=torch_dtype)

@@ -16,7 +16,7 @@ from lmforge.contracts.v1 import generate_pb2, generate_pb2_grpc
 from lmforge.modeling import load_dequantized_model, load_tokenizer
 from services.inference_gateway.api.openai import OpenAIServer
 from services.inference_gateway.engines import served_precision
-from services.inference_gateway.engines.int4_model import Int4Linear
+from services.inference_gateway.engines.int4_model import Int4Linear, load_int4_model
 from services.inference_gateway.engines.process import EngineProcess
 from services.inference_gateway.engines.torch import load_serving_model
 from services.inference_gateway.frontend import GenerationFrontend, Limits
@@ -59,6 +59,28 @@ def test_the_packed_model_runs_int4_linears_with_no_fp_weight_held(int4_dir):
     assert len(linears) == 2 * 7
     held = {name for name, _ in model.named_parameters()}
     assert not any(".layers." in name and name.endswith("proj.weight") for name in held)
+
+
+def test_a_layer_whose_kernel_fails_its_check_is_served_dequantised_and_named(
+        int4_dir, monkeypatch, caplog):
+    real = Int4Linear._matmul
+
+    def wrong_for_down(self, rows):  # a kernel that gets the MLP's down projection wrong
+        out = real(self, rows)
+        return out * 1.5 if self.out_features < self.in_features else out
+
+    monkeypatch.setattr(Int4Linear, "_matmul", wrong_for_down)
+    with caplog.at_level("WARNING", logger="lmforge.gateway.int4"):
+        model, dequantised = load_int4_model(int4_dir, torch.float32)
+    assert dequantised == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert "differs from the dequantised weight" in caplog.text
+    assert "model.layers.1.mlp.down_proj" in caplog.text
+    reference = load_dequantized_model(int4_dir)
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    with torch.inference_mode():
+        got, expected = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=5e-2, rtol=5e-2)
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 2 * 6
 
 
 def test_greedy_int4_generations_match_the_dequantised_reference_over_grpc_and_http(
@@ -112,6 +134,11 @@ def test_served_precision_says_int4_on_the_cpu_and_why_not_elsewhere(tmp_path, i
     assert served_precision(GatewaySettings(), tmp_path) == ("int4-awq-g128", "")
     precision, reason = served_precision(GatewaySettings(gateway_backend="onnx"), tmp_path)
     assert precision == "fp32" and "onnxruntime" in reason
+    precision, reason = served_precision(GatewaySettings(gateway_device="cuda"), tmp_path)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        assert (precision, reason) == ("int4-awq-g128", "")
+    else:
+        assert precision == "fp32" and reason.startswith("int4-awq-g128 weights dequantised")
 
 
 pytestmark = pytest.mark.processes
