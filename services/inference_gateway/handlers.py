@@ -132,7 +132,7 @@ class GatewayService(Service[GatewaySettings]):
         self.registry.assign_tenant(event.model_name, event.tenant)
         (export_dir,) = self.input_dirs(event.run_id, event.export)
         engine = build_engine(self.settings, export_dir, event.version)
-        precision, reason = served_precision(self.settings, export_dir)
+        precision, reason = served_precision(self.settings, export_dir, engine.int4_report)
         self.registry.record_precision(event.model_name, event.version, precision, reason)
         self.registry.record_task_eval(event.model_name, event.version,
                                        exported_task_eval(export_dir))

@@ -37,6 +37,16 @@ def packable(weight: torch.Tensor) -> bool:
     return weight.shape[0] % awq_gemm.NIBBLES == 0
 
 
+def carried_over(item: Path) -> bool:
+    """Whether a file of the source model goes beside the quantized weights unchanged:
+    not its weights, not the shard index naming them (a loader that finds
+    `model.safetensors.index.json` looks for shards that are not there), not the
+    artifact manifest."""
+    return (item.is_file() and item.suffix != ".safetensors"
+            and not item.name.endswith(".safetensors.index.json")
+            and item.name != "MANIFEST.json")
+
+
 def quantization_config(*, group_size: int, layer_groups: dict[str, int],
                         kept: list[str]) -> dict[str, Any]:
     """The `quantization_config` block of config.json (AutoAWQ's keys first)."""
@@ -74,8 +84,7 @@ def write_int4_model(model_dir: Path, out_dir: Path, state: dict[str, torch.Tens
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     for item in model_dir.iterdir():
-        if (item.is_file() and item.suffix != ".safetensors" and item.name != "MANIFEST.json"
-                and item.name != "config.json"):
+        if carried_over(item) and item.name != "config.json":
             shutil.copy2(item, out_dir / item.name)
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = quantization_config(

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.modeling import QUANTIZATION_CONFIG, QUANTIZED_WEIGHTS, dequantize_state_dict
+from services.quantizer.packed_model import carried_over
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,7 +81,7 @@ def write_quantized_model(model_dir: Path, out_dir: Path, config: RtnConfig
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(quantized, str(out_dir / QUANTIZED_WEIGHTS))
     for item in model_dir.iterdir():
-        if item.suffix != ".safetensors" and item.name != "MANIFEST.json" and item.is_file():
+        if carried_over(item):
             shutil.copy2(item, out_dir / item.name)
     (out_dir / QUANTIZATION_CONFIG).write_text(json.dumps(
         {"method": config.method, "bits": config.bits, "group_size": config.group_size,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmforge.modeling import is_awq_model
 from services.inference_gateway.engines.base import Engine
-from services.inference_gateway.engines.int4_model import cuda_kernel_available
+from services.inference_gateway.engines.int4_report import Int4Report
 from services.inference_gateway.engines.onnx import OnnxEngine
 from services.inference_gateway.engines.process import EngineProcess
 from services.inference_gateway.engines.remote_triton import RemoteTritonConfig, RemoteTritonEngine
@@ -73,11 +73,13 @@ def build_engine(settings: GatewaySettings, export_dir: Path, version: str) -> E
 
 
 
-def served_precision(settings: GatewaySettings, export_dir: Path) -> tuple[str, str]:
-    """(precision, why it is not the exported one) of what `build_engine` serves from
-    `export_dir`: "int4-awq-g128" on the torch engines on the CPU or a GPU tinygemm
-    runs on (int4_model.py), the dtype where the int4 weights are dequantised, the
-    exporter's own precision and reason otherwise."""
+def served_precision(settings: GatewaySettings, export_dir: Path,
+                     int4_report: Int4Report | None = None) -> tuple[str, str]:
+    """(precision, why it is not quite the exported one) of what the engine built from
+    `export_dir` serves: for a packed int4 model on the torch engines, what its load
+    reported (`int4_report`: every layer int4, some served dequantised and why, or all
+    of them, as on a GPU the kernel does not run on); the onnxruntime backend's fp32
+    graph; the exporter's own precision and reason otherwise."""
     export = json.loads((export_dir / "export.json").read_text())
     exported = export.get("served_weights", "fp32")
     reason = export.get("served_reason", "")
@@ -87,12 +89,13 @@ def served_precision(settings: GatewaySettings, export_dir: Path) -> tuple[str, 
     if settings.gateway_backend == "onnx":
         return "fp32", (f"the onnxruntime backend runs the fp32 graph of the {exported} "
                         "weights (LMFORGE_GATEWAY_BACKEND=onnx)")
-    if settings.gateway_device.startswith("cuda"):
-        usable, why_not = cuda_kernel_available(settings.gateway_device)
-        if not usable:
-            return settings.gateway_dtype, (f"{exported} weights dequantised to "
-                                            f"{settings.gateway_dtype} at load: {why_not}")
-    return exported, ""
+    if int4_report is None or not int4_report.dequantised:
+        return exported, ""
+    dtype = settings.gateway_dtype
+    if len(int4_report.dequantised) == int4_report.layers:
+        why = "; ".join(sorted(set(int4_report.dequantised.values())))
+        return dtype, f"{exported} weights dequantised to {dtype} at load: {why}"
+    return exported, int4_report.describe(dtype)
 
 
 def exported_task_eval(export_dir: Path) -> dict[str, Any]:

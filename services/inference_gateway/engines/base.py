@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.inference_gateway.engines.int4_report import Int4Report
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -50,6 +52,8 @@ class Engine(Protocol):
     """One loaded model version behind the frontend."""
 
     version: str
+    int4_report: Int4Report | None
+    """For a packed int4 model, which layers the load served dequantised and why."""
 
     def encode_prompt(self, prompt: str) -> EncodedPrompt:
         """The prompt ready to generate from; raises InvalidRequest saying what is wrong."""

@@ -42,12 +42,14 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from lmforge import awq_gemm
 from lmforge.modeling import empty_model_of
+from services.inference_gateway.engines.int4_report import Int4Report
 
 log = logging.getLogger("lmforge.gateway.int4")
 
@@ -85,9 +87,12 @@ def kernel_takes(out_features: int, in_features: int, group: int, device: str = 
 
 
 def cuda_kernel_available(device: str) -> tuple[bool, str]:
-    """Whether tinygemm can run on `device`, and why not (it needs sm_80 or newer)."""
+    """Whether tinygemm can run on `device`, and why not (it needs NVIDIA sm_80 or
+    newer; ROCm's build of it wants other widths and is not wired)."""
     if not torch.cuda.is_available():
         return False, f"torch sees no CUDA device for {device!r}"
+    if torch.version.hip:
+        return False, "the int4 kernel is wired for NVIDIA GPUs only, not ROCm"
     major, minor = torch.cuda.get_device_capability(torch.device(device))
     if major < 8:
         return False, (f"{torch.cuda.get_device_name(torch.device(device))} is sm_{major}{minor}; "
@@ -114,14 +119,19 @@ class Int4Linear(nn.Module):
                 f"the int4 {'CUDA' if self.on_cuda else 'CPU'} kernel cannot take a "
                 f"{self.out_features}x{self.in_features} weight in groups of "
                 f"{self.group_size}")
-        if self.on_cuda:
-            pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-            tiles = _inner_k_tiles(self.in_features)
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(
-                pairs.to(device).contiguous(), tiles))
-        else:
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                codes.to(torch.int32).contiguous(), 1))
+        try:
+            if self.on_cuda:
+                pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+                tiles = _inner_k_tiles(self.in_features)
+                packed = torch.ops.aten._convert_weight_to_int4pack(
+                    pairs.to(device).contiguous(), tiles)
+            else:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    codes.to(torch.int32).contiguous(), 1)
+        except (RuntimeError, NotImplementedError) as refused:  # e.g. a build without it
+            raise Int4KernelError(f"torch's int4 packer refused the layer: {refused}"
+                                  ) from refused
+        self.register_buffer("packed", packed)
         scale = scales.float()                                  # [groups, out]
         zero = (8 - zeros.t().float()) * scale                  # kernel's float zero
         self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1)
@@ -151,7 +161,11 @@ class Int4Linear(nn.Module):
         rows = torch.randn(SELF_CHECK_ROWS, self.in_features, generator=generator
                            ).to(COMPUTE_DTYPE)
         expected = rows.float() @ weight.float().t()
-        got = self._matmul(rows.to(self.packed.device)).float().cpu()
+        try:
+            got = self._matmul(rows.to(self.packed.device)).float().cpu()
+        except (RuntimeError, NotImplementedError) as refused:
+            raise Int4KernelError(f"torch's int4 kernel failed on the layer: {refused}"
+                                  ) from refused
         error = float((got - expected).abs().max())
         limit = SELF_CHECK_TOLERANCE * float(expected.abs().max()) + 1e-6
         if not error <= limit:
@@ -170,34 +184,33 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str = "cpu"
-                    ) -> tuple[PreTrainedModel, list[str]]:
+                    ) -> tuple[PreTrainedModel, Int4Report]:
     """The packed model in `model_dir` on `device` with Int4Linear layers (computing in
-    bf16) and every other weight in `dtype`; also the layers served dequantised
-    instead (a shape the kernel cannot take, or a failed self-check), each logged with
-    its reason."""
+    bf16) and every other weight in `dtype`; also which layers were served dequantised
+    instead and why (a shape the kernel cannot take, a failed self-check), each reason
+    logged too."""
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(shard)))
     model = empty_model_of(model_dir)
-    dequantised: list[str] = []
-    reasons: dict[str, list[str]] = {}
-    for module_name in awq_gemm.packed_modules(state):
+    modules = awq_gemm.packed_modules(state)
+    dequantised: dict[str, str] = {}
+    for module_name in modules:
         qweight, qzeros, scales = (state.pop(f"{module_name}.{s}") for s in awq_gemm.SUFFIXES)
-        bias = state.pop(f"{module_name}.bias", None)
+        bias = state.get(f"{module_name}.bias")
         weight = awq_gemm.dequantize(qweight, qzeros, scales)
         try:
             linear = Int4Linear(qweight, qzeros, scales, bias, device=device)
             linear.check_against(weight)
         except Int4KernelError as refused:
             state[f"{module_name}.weight"] = weight
-            if bias is not None:
-                state[f"{module_name}.bias"] = bias
-            dequantised.append(module_name)
-            reasons.setdefault(str(refused), []).append(module_name)
+            dequantised[module_name] = str(refused)
             continue
+        state.pop(f"{module_name}.bias", None)  # held by the Int4Linear
         _set_module(model, module_name, linear)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    left = [k for k in missing if not k.endswith(("packed", "scales_and_zeros"))]
+    int4 = {name for name in modules if name not in dequantised}
+    left = [k for k in missing if k.rpartition(".")[0] not in int4]
     if left or unexpected:
         raise ValueError(f"{model_dir}: weights missing {left[:5]}, unexpected "
                          f"{unexpected[:5]}")
@@ -206,7 +219,18 @@ def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str = "cpu"
     for module in as_module.modules():  # .to(fp32) must not widen the kernel's scales
         if isinstance(module, Int4Linear):
             module.scales_and_zeros = module.scales_and_zeros.to(COMPUTE_DTYPE)
-    for reason, names in reasons.items():
-        log.warning("%s: %d layer(s) served dequantised (%s): %s", model_dir, len(names),
-                    reason, ", ".join(names))
-    return model.eval(), dequantised
+    report = Int4Report(layers=len(modules), dequantised=dequantised)
+    if dequantised:
+        log.warning("%s: %s: %s", model_dir, report.describe(str(dtype).removeprefix("torch.")),
+                    ", ".join(dequantised))
+    return model.eval(), report
+
+
+def dequantised_report(model_dir: Path, why: str) -> Int4Report:
+    """The report of a packed model served dequantised as a whole, for `why`."""
+    names: list[str] = []
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as tensors:
+            names += [k.removesuffix(".qweight") for k in tensors.keys()  # noqa: SIM118
+                      if k.endswith(".qweight")]  # (safe_open is not iterable)
+    return Int4Report(layers=len(names), dequantised=dict.fromkeys(names, why))

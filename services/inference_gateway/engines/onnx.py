@@ -23,6 +23,7 @@ from lmforge.modeling import load_tokenizer
 from lmforge.onnx_decoder import DecoderCache, OnnxDecoder
 from services.inference_gateway.engines.base import EncodedPrompt
 from services.inference_gateway.engines.in_process import InProcessEngine
+from services.inference_gateway.engines.int4_report import Int4Report
 
 
 class OnnxEngine(InProcessEngine):
@@ -35,6 +36,7 @@ class OnnxEngine(InProcessEngine):
         self.eos_token_id: int = config["eos_token_id"]
         self.context_length: int = config["max_position_embeddings"]
         self.version = version
+        self.int4_report: Int4Report | None = None
 
     def next_logits_fn(self, prompt: EncodedPrompt) -> Callable[[int | None], torch.Tensor]:
         cache: DecoderCache | None = None

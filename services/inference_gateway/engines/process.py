@@ -51,6 +51,7 @@ from services.inference_gateway.engines.base import (
     default_threads,
 )
 from services.inference_gateway.engines.decoding import encode_prompt
+from services.inference_gateway.engines.int4_report import Int4Report
 from services.inference_gateway.errors import EngineUnavailable, GatewayError, GenerationFailed
 
 log = logging.getLogger("lmforge.gateway.engine_process")
@@ -80,11 +81,11 @@ def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int
     import torch
 
     from services.inference_gateway.engines.batching import BatchingLoop
-    from services.inference_gateway.engines.torch import load_serving_model
+    from services.inference_gateway.engines.torch import load_serving_model_reporting
 
     torch.set_num_threads(threads)
     try:
-        model = load_serving_model(Path(model_dir), dtype, device)
+        model, report = load_serving_model_reporting(Path(model_dir), dtype, device)
         tokenizer = load_tokenizer(Path(model_dir))
 
         def deliver(items: list[tuple[int, Piece | str]], sizes: list[int],
@@ -118,7 +119,7 @@ def _serve(model_dir: str, dtype: str, device: str, max_batch: int, threads: int
     except Exception as exc:
         pieces.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    pieces.send(("ready", None))
+    pieces.send(("ready", None if report is None else (report.layers, report.dequantised)))
     loop.run(stop, retiring)
 
 
@@ -184,6 +185,7 @@ class EngineProcess:
         if kind != "ready":
             process.join(5)
             raise RuntimeError(f"engine process could not load {self.model_dir}: {detail}")
+        self.int4_report = None if detail is None else Int4Report(*detail)
         with self._send_lock:
             self.process, self._requests = process, requests_in
         self._waiting = 0

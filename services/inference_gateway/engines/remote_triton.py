@@ -34,6 +34,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from services.inference_gateway.engines.base import EncodedPrompt, Piece, SamplingParams
+from services.inference_gateway.engines.int4_report import Int4Report
 from services.inference_gateway.engines.llm_conventions import (
     OUTPUT,
     LlmConvention,
@@ -84,6 +85,7 @@ class RemoteTritonEngine:
     def __init__(self, config: RemoteTritonConfig) -> None:
         self.config = config
         self.version = config.version
+        self.int4_report: Int4Report | None = None
         self.convention: LlmConvention = convention_named(config.convention)
 
     def encode_prompt(self, prompt: str) -> EncodedPrompt:

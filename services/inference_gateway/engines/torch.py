@@ -24,33 +24,45 @@ from services.inference_gateway.engines.base import (
     EncodedPrompt,
 )
 from services.inference_gateway.engines.in_process import InProcessEngine
-from services.inference_gateway.engines.int4_model import cuda_kernel_available, load_int4_model
+from services.inference_gateway.engines.int4_model import (
+    cuda_kernel_available,
+    dequantised_report,
+    load_int4_model,
+)
+from services.inference_gateway.engines.int4_report import Int4Report
 
 
 def load_serving_model(model_dir: Path, dtype: str, device: str) -> PreTrainedModel:
-    """The model in eval mode on `device` ("cpu", "cuda", "cuda:1") with fp32 or bf16
-    weights, or int4 Linears where `model_dir` is AWQ-packed (on the CPU, or a GPU
-    tinygemm runs on);
-    a device that is not there is refused here, before anything is served."""
+    """The model in eval mode on `device` ("cpu", "cuda", "cuda:1"); see
+    `load_serving_model_reporting`."""
+    return load_serving_model_reporting(model_dir, dtype, device)[0]
+
+
+def load_serving_model_reporting(model_dir: Path, dtype: str, device: str
+                                 ) -> tuple[PreTrainedModel, Int4Report | None]:
+    """The model in eval mode on `device` with fp32 or bf16 weights, or int4 Linears
+    where `model_dir` is AWQ-packed (on the CPU, or a GPU tinygemm runs on), and for a
+    packed model which of its layers are not int4 and why (None: not packed); a device
+    that is not there is refused here, before anything is served."""
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype {dtype!r} must be fp32 or bf16")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     if is_awq_model(model_dir):
-        if device == "cpu" or cuda_kernel_available(device)[0]:
-            return load_int4_model(model_dir, torch_dtype, device)[0]
-        # A GPU older than sm_80: served dequantised, as served_precision says.
+        usable, why_not = (True, "") if device == "cpu" else cuda_kernel_available(device)
+        if usable:
+            return load_int4_model(model_dir, torch_dtype, device)
         model = load_dequantized_model(model_dir)
         as_module: torch.nn.Module = model
         as_module.to(device=device, dtype=torch_dtype)
-        return model.eval()
+        return model.eval(), dequantised_report(model_dir, why_not)
     model = load_causal_lm(model_dir, dtype=torch_dtype)
     # Module.to moves the weights in place. It is called through the base type:
     # transformers wraps PreTrainedModel.to in a way type checkers cannot bind.
     fp_module: torch.nn.Module = model
     fp_module.to(device)
-    return model.eval()
+    return model.eval(), None
 
 
 class TorchEngine(InProcessEngine):
@@ -59,7 +71,7 @@ class TorchEngine(InProcessEngine):
     def __init__(self, model_dir: Path, *, version: str, dtype: str = "fp32",
                  device: str = "cpu") -> None:
         self.version = version
-        self.model = load_serving_model(model_dir, dtype, device)
+        self.model, self.int4_report = load_serving_model_reporting(model_dir, dtype, device)
         self.tokenizer = load_tokenizer(model_dir)
         self.eos_token_id: int = self.model.config.eos_token_id
         self.context_length: int = self.model.config.max_position_embeddings
