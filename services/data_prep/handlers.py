@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from google.protobuf.message import Message
 
@@ -21,6 +22,7 @@ from lmforge.contracts.names import Bucket, ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
 from lmforge.failures import BadInput
+from lmforge.quantization_request import quantization_overrides, write_overrides
 from lmforge.service import Service
 from services.data_prep.documents import DecisionLog
 from services.data_prep.metrics import record_prepared
@@ -103,6 +105,14 @@ class DataPrepService(Service[DataPrepSettings]):
                                   self.settings.base_model_roots(event.tenant),
                                   allow_pickle=self.settings.base_model_allow_pickle)
 
+    @staticmethod
+    def quantization(event: ev.DatasetReady) -> dict[str, Any]:
+        """The run's own quantizer choices, checked now rather than after training."""
+        try:
+            return quantization_overrides(event.quantization)
+        except ValueError as exc:
+            raise BadInput(f"quantization: {exc}") from None
+
     def eval_set(self, event: ev.DatasetReady) -> Path | None:
         """The run's labelled eval set, checked against the data roots."""
         if not event.training.eval_set:
@@ -124,7 +134,8 @@ class DataPrepService(Service[DataPrepSettings]):
         files = await asyncio.to_thread(self._specs, event)
         base = await asyncio.to_thread(self.base_model, event)
         request = ev.DatasetReady(format=event.format, text_field=event.text_field,
-                                  time_budget_s=event.time_budget_s, training=event.training)
+                                  time_budget_s=event.time_budget_s, training=event.training,
+                                  quantization=event.quantization)
         contents = await asyncio.to_thread(dataset_digest, files, config=self.prep_config.read)
         earlier = await self._earlier_dataset(event)
         base_print = base_model_fingerprint(base) if base is not None else ""
@@ -161,6 +172,7 @@ class DataPrepService(Service[DataPrepSettings]):
     async def on_dataset_ready(self, event: ev.DatasetReady, delivery: Delivery
                                ) -> ev.DatasetPrepared:
         await asyncio.to_thread(self._specs, event)
+        quantization = self.quantization(event)
         base = await asyncio.to_thread(self.base_model, event)
         eval_path = await asyncio.to_thread(self.eval_set, event)
         config = self.prep_config
@@ -173,6 +185,7 @@ class DataPrepService(Service[DataPrepSettings]):
             config, roots=self.data_roots(event.tenant), seen=seen, log=decisions, base=base,
             eval_set=eval_path, chat_template=event.training.chat_template,
             packing=event.training.packing)
+        write_overrides(work, quantization)
         stored = await asyncio.to_thread(self.store.put_dir, work, move=True)
         record_prepared(stats)
         if self.settings.dataprep_near_dup_earlier_runs:

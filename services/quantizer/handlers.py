@@ -8,17 +8,24 @@ the bus turns into stage.failed with its figures.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 from lmforge.contracts import subjects
 from lmforge.contracts.names import ServiceName
 from lmforge.contracts.v1 import events_pb2 as ev
 from lmforge.dispatch import Delivery, subscriber
+from lmforge.failures import BadInput
+from lmforge.quantization_request import read_overrides
 from lmforge.service import Bus, Service
 from lmforge.task_eval import TaskEvalResult
 from services.quantizer.judged import QuantizeConfig, quantize_and_judge
 from services.quantizer.metrics import record_quantized
 from services.quantizer.settings import QuantizerSettings
+
+log = logging.getLogger("lmforge.quantizer")
 
 
 def quantize_config(settings: QuantizerSettings) -> QuantizeConfig:
@@ -45,13 +52,31 @@ class QuantizerService(Service[QuantizerSettings]):
         super().__init__(settings, bus)
         self.config = quantize_config(settings)
 
+    def run_config(self, run_id: str, dataset_dir: Path) -> QuantizeConfig:
+        """The service's config with the run's own choices (`lmforge run --quantize...`,
+        stored with its dataset) laid over it; a combination that cannot be honoured is
+        the run's bad input, named."""
+        overrides = read_overrides(dataset_dir)
+        if not overrides:
+            return self.config
+        if overrides.get("method") == "rtn" and "bits" not in overrides:
+            overrides["bits"] = self.config.bits if self.config.method == "rtn" else 4
+        try:
+            config = replace(self.config, **overrides)
+        except (TypeError, ValueError) as exc:
+            raise BadInput(f"run {run_id}: its quantization choices {overrides} cannot be "
+                           f"honoured with this quantizer's settings: {exc}") from None
+        log.info("run %s: quantization as the run asked: %s", run_id, overrides)
+        return config
+
     @subscriber(subjects.MODEL_TRAINED, cache_outputs=(ev.ModelQuantized,))
     async def on_trained(self, event: ev.ModelTrained, delivery: Delivery) -> ev.ModelQuantized:
         model_dir, dataset_dir = self.input_dirs(event.run_id, event.model, event.dataset)
+        config = self.run_config(event.run_id, dataset_dir)
         work = self.store.scratch_dir("quantized-")
         try:
             outcome = await asyncio.to_thread(quantize_and_judge, model_dir, dataset_dir, work,
-                                              self.config)
+                                              config)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -60,7 +85,6 @@ class QuantizerService(Service[QuantizerSettings]):
             "fp": outcome.perplexity_fp, "rtn-int4": outcome.perplexity_rtn_int4,
             "awq-int4": outcome.perplexity_awq_int4, outcome.method: outcome.perplexity_method},
             seconds=outcome.seconds, passed=outcome.passed_quality_gate)
-        config = self.config
         return ev.ModelQuantized(
             run_id=event.run_id, model_name=event.model_name, model=event.model,
             quantized=ev.ArtifactRef(digest=stored.digest, size_bytes=stored.size_bytes),

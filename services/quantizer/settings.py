@@ -11,6 +11,11 @@ from lmforge.settings import ServiceSettings
 
 
 class QuantizerSettings(ServiceSettings):
+    """Service-wide defaults. A run's own choices (`lmforge run --quantize`,
+    `--quantize-bits`, `--quantize-group-size`, `--on-quality-gate-failure`,
+    `--max-ppl-increase`, `--calibration-samples`; dataset.ready's `quantization`) are
+    laid over them for that run."""
+
     model_config = SettingsConfigDict(env_prefix="LMFORGE_", extra="ignore", frozen=True)
 
     quantizer_method: Literal["awq", "rtn"] = Field(

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.cli.main import build_parser, training_request
+from lmforge.cli.main import build_parser, quantization_request, training_request
+from lmforge.quantization_request import quantization_overrides
 from services.scheduler import plan_command
 
 PLAN_1B = ["--model-size", "1b", "--budget-hours", "4", "--budget-usd", "50",
@@ -103,3 +104,24 @@ def test_chat_flags_put_the_template_text_and_packing_in_the_request(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         training_request(build_parser().parse_args([
             "run", "d", "--model-name", "m", "--chat-template", str(tmp_path / "empty.jinja")]))
+
+
+def test_quantization_flags_become_the_quantization_request():
+    request = quantization_request(build_parser().parse_args([
+        "run", "d", "--model-name", "m", "--quantize", "rtn", "--quantize-bits", "8",
+        "--quantize-group-size", "64", "--on-quality-gate-failure", "serve-fp",
+        "--max-ppl-increase", "0", "--calibration-samples", "16"]))
+    assert quantization_overrides(request) == {
+        "method": "rtn", "bits": 8, "group_size": 64, "on_gate_failure": "serve-fp",
+        "max_ppl_increase": 0.0, "calibration_samples": 16}
+    unset = quantization_request(build_parser().parse_args(["run", "d", "--model-name", "m"]))
+    assert unset.ByteSize() == 0 and quantization_overrides(unset) == {}
+    awq = quantization_request(build_parser().parse_args(
+        ["run", "d", "--model-name", "m", "--quantize", "awq"]))
+    assert quantization_overrides(awq) == {"method": "awq", "bits": 4}
+    with pytest.raises(ValueError, match="--quantize awq is int4 only"):
+        quantization_overrides(quantization_request(build_parser().parse_args(
+            ["run", "d", "--model-name", "m", "--quantize", "awq", "--quantize-bits", "8"])))
+    with pytest.raises(ValueError, match=r"--max-ppl-increase -1\.0 must be >= 0"):
+        quantization_overrides(quantization_request(build_parser().parse_args(
+            ["run", "d", "--model-name", "m", "--max-ppl-increase", "-1"])))

@@ -235,6 +235,20 @@ def training_request(args: argparse.Namespace) -> Any:
         market=args.market or "", **adaptation_request_fields(args))
 
 
+def quantization_request(args: argparse.Namespace) -> Any:
+    """The `run` flags for the quantizer, as dataset.ready's QuantizationRequest."""
+    from lmforge.contracts.v1 import events_pb2 as ev
+
+    request = ev.QuantizationRequest(
+        method=args.quantize or "", bits=args.quantize_bits or 0,
+        group_size=args.quantize_group_size or 0,
+        on_gate_failure=args.on_quality_gate_failure or "",
+        calibration_samples=args.calibration_samples or 0)
+    if args.max_ppl_increase is not None:
+        request.max_ppl_increase = args.max_ppl_increase
+    return request
+
+
 def adaptation_request_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The `run` flags for a base model and how it is adapted, as TrainingRequest fields.
     Paths are made absolute here: the services resolve them on their own machine."""
@@ -280,6 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lmforge.bus import EventBus
     from lmforge.cli.dataset_mounts import container_path
     from lmforge.contracts.v1 import events_pb2 as ev
+    from lmforge.quantization_request import quantization_overrides
     from lmforge.run_ids import run_id_problem
 
     settings = _settings()
@@ -297,13 +312,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         spec = container_path(spec, os.environ.get("LMFORGE_DATASET_MOUNTS", ""))
         training = training_request(args)  # reads --chat-template
+        quantization = quantization_request(args)
+        quantization_overrides(quantization)  # data-prep checks it too: fail here first
     except ValueError as exc:
         console.print(f"[red]{exc}[/]")
         return EXIT_USAGE
     event = ev.DatasetReady(run_id=run_id, dataset_uri=spec, format=args.format,
                             text_field=args.text_field, model_name=args.model_name,
                             schema_version=1, time_budget_s=args.time_budget or 0.0,
-                            training=training)
+                            training=training, quantization=quantization)
     event.tenant = auth.tenant  # the credential's tenant: its runs, models and costs
 
     async def publish() -> None:
@@ -815,6 +832,22 @@ def build_parser() -> argparse.ArgumentParser:
     base_flags.add_argument("--base-weights", choices=("int8", "int4"),
                             help="LoRA: hold the base quantized (QLoRA; CUDA + bitsandbytes "
                             "only, refused elsewhere)")
+    quant_flags = run.add_argument_group(
+        "quantization", "how the trained model is quantized for serving (default: the "
+        "quantizer's LMFORGE_QUANTIZER_* settings; data-prep checks these when the run starts)")
+    quant_flags.add_argument("--quantize", choices=("awq", "rtn"),
+                             help="AWQ int4 calibrated on the run's data, or round-to-nearest")
+    quant_flags.add_argument("--quantize-bits", type=int, choices=(4, 8),
+                             help="4 (packed AutoAWQ GEMM, served int4) or 8 (rtn only)")
+    quant_flags.add_argument("--quantize-group-size", type=int, metavar="N",
+                             help="int4 input columns per scale (default 128)")
+    quant_flags.add_argument("--on-quality-gate-failure", choices=("fail", "serve-fp"),
+                             help="fail the run naming the figures, or serve fp32 and say so")
+    quant_flags.add_argument("--max-ppl-increase", type=float, metavar="X",
+                             help="the gate: largest relative held-out perplexity increase "
+                             "(0.05 = 5%%)")
+    quant_flags.add_argument("--calibration-samples", type=int, metavar="N",
+                             help="AWQ calibration windows from the training split")
     run.add_argument("--follow", action="store_true", help="show progress until served")
     run.add_argument("--timeout", type=float, default=3600, help="seconds to follow")
     run.add_argument("--json", action="store_true", help="JSON lines instead of bars")

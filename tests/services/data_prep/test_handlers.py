@@ -11,6 +11,7 @@ import shutil
 from lmforge.contracts import subjects
 from lmforge.contracts.names import Header
 from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.quantization_request import read_overrides
 from services.data_prep.handlers import DataPrepService
 from tests.conftest import TEST_DATA
 
@@ -28,6 +29,9 @@ def test_bad_dataset_requests_fail_with_the_path_and_the_rule(harness, tmp_path)
         "emptydir": (str(tmp_path / "sub"), "holds no files"),
         "empty": (str(tmp_path / "empty.txt"), "no usable documents"),
         "format": (str(tmp_path / "empty.txt"), "format 'xml' is not supported"),
+        "quantize": (str(tmp_path / "empty.txt"),
+                     "quantization: --quantize awq is int4 only: --quantize-bits 8 needs "
+                     "--quantize rtn"),
     }
 
     async def scenario():
@@ -35,7 +39,10 @@ def test_bad_dataset_requests_fail_with_the_path_and_the_rule(harness, tmp_path)
                                    data_roots=[tmp_path]):
             for run_id, (uri, _) in cases.items():
                 fmt = "xml" if run_id == "format" else "text"
-                await harness.publish(_ready(run_id, uri, fmt), run_id)
+                event = _ready(run_id, uri, fmt)
+                if run_id == "quantize":
+                    event.quantization.method, event.quantization.bits = "awq", 8
+                await harness.publish(event, run_id)
             failed = await harness.wait_for(subjects.STAGE_FAILED, len(cases))
             assert await harness.count(subjects.DATASET_PREPARED) == 0
         return {f.run_id: f for f in failed}
@@ -45,6 +52,31 @@ def test_bad_dataset_requests_fail_with_the_path_and_the_rule(harness, tmp_path)
         assert rule in failed[run_id].reason, failed[run_id].reason
         assert failed[run_id].stage == "data-prep" and not failed[run_id].dead_lettered
     assert "'/etc/passwd'" in failed["outside"].reason
+
+
+def test_the_runs_quantization_choices_travel_with_its_dataset(harness, tmp_path):
+    plain = _ready("plain", str(TEST_DATA / "fortunes-sample.txt"))
+    asking = _ready("asking", str(TEST_DATA / "fortunes-sample.txt"))
+    asking.quantization.method, asking.quantization.on_gate_failure = "rtn", "serve-fp"
+    asking.quantization.max_ppl_increase = 0.0
+
+    async def scenario():
+        async with harness.service(DataPrepService, home=tmp_path / "home",
+                                   data_roots=[TEST_DATA], dataprep_vocab_size=512,
+                                   dataprep_semantic=False) as service:
+            await harness.publish(plain, "plain")
+            (first,) = await harness.wait_for(subjects.DATASET_PREPARED, 1, run_id="plain")
+            await harness.publish(asking, "asking")
+            (second,) = await harness.wait_for(subjects.DATASET_PREPARED, 1, run_id="asking")
+            return (service.store.get_dir(first.dataset.digest),
+                    service.store.get_dir(second.dataset.digest))
+
+    plain_dir, asking_dir = asyncio.run(scenario())
+    assert read_overrides(plain_dir) == {}
+    # Not the same cached dataset: the request is part of what the stage is keyed on.
+    assert plain_dir != asking_dir
+    assert read_overrides(asking_dir) == {"method": "rtn", "on_gate_failure": "serve-fp",
+                                          "max_ppl_increase": 0.0}
 
 
 def test_same_dataset_ready_twice_is_one_run(harness, tmp_path):

@@ -5,16 +5,24 @@ model.quantized that says why."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 from lmforge.artifacts import ArtifactStore
 from lmforge.contracts import subjects
 from lmforge.contracts.v1 import events_pb2 as ev
+from lmforge.quantization_request import write_overrides
 from services.quantizer.handlers import QuantizerService
 
 
-def _trained(tmp_path, trained_model, prepared_dataset, run_id: str) -> ev.ModelTrained:
+def _trained(tmp_path, trained_model, prepared_dataset, run_id: str,
+             overrides: dict | None = None) -> ev.ModelTrained:
     store = ArtifactStore(tmp_path / "artifacts")
-    model, dataset = store.put_dir(trained_model.path), store.put_dir(prepared_dataset.path)
+    dataset_dir = prepared_dataset.path
+    if overrides:  # what data-prep stores for a run that asked (lmforge run --quantize...)
+        dataset_dir = tmp_path / f"dataset-{run_id}"
+        shutil.copytree(prepared_dataset.path, dataset_dir)
+        write_overrides(dataset_dir, overrides)
+    model, dataset = store.put_dir(trained_model.path), store.put_dir(dataset_dir)
     return ev.ModelTrained(
         run_id=run_id, model_name="m",
         model=ev.ArtifactRef(digest=model.digest, size_bytes=model.size_bytes),
@@ -68,3 +76,31 @@ def test_the_fallback_serves_fp32_and_the_event_says_why(harness, tmp_path, trai
             "model": event.model_name, "method": method}) == value
     assert (REGISTRY.get_sample_value("lmforge_quantizer_gate_total", {"passed": "false"})
             or 0) >= 1
+
+
+def test_a_runs_own_choices_win_over_the_service_settings(harness, tmp_path, trained_model,
+                                                          prepared_dataset):
+    # The service fails a missed gate; this run asked for round-to-nearest int8 and for
+    # fp32 to be served should it miss a gate of 0.
+    lenient = _trained(tmp_path, trained_model, prepared_dataset, "mine",
+                       {"method": "rtn", "bits": 8, "on_gate_failure": "serve-fp",
+                        "max_ppl_increase": 0.0})
+    # int8 asked of a quantizer whose method is AWQ (int4 only), the method left to it.
+    impossible = _trained(tmp_path, trained_model, prepared_dataset, "odd", {"bits": 8})
+
+    async def scenario():
+        async with harness.service(QuantizerService, home=tmp_path,
+                                   quantizer_calibration_samples=8):
+            await harness.publish(lenient, "mine")
+            await harness.publish(impossible, "odd")
+            return (await harness.wait_for(subjects.MODEL_QUANTIZED, 1, run_id="mine"),
+                    await harness.wait_for(subjects.STAGE_FAILED, 1, run_id="odd"))
+
+    (quantized,), (failed,) = asyncio.run(scenario())
+    assert (quantized.method, quantized.bits, quantized.weight_format) == (
+        "rtn-int8", 8, "lmforge-qcodes")
+    if not quantized.passed_quality_gate:
+        assert quantized.served == "fp32" and "quality gate failed" in quantized.served_reason
+    assert "its quantization choices {'bits': 8} cannot be honoured" in failed.reason
+    assert "AWQ is int4 only" in failed.reason
+    assert not failed.dead_lettered

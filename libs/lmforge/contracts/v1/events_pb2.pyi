@@ -15,7 +15,7 @@ class ArtifactRef(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class DatasetReady(_message.Message):
-    __slots__ = ("run_id", "dataset_uri", "format", "text_field", "model_name", "schema_version", "time_budget_s", "training", "tenant")
+    __slots__ = ("run_id", "dataset_uri", "format", "text_field", "model_name", "schema_version", "time_budget_s", "training", "quantization", "tenant")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_URI_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class DatasetReady(_message.Message):
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     dataset_uri: str
@@ -33,8 +34,9 @@ class DatasetReady(_message.Message):
     schema_version: int
     time_budget_s: float
     training: TrainingRequest
+    quantization: QuantizationRequest
     tenant: str
-    def __init__(self, run_id: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., format: _Optional[str] = ..., text_field: _Optional[str] = ..., model_name: _Optional[str] = ..., schema_version: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., training: _Optional[_Union[TrainingRequest, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., dataset_uri: _Optional[str] = ..., format: _Optional[str] = ..., text_field: _Optional[str] = ..., model_name: _Optional[str] = ..., schema_version: _Optional[int] = ..., time_budget_s: _Optional[float] = ..., training: _Optional[_Union[TrainingRequest, _Mapping]] = ..., quantization: _Optional[_Union[QuantizationRequest, _Mapping]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class TrainingRequest(_message.Message):
     __slots__ = ("model_size", "budget_usd", "instance_types", "family", "precision", "compile", "micro_batch", "grad_accum", "global_batch", "epochs", "market", "base_model", "adaptation", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "base_weights", "gradient_checkpointing", "chat_template", "eval_set", "packing")
@@ -83,6 +85,22 @@ class TrainingRequest(_message.Message):
     eval_set: str
     packing: str
     def __init__(self, model_size: _Optional[str] = ..., budget_usd: _Optional[float] = ..., instance_types: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., precision: _Optional[str] = ..., compile: _Optional[str] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., global_batch: _Optional[int] = ..., epochs: _Optional[float] = ..., market: _Optional[str] = ..., base_model: _Optional[str] = ..., adaptation: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., base_weights: _Optional[str] = ..., gradient_checkpointing: _Optional[str] = ..., chat_template: _Optional[str] = ..., eval_set: _Optional[str] = ..., packing: _Optional[str] = ...) -> None: ...
+
+class QuantizationRequest(_message.Message):
+    __slots__ = ("method", "bits", "group_size", "on_gate_failure", "max_ppl_increase", "calibration_samples")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ON_GATE_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PPL_INCREASE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    bits: int
+    group_size: int
+    on_gate_failure: str
+    max_ppl_increase: float
+    calibration_samples: int
+    def __init__(self, method: _Optional[str] = ..., bits: _Optional[int] = ..., group_size: _Optional[int] = ..., on_gate_failure: _Optional[str] = ..., max_ppl_increase: _Optional[float] = ..., calibration_samples: _Optional[int] = ...) -> None: ...
 
 class TaskEval(_message.Message):
     __slots__ = ("examples", "exact_match", "macro_f1", "labels")
