@@ -128,7 +128,8 @@ def gate_verdict(config: QuantizeConfig, fp: float, quantized: float) -> tuple[b
     passed = increase <= config.max_ppl_increase
     figures = (f"{config.method_name} held-out perplexity {quantized:.3f} is "
                f"{increase:+.1%} against fp {fp:.3f} (gate: at most "
-               f"+{config.max_ppl_increase:.1%}, LMFORGE_QUANTIZER_MAX_PPL_INCREASE)")
+               f"+{config.max_ppl_increase:.1%}: lmforge run --max-ppl-increase or "
+               "LMFORGE_QUANTIZER_MAX_PPL_INCREASE)")
     return passed, figures
 
 
@@ -228,10 +229,11 @@ def quantize_and_judge(model_dir: Path, dataset_dir: Path, out_dir: Path,
             raise QualityGateFailed(
                 f"quality gate failed: {figures}; fp {fp:.3f}, RTN int4 "
                 f"{rtn4 or float('nan'):.3f}, AWQ int4 {awq4 or float('nan'):.3f}. To serve fp32 "
-                "instead set LMFORGE_QUANTIZER_ON_GATE_FAILURE=serve-fp; to accept more, "
-                "raise LMFORGE_QUANTIZER_MAX_PPL_INCREASE")
+                "instead run with --on-quality-gate-failure serve-fp (every run: "
+                "LMFORGE_QUANTIZER_ON_GATE_FAILURE=serve-fp); to accept more, raise "
+                "--max-ppl-increase (LMFORGE_QUANTIZER_MAX_PPL_INCREASE)")
         served, reason = "fp32", f"quality gate failed: {figures}; serving fp32 as asked " \
-                                 f"(LMFORGE_QUANTIZER_ON_GATE_FAILURE=serve-fp)"
+                                 "(on quality-gate failure: serve-fp)"
         log.warning("%s", reason)
     log.info("held-out perplexity: fp %.3f, RTN int4 %.3f, AWQ int4 %.3f; %s; serving %s",
              fp, rtn4, awq4, "gate passed" if passed else "gate FAILED", served)
