@@ -202,9 +202,18 @@ def quantize_and_judge(model_dir: Path, dataset_dir: Path, out_dir: Path,
             state, weights, chosen, seconds = awq_state, awq_weights, awq4, awq_seconds
         else:
             state, weights, chosen, seconds = fp_state, rtn_weights, rtn4, rtn_seconds
-        write_int4_model(model_dir, out_dir, state, weights, group_size=config.group_size,
-                         metadata={"method": config.method_name, "perplexity_fp": fp,
-                                   "perplexity_rtn_int4": rtn4, "perplexity_awq_int4": awq4})
+        groups = write_int4_model(
+            model_dir, out_dir, state, weights, group_size=config.group_size,
+            metadata={"method": config.method_name, "perplexity_fp": fp,
+                      "perplexity_rtn_int4": rtn4, "perplexity_awq_int4": awq4})
+        if odd := sorted({size for size in groups.values() if size != config.group_size}):
+            uniform = min(odd)
+            log.warning("int4 group size %d does not divide every width: %d layer(s) use %s "
+                        "(lmforge_group_sizes in config.json). lmforge serves it; vLLM, TGI "
+                        "and transformers take one group size per model and refuse those "
+                        "layers. --quantize-group-size %d gives every layer the same",
+                        config.group_size, sum(s != config.group_size for s in groups.values()),
+                        "/".join(map(str, odd)), uniform)
         weight_format = "awq-gemm"
     task_fp = task_quantized = None
     if (dataset_dir / EVAL_SET).is_file():
