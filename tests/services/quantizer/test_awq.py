@@ -144,8 +144,10 @@ def test_the_quantized_model_reloads_with_the_perplexity_that_was_measured(
         outcome = quantize_and_judge(trained_model.path, prepared_dataset.path,
                                      tmp_path / "q",
                                      QuantizeConfig(max_ppl_increase=1.0, calibration_samples=8))
-    # The 160-wide down projections get group 32: said, with the group that fits all.
-    assert "2 layer(s) use 32" in caplog.text and "--quantize-group-size 32" in caplog.text
+    # test-tiny's 64-wide layers get group 64 and its 160-wide down projections 32: said,
+    # with the group that fits all.
+    assert "14 layer(s) use 32/64" in caplog.text
+    assert "--quantize-group-size 32 gives every layer the same" in caplog.text
     assert outcome.served == "awq-int4" and outcome.passed_quality_gate
     assert outcome.perplexity_fp > 0 and outcome.perplexity_rtn_int4 > 0
     assert outcome.perplexity_method == outcome.perplexity_awq_int4
