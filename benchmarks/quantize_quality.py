@@ -102,7 +102,8 @@ scale search alone (no clipping search)."""
 
 
 def measure_setting(model_dir: Path, dataset_dir: Path, bits: int, group: int,
-                    variants: list[str], samples: int) -> dict[str, object]:
+                    variants: list[str], samples: int, eval_windows: int = 256,
+                    kl_windows: int = 64) -> dict[str, object]:
     """fp / RTN / AWQ held-out perplexity and KL at one (bits, group), with the
     calibration windows and held-out windows quantize_and_judge uses; the first of
     `variants` gives the headline AWQ figures."""
@@ -111,11 +112,12 @@ def measure_setting(model_dir: Path, dataset_dir: Path, bits: int, group: int,
     fp_model = load_causal_lm(model_dir).eval()
     model = load_causal_lm(model_dir)
     fp_state = {k: v.clone() for k, v in model.state_dict().items()}
-    fp = perplexity(fp_model, heldout, seq_len=seq_len)
+    fp = perplexity(fp_model, heldout, seq_len=seq_len, max_windows=eval_windows)
     rtn_weights = {n: quantize(t, choose_group_size(t.shape[1], group), bits=bits)
                    for n, t in fp_state.items() if quantizable(n, t) and packable(t)}
-    rtn = perplexity(_with_weights(model, fp_state, rtn_weights), heldout, seq_len=seq_len)
-    rtn_kl = mean_kl(fp_model, model, heldout, seq_len)
+    rtn = perplexity(_with_weights(model, fp_state, rtn_weights), heldout, seq_len=seq_len,
+                     max_windows=eval_windows)
+    rtn_kl = mean_kl(fp_model, model, heldout, seq_len, windows=kl_windows)
     calibration = calibration_windows(load_token_stream(dataset_dir, "train"),
                                       samples=samples, length=seq_len)
     measured: dict[str, dict[str, object]] = {}
@@ -126,8 +128,8 @@ def measure_setting(model_dir: Path, dataset_dir: Path, bits: int, group: int,
         awq_state = {k: v.clone() for k, v in model.state_dict().items()}
         awq_weights = {n: w for n, w in result.weights.items() if packable(awq_state[n])}
         awq_ppl = perplexity(_with_weights(model, awq_state, awq_weights), heldout,
-                             seq_len=seq_len)
-        awq_kl = mean_kl(fp_model, model, heldout, seq_len)
+                             seq_len=seq_len, max_windows=eval_windows)
+        awq_kl = mean_kl(fp_model, model, heldout, seq_len, windows=kl_windows)
         measured[variant] = {
             "perplexity_awq": round(awq_ppl, 4), **gaps(fp, rtn, awq_ppl),
             "kl_awq": round(awq_kl, 6),
@@ -163,13 +165,19 @@ def main() -> None:
                         help="AWQ variants, the first is the headline: awq (as served), "
                              "awq-duo (mean|x|^a / mean|w|^(1-a)), awq-noclip (no "
                              "clipping search)")
+    parser.add_argument("--eval-windows", type=int, default=256,
+                        help="held-out windows for perplexity (256: what the service "
+                             "measures; more: a less noisy figure)")
+    parser.add_argument("--kl-windows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks/results/quantize_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    report: dict[str, object] = {"threads": args.threads, "torch": torch.__version__}
+    report: dict[str, object] = {"threads": args.threads, "torch": torch.__version__,
+                                 "eval_windows": args.eval_windows,
+                                 "kl_windows": args.kl_windows}
     dataset = args.work / "dataset"
     if not (dataset / "dataset.json").exists():
         text = args.work / "text.jsonl"
@@ -199,7 +207,8 @@ def main() -> None:
         bits, group = parse_setting(name)
         started = time.perf_counter()
         entry: dict[str, object] = {
-            **measure_setting(model_dir, dataset, bits, group, variants, args.samples),
+            **measure_setting(model_dir, dataset, bits, group, variants, args.samples,
+                              args.eval_windows, args.kl_windows),
             "issue_figure": name == ISSUE_SETTING}
         entry["wall_seconds"] = round(time.perf_counter() - started, 1)
         results[name] = entry
