@@ -9,7 +9,13 @@ after hours of training, and writes the checked overrides to REQUEST_FILE beside
 the shards; the quantizer lays them over its service-wide settings.
 
 Each field left at its zero value keeps the quantizer's setting
-(LMFORGE_QUANTIZER_*). `awq` implies 4 bits.
+(LMFORGE_QUANTIZER_*); the CLI refuses an explicit 0. `awq` implies 4 bits, and 8
+bits needs `rtn` said explicitly.
+
+The cost of this design: the request is part of the dataset's bytes, so a new run
+on the same data that changes only these choices prepares and trains again (the
+trainer's cache is keyed on the dataset). Re-quantizing an existing model without
+training is not offered yet.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from typing import Any
 REQUEST_FILE = "quantization_request.json"
 METHODS = ("awq", "rtn")
 GATE_FAILURE_ACTIONS = ("fail", "serve-fp")
+KERNEL_GROUPS = (32, 64, 128, 256)
+"""Group sizes a run may ask for: those torch's int4 CPU and CUDA kernels take (the
+service setting may be any; a layer the kernel cannot take is served dequantised)."""
 
 
 def quantization_overrides(request: Any) -> dict[str, Any]:
@@ -40,9 +49,12 @@ def quantization_overrides(request: Any) -> dict[str, Any]:
             raise ValueError("--quantize awq is int4 only: --quantize-bits 8 needs "
                              "--quantize rtn")
         overrides["bits"] = 4
+    elif overrides.get("bits") == 8 and "method" not in overrides:
+        raise ValueError("--quantize-bits 8 needs --quantize rtn (AWQ is int4 only)")
     if request.group_size:
-        if request.group_size < 0:
-            raise ValueError(f"--quantize-group-size {request.group_size} must be positive")
+        if request.group_size not in KERNEL_GROUPS:
+            raise ValueError(f"--quantize-group-size {request.group_size} must be one of "
+                             f"{KERNEL_GROUPS} (the groups the int4 kernels serve)")
         overrides["group_size"] = request.group_size
     if request.on_gate_failure:
         if request.on_gate_failure not in GATE_FAILURE_ACTIONS:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from lmforge.modeling import (
 )
 from lmforge.task_eval import EVAL_SET, TaskEvalResult, evaluate_task, read_eval_set
 from services.quantizer.awq import AwqConfig, awq_quantize, calibration_windows
-from services.quantizer.int4 import Int4Weight, choose_group_size, quantize
+from services.quantizer.int4 import KERNEL_GROUP_SIZES, Int4Weight, choose_group_size, quantize
 from services.quantizer.packed_model import packable, write_int4_model
 from services.quantizer.rtn import RtnConfig, quantizable, write_quantized_model
 
@@ -146,6 +147,16 @@ def task_gate_verdict(config: QuantizeConfig, fp: TaskEvalResult | None,
         f"{config.max_exact_match_drop:.3f}, LMFORGE_QUANTIZER_MAX_EXACT_MATCH_DROP)")
 
 
+def uniform_group_advice(widths: set[int]) -> str:
+    """Which group size would give every layer of these input widths the same group."""
+    common = math.gcd(*widths)
+    fitting = [size for size in KERNEL_GROUP_SIZES if common % size == 0]
+    if fitting:
+        return f"--quantize-group-size {fitting[0]} gives every layer the same"
+    return (f"no int4 kernel group size divides every width (their greatest common "
+            f"divisor is {common})")
+
+
 def _rtn_int4(state: dict[str, torch.Tensor], group_size: int) -> dict[str, Int4Weight]:
     return {name: quantize(tensor, choose_group_size(tensor.shape[1], group_size))
             for name, tensor in state.items() if quantizable(name, tensor) and packable(tensor)}
@@ -207,13 +218,13 @@ def quantize_and_judge(model_dir: Path, dataset_dir: Path, out_dir: Path,
             metadata={"method": config.method_name, "perplexity_fp": fp,
                       "perplexity_rtn_int4": rtn4, "perplexity_awq_int4": awq4})
         if odd := sorted({size for size in groups.values() if size != config.group_size}):
-            uniform = min(odd)
             log.warning("int4 group size %d does not divide every width: %d layer(s) use %s "
                         "(lmforge_group_sizes in config.json). lmforge serves it; vLLM, TGI "
                         "and transformers take one group size per model and refuse those "
-                        "layers. --quantize-group-size %d gives every layer the same",
-                        config.group_size, sum(s != config.group_size for s in groups.values()),
-                        "/".join(map(str, odd)), uniform)
+                        "layers. %s", config.group_size,
+                        sum(s != config.group_size for s in groups.values()),
+                        "/".join(map(str, odd)),
+                        uniform_group_advice({w.codes.shape[1] for w in weights.values()}))
         weight_format = "awq-gemm"
     task_fp = task_quantized = None
     if (dataset_dir / EVAL_SET).is_file():

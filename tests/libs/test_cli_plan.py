@@ -125,3 +125,18 @@ def test_quantization_flags_become_the_quantization_request():
     with pytest.raises(ValueError, match=r"--max-ppl-increase -1\.0 must be >= 0"):
         quantization_overrides(quantization_request(build_parser().parse_args(
             ["run", "d", "--model-name", "m", "--max-ppl-increase", "-1"])))
+    with pytest.raises(ValueError, match="--quantize-bits 8 needs --quantize rtn"):
+        quantization_overrides(quantization_request(build_parser().parse_args(
+            ["run", "d", "--model-name", "m", "--quantize-bits", "8"])))
+    from lmforge.contracts.v1 import events_pb2 as ev
+
+    with pytest.raises(ValueError, match="--quantize-group-size 96 must be one of"):
+        quantization_overrides(ev.QuantizationRequest(group_size=96))  # dataset.ready
+
+
+@pytest.mark.parametrize("flags", [["--quantize-group-size", "96"],
+                                   ["--calibration-samples", "0"]])
+def test_quantization_flags_the_kernels_or_the_search_cannot_take_are_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "d", "--model-name", "m", *flags])
+    assert flags[0] in capsys.readouterr().err

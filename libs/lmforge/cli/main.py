@@ -235,6 +235,14 @@ def training_request(args: argparse.Namespace) -> Any:
         market=args.market or "", **adaptation_request_fields(args))
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (0 would read as "unset")."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def quantization_request(args: argparse.Namespace) -> Any:
     """The `run` flags for the quantizer, as dataset.ready's QuantizationRequest."""
     from lmforge.contracts.v1 import events_pb2 as ev
@@ -839,14 +847,15 @@ def build_parser() -> argparse.ArgumentParser:
                              help="AWQ int4 calibrated on the run's data, or round-to-nearest")
     quant_flags.add_argument("--quantize-bits", type=int, choices=(4, 8),
                              help="4 (packed AutoAWQ GEMM, served int4) or 8 (rtn only)")
-    quant_flags.add_argument("--quantize-group-size", type=int, metavar="N",
-                             help="int4 input columns per scale (default 128)")
+    quant_flags.add_argument("--quantize-group-size", type=int, choices=(32, 64, 128, 256),
+                             help="int4 input columns per scale (default 128; the int4 "
+                             "kernels take 32, 64, 128 or 256)")
     quant_flags.add_argument("--on-quality-gate-failure", choices=("fail", "serve-fp"),
                              help="fail the run naming the figures, or serve fp32 and say so")
     quant_flags.add_argument("--max-ppl-increase", type=float, metavar="X",
                              help="the gate: largest relative held-out perplexity increase "
                              "(0.05 = 5%%)")
-    quant_flags.add_argument("--calibration-samples", type=int, metavar="N",
+    quant_flags.add_argument("--calibration-samples", type=positive_int, metavar="N",
                              help="AWQ calibration windows from the training split")
     run.add_argument("--follow", action="store_true", help="show progress until served")
     run.add_argument("--timeout", type=float, default=3600, help="seconds to follow")

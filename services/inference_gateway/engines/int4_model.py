@@ -57,6 +57,8 @@ KERNEL_GROUPS = (32, 64, 128, 256)
 COMPUTE_DTYPE = torch.bfloat16
 """What the int4 kernels compute in (see above: the CPU one's other dtypes are 4-140x
 slower; tinygemm takes bf16 only)."""
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+"""The gateway's names for the dtypes (LMFORGE_GATEWAY_DTYPE)."""
 CPU_OUT_MULTIPLE = 16
 CUDA_OUT_MULTIPLE = 8
 CUDA_INNER_K_TILES = (8, 4, 2)
@@ -69,7 +71,22 @@ bf16 rounding of the input and the scales costs well under 1%; a packing mistake
 
 
 class Int4KernelError(ValueError):
-    """The int4 kernel cannot take a layer, or took it and computed something else."""
+    """The int4 kernel cannot take a layer, or took it and computed something else.
+
+    `kind` is the reason without the layer's own figures, what /v1/models and
+    model.deployed say (grouped over layers); the message with the figures is logged."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+def _refusal(what: str, error: BaseException) -> Int4KernelError:
+    """A packer's or kernel's own error as the layer's refusal; running out of device
+    memory is not a refusal (serving the layer dequantised would take more of it)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        raise error
+    return Int4KernelError(f"torch's int4 {what} refused the layer", str(error))
 
 
 def _inner_k_tiles(in_features: int) -> int | None:
@@ -116,9 +133,8 @@ class Int4Linear(nn.Module):
         self.on_cuda = device.startswith("cuda")
         if not kernel_takes(self.out_features, self.in_features, self.group_size, device):
             raise Int4KernelError(
-                f"the int4 {'CUDA' if self.on_cuda else 'CPU'} kernel cannot take a "
-                f"{self.out_features}x{self.in_features} weight in groups of "
-                f"{self.group_size}")
+                f"the int4 {'CUDA' if self.on_cuda else 'CPU'} kernel cannot take its shape",
+                f"{self.out_features}x{self.in_features} in groups of {self.group_size}")
         try:
             if self.on_cuda:
                 pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
@@ -129,8 +145,7 @@ class Int4Linear(nn.Module):
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                     codes.to(torch.int32).contiguous(), 1)
         except (RuntimeError, NotImplementedError) as refused:  # e.g. a build without it
-            raise Int4KernelError(f"torch's int4 packer refused the layer: {refused}"
-                                  ) from refused
+            raise _refusal("packer", refused) from refused
         self.register_buffer("packed", packed)
         scale = scales.float()                                  # [groups, out]
         zero = (8 - zeros.t().float()) * scale                  # kernel's float zero
@@ -164,14 +179,13 @@ class Int4Linear(nn.Module):
         try:
             got = self._matmul(rows.to(self.packed.device)).float().cpu()
         except (RuntimeError, NotImplementedError) as refused:
-            raise Int4KernelError(f"torch's int4 kernel failed on the layer: {refused}"
-                                  ) from refused
+            raise _refusal("kernel", refused) from refused
         error = float((got - expected).abs().max())
         limit = SELF_CHECK_TOLERANCE * float(expected.abs().max()) + 1e-6
         if not error <= limit:
             raise Int4KernelError(
                 f"the int4 {'CUDA' if self.on_cuda else 'CPU'} kernel's output differs from "
-                f"the dequantised weight's by {error:.3g} (allowed {limit:.3g})")
+                "the dequantised weight's", f"by {error:.3g} (allowed {limit:.3g})")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -204,7 +218,8 @@ def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str = "cpu"
             linear.check_against(weight)
         except Int4KernelError as refused:
             state[f"{module_name}.weight"] = weight
-            dequantised[module_name] = str(refused)
+            dequantised[module_name] = refused.kind
+            log.warning("%s: %s served dequantised: %s", model_dir, module_name, refused)
             continue
         state.pop(f"{module_name}.bias", None)  # held by the Int4Linear
         _set_module(model, module_name, linear)
@@ -221,8 +236,7 @@ def load_int4_model(model_dir: Path, dtype: torch.dtype, device: str = "cpu"
             module.scales_and_zeros = module.scales_and_zeros.to(COMPUTE_DTYPE)
     report = Int4Report(layers=len(modules), dequantised=dequantised)
     if dequantised:
-        log.warning("%s: %s: %s", model_dir, report.describe(str(dtype).removeprefix("torch.")),
-                    ", ".join(dequantised))
+        log.warning("%s: %s", model_dir, report.describe(DTYPE_NAMES.get(dtype, str(dtype))))
     return model.eval(), report
 
 

@@ -157,6 +157,8 @@ class EngineProcess:
         self._send_lock = threading.Lock()
         self._closing = self._retiring = False
         self.restarts = 0
+        self.int4_report: Int4Report | None = None
+        """For a packed int4 model, which layers the child's load served dequantised."""
         self._start()
         _OPEN.add(self)
 
@@ -185,7 +187,13 @@ class EngineProcess:
         if kind != "ready":
             process.join(5)
             raise RuntimeError(f"engine process could not load {self.model_dir}: {detail}")
-        self.int4_report = None if detail is None else Int4Report(*detail)
+        report = None if detail is None else Int4Report(*detail)
+        if self.restarts and report != self.int4_report:
+            # What /v1/models and model.deployed said was recorded at the first load.
+            log.error("engine process for %s restarted with other int4 layers than it "
+                      "was deployed with: now %s, was %s", self.model_dir, report,
+                      self.int4_report)
+        self.int4_report = report
         with self._send_lock:
             self.process, self._requests = process, requests_in
         self._waiting = 0

@@ -115,6 +115,8 @@ def test_bad_requests_get_the_right_status_and_the_gateway_keeps_serving(engine)
 class GatedEngine:
     """The real engine, but each stream waits at a gate first: holds slots on demand."""
 
+    int4_report = None
+
     def __init__(self, engine: TorchEngine) -> None:
         self.engine = engine
         self.version = engine.version

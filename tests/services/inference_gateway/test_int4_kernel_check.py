@@ -64,9 +64,9 @@ def test_a_kernel_that_computes_another_weight_is_refused():
 def test_each_kernel_says_which_shapes_it_takes():
     assert kernel_takes(704, 256, 128, "cpu") and kernel_takes(704, 256, 128, "cuda")
     assert not kernel_takes(40, 256, 128, "cpu") and kernel_takes(40, 256, 128, "cuda")
-    assert kernel_takes(256, 704, 64, "cuda")      # 704 = 22 tiles of 16 x 2 k-tiles
+    assert kernel_takes(256, 704, 64, "cuda")      # 704 = 11 x 4 k-tiles of 16
     assert not kernel_takes(256, 720, 48, "cpu")   # group 48: neither kernel's
     assert not kernel_takes(256, 336, 16, "cuda")
-    with pytest.raises(Int4KernelError, match="CPU kernel cannot take a 40x256"):
+    with pytest.raises(Int4KernelError, match="CPU kernel cannot take its shape: 40x256"):
         files = _packed(40, 256, 128)
         Int4Linear(files["qweight"], files["qzeros"], files["scales"])

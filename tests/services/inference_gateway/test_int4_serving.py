@@ -21,6 +21,7 @@ from services.inference_gateway.engines.int4_model import (
     dequantised_report,
     load_int4_model,
 )
+from services.inference_gateway.engines.int4_report import Int4Report
 from services.inference_gateway.engines.process import EngineProcess
 from services.inference_gateway.engines.torch import load_serving_model
 from services.inference_gateway.frontend import GenerationFrontend, Limits
@@ -83,7 +84,7 @@ def test_a_layer_whose_kernel_fails_its_check_is_served_dequantised_and_named(
         model, report = load_int4_model(int4_dir, torch.float32)
     assert list(report.dequantised) == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     assert report.layers == 2 * 7
-    assert "2 of 14 int4 layers served dequantised to float32" in caplog.text
+    assert "2 of 14 int4 layers served dequantised to fp32" in caplog.text
     assert "differs from the dequantised weight" in caplog.text
     assert "model.layers.1.mlp.down_proj" in caplog.text
     reference = load_dequantized_model(int4_dir)
@@ -157,6 +158,7 @@ def test_greedy_int4_generations_match_the_dequantised_reference_over_grpc_and_h
     finally:
         engine.close()
     assert len(expected) > 20  # a real generation, not an immediate end
+    assert engine.int4_report == Int4Report(layers=14)  # from the engine process's load
     assert grpc_text == expected
     assert http_text == expected
     assert listed[0]["precision"] == "int4-awq-g128"

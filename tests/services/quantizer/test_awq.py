@@ -181,3 +181,12 @@ def test_a_failed_gate_with_a_fallback_serves_fp32_and_says_why(
     assert outcome.served == "fp32" and outcome.perplexity_awq_int4 == 0
     assert "quality gate failed" in outcome.served_reason
     assert "rtn-int4" in outcome.served_reason and "serve-fp" in outcome.served_reason
+
+
+def test_the_advice_names_a_group_that_fits_every_width():
+    from services.quantizer.judged import uniform_group_advice
+
+    assert uniform_group_advice({256, 704}) == "--quantize-group-size 64 gives every layer the same"
+    assert uniform_group_advice({96, 64}).startswith("--quantize-group-size 32")
+    assert uniform_group_advice({100, 64}) == (
+        "no int4 kernel group size divides every width (their greatest common divisor is 4)")
