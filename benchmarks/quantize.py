@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--train-threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="threads while training the model (default: every usable "
+                             "core); --threads is for the measurements")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--device", default="cpu",
@@ -162,8 +165,11 @@ def main() -> None:
                                                          seq_len=args.seq_len))
     model_dir = work / "model"
     if not (model_dir / "config.json").exists():
+        torch.set_num_threads(args.train_threads)
         trained, report["training"] = train(args.preset, dataset, store, args.train_minutes,
                                             args.seq_len)
+        report["training"]["threads"] = args.train_threads
+        torch.set_num_threads(args.threads)
         trained.rename(model_dir)
         (work / "training.json").write_text(json.dumps(report["training"]))
     elif (work / "training.json").exists():

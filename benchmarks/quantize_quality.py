@@ -169,6 +169,9 @@ def main() -> None:
                         help="held-out windows for perplexity (256: what the service "
                              "measures; more: a less noisy figure)")
     parser.add_argument("--kl-windows", type=int, default=64)
+    parser.add_argument("--train-threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="threads while training the model (default: every usable "
+                             "core); --threads is for the measurements")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks/results/quantize_quality.json")
@@ -188,8 +191,11 @@ def main() -> None:
     model_dir = args.model or args.work / "model"
     if not (model_dir / "config.json").exists():
         store = ArtifactStore(args.work / "artifacts")
+        torch.set_num_threads(args.train_threads)
         trained, report["training"] = train(args.preset, dataset, store,
                                             args.train_minutes, args.seq_len)
+        report["training"]["threads"] = args.train_threads
+        torch.set_num_threads(args.threads)
         trained.rename(model_dir)
         (args.work / "training.json").write_text(json.dumps(report["training"]))
     elif (args.work / "training.json").exists():
