@@ -97,7 +97,11 @@ def test_a_new_version_swaps_in_without_failing_requests_in_flight(trained_model
     first, rest, after = asyncio.run(scenario())
     assert (rest or [first])[-1].finish_reason in ("length", "eos")
     assert registry.version("m") == "v2" and after[-1].finish_reason
-    old.process.join(timeout=10)
+    # The engine's reader thread reaps the child too (EngineProcess._child_gone): a join
+    # here can lose that race to waitpid and see no exit code yet, so wait for the code.
+    deadline = time.monotonic() + 10
+    while old.process.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert old.process.exitcode == 0  # retired once its request finished
     new.close()
 
