@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import shutil
 import socket
 import subprocess
@@ -48,10 +49,38 @@ def nats_server_binary() -> Path:
     )
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_CHOSEN_PORT = 10000
+
+
 def free_port() -> int:
+    """A port nothing is bound to on 127.0.0.1, chosen below the kernel's ephemeral range
+    where it can be read. A port from that range can be taken by any outgoing
+    connection between this choice and the server's bind: a cluster's first nodes dial
+    the last one's route port while it starts, and a fresh-clone run once lost a
+    node's port that way ("address already in use")."""
+    low = _ephemeral_low()
+    if low > LOWEST_CHOSEN_PORT + 1000:
+        chooser = random.SystemRandom()
+        for _ in range(100):
+            port = chooser.randrange(LOWEST_CHOSEN_PORT, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux); 0 where it is unknown."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def port_is_free(port: int) -> bool:
